@@ -1,0 +1,977 @@
+"""Tests for invites_api.py: `make test` (python3 -m unittest), standard library only.
+
+Tests that need an outside program (Prosody, Chromium, zbarimg) skip where it
+is missing, and fail instead when INVITES_API_REQUIRE_ALL=1 (as CI sets it).
+"""
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+from urllib.parse import quote
+
+import invites_api as ia
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "invites_api.py")
+KEY_RE = re.compile(r"[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\Z")
+
+
+def run_main(*argv):
+    """Run main(argv) in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = ia.main(list(argv))
+        except SystemExit as e:  # argparse: --help, --version, usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def wait_for_line(stream, timeout=10):
+    """Return the next line from a subprocess pipe, failing after timeout."""
+    result = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not result:
+        raise AssertionError("no line from the subprocess in time")
+    return result[0]
+
+
+class TempDirTestCase(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.db = os.path.join(self.dir, "test.db")
+
+
+class LiveServerTestCase(TempDirTestCase):
+    """A real server on 127.0.0.1, port 0, in a thread, with a throwaway database."""
+
+    app_options = {}
+    server_options = {}
+
+    def setUp(self):
+        super().setUp()
+        self.store = ia.Store(self.db)
+        self.log = io.StringIO()
+        self.app = ia.App(self.store, log=self.log, **self.app_options)
+        self.server = ia.make_server(self.app, "127.0.0.1", 0, **self.server_options)
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        self.addCleanup(self.stop_server, thread)
+        self.port = self.server.server_address[1]
+        self.key = ia.create_key(self.store, "example.com", "test key")
+        self.key_id = self.key.split("/")[0]
+
+    def stop_server(self, thread):
+        self.server.shutdown()
+        thread.join(5)
+        self.server.server_close()
+
+    def request(self, method, path, headers=None, body=None, conn=None):
+        """Send one request; return (status, headers dict with lower-case names, body bytes)."""
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+        finally:
+            if own:
+                conn.close()
+
+    def raw(self, data, read_timeout=5):
+        """Send raw bytes; return everything the server answers before closing."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as sock:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def create(self, key=None, extra="", headers=None):
+        return self.request("GET", f"/invites_api?key={key or self.key}{extra}", headers=headers)
+
+    def invite_count(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            return conn.execute("SELECT count(*) FROM invites").fetchone()[0]
+
+    def token_of(self, location):
+        return location.rsplit("?", 1)[1]
+
+
+# ---------------------------------------------------------------------------
+# The HTTP API
+# ---------------------------------------------------------------------------
+
+class ApiTest(LiveServerTestCase):
+
+    def test_query_key_creates_invite_with_201_location_and_empty_body(self):
+        status, headers, body = self.create()
+        self.assertEqual(status, 201)
+        self.assertEqual(body, b"")
+        self.assertEqual(headers["content-length"], "0")
+        self.assertRegex(headers["location"], rf"^http://127\.0\.0\.1:{self.port}/invite\?[A-Za-z0-9_-]{{24}}$")
+        self.assertEqual(self.invite_count(), 1)
+
+    def test_created_invite_is_stored_with_host_uri_expiry_and_key(self):
+        with mock.patch.object(ia, "now", return_value=1_700_000_000):
+            status, headers, _ = self.create()
+        token = self.token_of(headers["location"])
+        invite = self.store.invite(token)
+        self.assertEqual(invite["host"], "example.com")
+        self.assertEqual(invite["type"], "register")
+        self.assertEqual(invite["uri"], f"xmpp:example.com?register;preauth={token}")
+        self.assertEqual(invite["key_id"], self.key_id)
+        self.assertEqual(invite["created_at"], 1_700_000_000)
+        self.assertEqual(invite["expires_at"], 1_700_000_000 + 7 * 86400)
+        self.assertEqual(invite["uses_left"], 1)
+        key = self.store.key(self.key_id)
+        self.assertEqual((key["invites_created"], key["last_used_at"]), (1, 1_700_000_000))
+
+    def test_url_encoded_key_is_accepted(self):
+        status, _, _ = self.create(key=quote(self.key, safe=""))
+        self.assertIn("%2F", quote(self.key, safe=""))
+        self.assertEqual(status, 201)
+
+    def test_bearer_header_creates_invites_with_get_and_post(self):
+        for method in ("GET", "POST"):
+            status, headers, _ = self.request(method, "/invites_api", {"Authorization": f"Bearer {self.key}"})
+            self.assertEqual(status, 201, method)
+            self.assertIn("/invite?", headers["location"])
+        self.assertEqual(self.invite_count(), 2)
+
+    def test_bearer_scheme_is_case_insensitive_and_may_be_url_encoded(self):
+        status, _, _ = self.request("GET", "/invites_api", {"Authorization": f"bearer {quote(self.key, safe='')}"})
+        self.assertEqual(status, 201)
+
+    def test_header_wins_over_query_key(self):
+        status, _, _ = self.create(key="nosuchkeyxxx/secret", headers={"Authorization": f"Bearer {self.key}"})
+        self.assertEqual(status, 201)
+        status, _, _ = self.create(headers={"Authorization": "Bearer nosuchkeyxxx/secret"})
+        self.assertEqual(status, 403)
+
+    def test_redirect_true_answers_303_with_the_same_location(self):
+        for value in ("true", "1", "yes", "TRUE"):
+            status, headers, _ = self.create(extra=f"&redirect={value}")
+            self.assertEqual(status, 303, value)
+            self.assertIn("/invite?", headers["location"])
+
+    def test_redirect_false_or_absent_answers_201(self):
+        for extra in ("&redirect=false", "&redirect=0", "&redirect=no", ""):
+            status, headers, _ = self.create(extra=extra)
+            self.assertEqual(status, 201, extra)
+            self.assertIn("location", headers)
+
+    def test_redirect_with_a_bad_value_is_400_and_creates_nothing(self):
+        status, _, body = self.create(extra="&redirect=maybe")
+        self.assertEqual(status, 400)
+        self.assertIn(b"redirect", body)
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_accept_json_gives_the_invite_as_json_and_location(self):
+        status, headers, body = self.create(headers={"Accept": "application/json"})
+        self.assertEqual(status, 201)
+        self.assertTrue(headers["content-type"].startswith("application/json"))
+        data = json.loads(body)
+        self.assertEqual(set(data), {"url", "uri", "token", "host", "created_at", "expires_at"})
+        self.assertEqual(data["url"], headers["location"])
+        self.assertEqual(data["uri"], f"xmpp:example.com?register;preauth={data['token']}")
+        self.assertEqual(data["host"], "example.com")
+        self.assertRegex(data["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertRegex(data["expires_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+    def test_json_errors_are_json(self):
+        status, headers, body = self.request("GET", "/invites_api", {"Accept": "application/json"})
+        self.assertEqual(status, 401)
+        self.assertIn("error", json.loads(body))
+
+    def test_plain_errors_are_short_plain_text(self):
+        status, headers, body = self.create(key="nosuchkeyxxx/secret")
+        self.assertEqual(status, 403)
+        self.assertTrue(headers["content-type"].startswith("text/plain"))
+        self.assertLess(len(body), 200)
+        self.assertEqual(int(headers["content-length"]), len(body))
+
+    def test_cors_headers_are_on_every_api_response(self):
+        responses = [self.create(), self.create(key="x"), self.request("GET", "/invites_api"),
+                     self.request("PUT", "/invites_api"), self.request("OPTIONS", "/invites_api")]
+        for status, headers, _ in responses:
+            self.assertEqual(headers.get("access-control-allow-origin"), "*", status)
+            for method in ("GET", "POST", "OPTIONS"):
+                self.assertIn(method, headers["access-control-allow-methods"])
+            self.assertIn("Authorization", headers["access-control-allow-headers"])
+            self.assertIn("Content-Type", headers["access-control-allow-headers"])
+            self.assertEqual(headers["access-control-max-age"], "7200")
+
+    def test_options_needs_no_key_and_answers_204(self):
+        status, headers, body = self.request("OPTIONS", "/invites_api",
+                                             {"Origin": "https://example.net",
+                                              "Access-Control-Request-Method": "POST"})
+        self.assertEqual(status, 204)
+        self.assertEqual(body, b"")
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_no_credentials_gives_401_with_www_authenticate(self):
+        for path in ("/invites_api", "/invites_api?key=", "/invites_api?redirect=true"):
+            status, headers, _ = self.request("GET", path)
+            self.assertEqual(status, 401, path)
+            self.assertEqual(headers["www-authenticate"], 'Bearer realm="invites_api"')
+        status, headers, _ = self.request("POST", "/invites_api")
+        self.assertEqual(status, 401)
+
+    def test_bad_credentials_give_403(self):
+        key_id, secret = self.key.split("/")
+        other = ia.create_key(self.store, "example.com")
+        ia.delete_key(self.store, "example.com", other.split("/")[0])
+        cases = {
+            "wrong secret": f"{key_id}/{'A' * 32}",
+            "unknown id": f"AAAAAAAAAAAA/{secret}",
+            "deleted key": other,
+            "no slash": key_id + secret,
+            "short id": f"abc/{secret}",
+            "empty secret": f"{key_id}/",
+        }
+        for case, key in cases.items():
+            status, headers, _ = self.create(key=quote(key, safe="/"))
+            self.assertEqual(status, 403, case)
+            self.assertNotIn("www-authenticate", headers)
+        for header in ("Basic dXNlcjpwYXNz", "Bearer", "Token " + self.key):
+            status, _, _ = self.request("GET", "/invites_api", {"Authorization": header})
+            self.assertEqual(status, 403, header)
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_other_methods_get_405_with_allow_and_head_creates_nothing(self):
+        for method in ("PUT", "DELETE", "PATCH", "HEAD", "BREW"):
+            status, headers, _ = self.request(method, f"/invites_api?key={self.key}")
+            self.assertEqual(status, 405, method)
+            self.assertEqual(headers["allow"], "GET, POST, OPTIONS")
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_unknown_path_is_404(self):
+        for path in ("/", "/invites", "/invites_api_x", f"/invites_apix?key={self.key}"):
+            status, _, _ = self.request("GET", path)
+            self.assertEqual(status, 404, path)
+
+    def test_request_line_over_8_kib_is_414(self):
+        answer = self.raw(b"GET /invites_api?key=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 414 "), answer[:80])
+
+    def test_malformed_requests_are_400(self):
+        for request in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.x\r\n\r\n", b"GET /invites_api HTTP/1.1 extra\r\n\r\n",
+                        b"GET /invites_api HTTP/1.1\r\nbad header line\r\n\r\n"):
+            answer = self.raw(request)
+            self.assertRegex(answer[:12], rb"^HTTP/1\.1 4\d\d", request)
+        self.assertIn(self.create()[0], (201,))  # still serving
+
+    def test_bad_content_length_and_bodies_are_4xx(self):
+        status, _, _ = self.request("POST", "/invites_api", {"Authorization": f"Bearer {self.key}",
+                                                             "Content-Type": "text/plain"}, body=b"hello")
+        self.assertEqual(status, 415)
+        status, _, _ = self.request("POST", "/invites_api", {"Authorization": f"Bearer {self.key}",
+                                                             "Content-Type": "application/json"},
+                                    body=b"{" + b" " * 9000 + b"}")
+        self.assertEqual(status, 413)
+        answer = self.raw(b"POST /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+        answer = self.raw(b"POST /invites_api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 411 "), answer[:80])
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_unknown_and_repeated_parameters_are_400(self):
+        status, _, body = self.create(extra="&colour=blue")
+        self.assertEqual(status, 400)
+        self.assertIn(b"colour", body)
+        status, _, _ = self.create(extra=f"&key={self.key}")
+        self.assertEqual(status, 400)
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_bad_host_header_is_400(self):
+        status, _, _ = self.create(headers={"Host": "evil.example/<script>"})
+        self.assertEqual(status, 400)
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        self.addCleanup(conn.close)
+        for _ in range(5):
+            status, _, _ = self.request("GET", f"/invites_api?key={self.key}", conn=conn)
+            self.assertEqual(status, 201)
+            status, _, _ = self.request("GET", "/invites_api?key=bad", conn=conn)
+            self.assertEqual(status, 403)
+        self.assertEqual(self.invite_count(), 5)
+
+    def test_deleted_key_is_refused_on_the_next_request(self):
+        self.assertEqual(self.create()[0], 201)
+        code, _, _ = run_main("--db", self.db, "delete", "example.com", self.key_id)
+        self.assertEqual(code, 0)
+        self.assertEqual(self.create()[0], 403)
+
+    def test_200_parallel_creates_give_200_distinct_stored_invites(self):
+        def create(_):
+            status, headers, _ = self.create()
+            return status, self.token_of(headers["location"])
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(create, range(200)))
+        self.assertEqual([s for s, _ in results], [201] * 200)
+        tokens = {t for _, t in results}
+        self.assertEqual(len(tokens), 200)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            stored = {row[0] for row in conn.execute("SELECT token FROM invites")}
+        self.assertEqual(stored, tokens)
+        self.assertEqual(self.store.key(self.key_id)["invites_created"], 200)
+
+    def test_an_internal_error_is_500_logged_and_the_server_keeps_serving(self):
+        with mock.patch.object(ia, "create_invite", side_effect=RuntimeError("boom")):
+            status, _, body = self.create()
+        self.assertEqual(status, 500)
+        self.assertEqual(body, b"internal error\n")
+        self.assertIn("RuntimeError: boom", self.log.getvalue())
+        self.assertEqual(self.create()[0], 201)
+
+    def test_a_database_failure_is_503_with_retry_after(self):
+        with mock.patch.object(ia.Store, "insert_invite", side_effect=ia.StoreError("database is locked")):
+            status, headers, _ = self.create()
+        self.assertEqual(status, 503)
+        self.assertIn("retry-after", headers)
+
+    def test_access_log_has_one_line_per_request_and_never_the_secret(self):
+        secret = self.key.split("/")[1]
+        self.create()
+        self.create(key=quote(self.key, safe=""))
+        self.request("GET", f"/invites_api?%6Bey={self.key}")  # an encoded parameter name
+        self.request("POST", "/invites_api", {"Authorization": f"Bearer {self.key}"})
+        self.raw(f"GET /invites_api?key={self.key} HTTP/1.1 junk\r\n\r\n".encode())
+        self.raw(f"GET /invites_api?key={self.key}\r\n\r\n".encode())
+        log = self.log.getvalue()
+        self.assertNotIn(secret, log)
+        lines = log.strip().splitlines()
+        self.assertEqual(len(lines), 6, log)
+        self.assertRegex(lines[0], r"^\S+Z 127\.0\.0\.1 GET /invites_api\?key=\[redacted\] 201 \d+\.\dms$")
+
+    def test_access_log_never_shows_invite_tokens(self):
+        _, headers, _ = self.create()
+        token = self.token_of(headers["location"])
+        self.request("GET", f"/invite?{token}")
+        self.request("GET", f"/invite/{token}")
+        self.assertNotIn(token, self.log.getvalue())
+
+
+class ServerOptionsTest(LiveServerTestCase):
+    app_options = {"public_url": "https://{host}:5281/", "invite_ttl": 3600}
+
+    def test_public_url_with_host_placeholder_and_ttl_are_used(self):
+        with mock.patch.object(ia, "now", return_value=1_700_000_000):
+            status, headers, _ = self.create()
+        self.assertRegex(headers["location"], r"^https://example\.com:5281/invite\?[A-Za-z0-9_-]{24}$")
+        invite = self.store.invite(self.token_of(headers["location"]))
+        self.assertEqual(invite["expires_at"], 1_700_000_000 + 3600)
+
+
+class InviteUrlTemplateTest(LiveServerTestCase):
+    app_options = {"invite_url_template": "https://{host}/join/{token}?uri={uri}"}
+
+    def test_invite_url_template_points_location_at_an_external_page(self):
+        status, headers, _ = self.create()
+        self.assertEqual(status, 201)
+        match = re.match(r"^https://example\.com/join/([A-Za-z0-9_-]{24})\?uri=(.*)$", headers["location"])
+        self.assertIsNotNone(match, headers["location"])
+        self.assertEqual(match.group(2), quote(f"xmpp:example.com?register;preauth={match.group(1)}", safe=""))
+
+
+class InvitePageTest(LiveServerTestCase):
+
+    def new_token(self):
+        return self.token_of(self.create()[1]["location"])
+
+    def test_valid_invite_page_says_where_links_the_uri_and_shows_expiry(self):
+        with mock.patch.object(ia, "now", return_value=1_700_000_000):
+            token = self.new_token()
+        for path in (f"/invite?{token}", f"/invite/{token}"):
+            with mock.patch.object(ia, "now", return_value=1_700_000_100):
+                status, headers, body = self.request("GET", path)
+            page = body.decode()
+            self.assertEqual(status, 200, path)
+            self.assertTrue(headers["content-type"].startswith("text/html"))
+            self.assertEqual(headers["link"], f'<xmpp:example.com?register;preauth={token}>; rel="alternate"')
+            self.assertIn("You have been invited to example.com", page)
+            self.assertIn(f'href="xmpp:example.com?register;preauth={token}"', page)
+            self.assertIn("21 November 2023", page)  # 1_700_000_000 + 7 days
+            self.assertIn('<html lang="en">', page)
+            self.assertEqual(headers["referrer-policy"], "no-referrer")
+            self.assertEqual(headers["cache-control"], "no-store")
+            self.assertIn("default-src 'none'", headers["content-security-policy"])
+
+    def test_head_on_the_page_sends_headers_only(self):
+        token = self.new_token()
+        status, headers, body = self.request("HEAD", f"/invite?{token}")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["content-length"]), 100)
+
+    def test_unknown_expired_and_used_invites_get_a_friendly_404(self):
+        with mock.patch.object(ia, "now", return_value=1_700_000_000):
+            expired = self.new_token()
+        used = self.new_token()
+        self.store.write(lambda conn: conn.execute("UPDATE invites SET uses_left = 0 WHERE token = ?", (used,)))
+        for token in ("A" * 24, "not a token", expired, used, ""):
+            status, headers, body = self.request("GET", f"/invite?{quote(token)}")
+            self.assertEqual(status, 404, token)
+            self.assertIn(b"This invite is not available", body)
+            self.assertIn(b"ask the person who sent it", body)
+
+    def test_expiry_boundary(self):
+        with mock.patch.object(ia, "now", return_value=1_000):
+            token = self.new_token()
+        with mock.patch.object(ia, "now", return_value=1_000 + 7 * 86400 - 1):
+            self.assertEqual(self.request("GET", f"/invite?{token}")[0], 200)
+        with mock.patch.object(ia, "now", return_value=1_000 + 7 * 86400):
+            self.assertEqual(self.request("GET", f"/invite?{token}")[0], 404)
+
+    def test_page_escapes_nothing_unsafe_and_other_methods_are_405(self):
+        status, headers, _ = self.request("POST", f"/invite?{self.new_token()}")
+        self.assertEqual(status, 405)
+        self.assertEqual(headers["allow"], "GET, HEAD")
+
+
+class ConnectionLimitsTest(LiveServerTestCase):
+    server_options = {"max_connections": 30, "timeout": 2}
+
+    def test_twenty_stalled_clients_do_not_delay_another_clients_request(self):
+        stalled = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", self.port))
+            sock.sendall(b"GET /invites_api?key=")  # and never finish
+            stalled.append(sock)
+        self.addCleanup(lambda: [s.close() for s in stalled])
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1.5)
+        self.addCleanup(conn.close)
+        status, _, _ = self.request("GET", f"/invites_api?key={self.key}", conn=conn)
+        self.assertEqual(status, 201)
+
+    def test_stalled_connections_are_dropped_after_the_timeout(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.sendall(b"GET /invites_api HTTP/1.1\r\n")
+            self.assertEqual(sock.recv(100), b"")  # closed by the server after --timeout
+
+    def test_connections_over_the_cap_are_refused_fast_with_503(self):
+        held = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(30)]
+        self.addCleanup(lambda: [s.close() for s in held])
+        # The server accepts in order: make sure all 30 are being served.
+        for sock in held:
+            sock.sendall(b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 204"))
+        answer = self.raw(b"GET /invites_api HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=1.5)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:80])
+        held.pop().close()
+        time.sleep(0.2)
+        self.assertEqual(self.create()[0], 201)
+
+
+# ---------------------------------------------------------------------------
+# The server as a process: signals, kill -9, logs, file modes
+# ---------------------------------------------------------------------------
+
+class ServerProcessMixin:
+    """Runs the script's `serve` as a subprocess on a free port."""
+
+    def start(self, *extra):
+        env = dict(os.environ, INVITES_API_DB=self.db)
+        proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        self.addCleanup(self.reap, proc)
+        line = wait_for_line(proc.stdout)
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/invites_api", line).group(1))
+        return proc, port
+
+    def reap(self, proc):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def make_key(self):
+        code, out, err = run_main("--db", self.db, "create", "example.com")
+        self.assertEqual(code, 0, err)
+        return out.strip()
+
+
+class ServerProcessTest(ServerProcessMixin, TempDirTestCase):
+
+    def test_startup_line_prints_the_real_address(self):
+        proc, port = self.start()
+        self.assertGreater(port, 0)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+
+    def test_sigterm_finishes_the_request_in_flight_then_exits_0(self):
+        key = self.make_key()
+        proc, port = self.start()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            body = b"{}"
+            sock.sendall(b"POST /invites_api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{")
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            self.assertIsNone(proc.poll())  # still finishing our request
+            sock.sendall(body[1:])
+            answer = sock.recv(4096)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201 "), answer[:80])
+        self.assertEqual(proc.wait(10), 0)
+        with self.assertRaises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    def test_sigint_is_a_clean_exit(self):
+        proc, _ = self.start()
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn("Traceback", proc.stderr.read())
+
+    def test_kill_9_under_load_loses_no_acknowledged_invite(self):
+        key = self.make_key()
+        proc, port = self.start("--quiet")
+        acknowledged, stop = [], threading.Event()
+
+        def hammer():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            while not stop.is_set():
+                try:
+                    conn.request("GET", f"/invites_api?key={key}")
+                    response = conn.getresponse()
+                    response.read()
+                except (OSError, http.client.HTTPException):
+                    return
+                if response.status == 201:
+                    acknowledged.append(response.getheader("Location").rsplit("?", 1)[1])
+
+        threads = [threading.Thread(target=hammer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(acknowledged) < 300 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(10)
+        self.assertGreaterEqual(len(acknowledged), 300)
+        # Restart on the same database, then check every acknowledged invite.
+        proc, port = self.start("--quiet")
+        proc.terminate()
+        proc.wait(10)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            stored = {row[0] for row in conn.execute("SELECT token FROM invites")}
+        missing = set(acknowledged) - stored
+        self.assertEqual(missing, set(), f"{len(missing)} of {len(acknowledged)} acknowledged invites lost")
+
+    def test_server_log_never_contains_the_secret(self):
+        key = self.make_key()
+        proc, port = self.start()
+        for headers, path in (({}, f"/invites_api?key={key}"), ({"Authorization": f"Bearer {key}"}, "/invites_api"),
+                              ({}, f"/invites_api?key={quote(key, safe='')}&redirect=true"),
+                              ({}, f"/nowhere?key={key}"), ({"Authorization": f"Basic {key}"}, "/invites_api")):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path, headers=headers)
+            conn.getresponse().read()
+            conn.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        self.assertEqual(len(log.strip().splitlines()), 5, log)
+        self.assertNotIn(key.split("/")[1], log)
+
+    def test_database_wal_and_shm_are_private_while_serving(self):
+        key = self.make_key()
+        proc, port = self.start("--quiet")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", f"/invites_api?key={key}")
+        self.assertEqual(conn.getresponse().status, 201)
+        for suffix in ("", "-wal", "-shm"):
+            mode = stat.S_IMODE(os.stat(self.db + suffix).st_mode)
+            self.assertEqual(mode, 0o600, f"{self.db + suffix}: {oct(mode)}")
+        proc.terminate()
+        proc.wait(10)
+
+    def test_port_in_use_is_a_clear_error(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            code, out, err = run_main("--db", self.db, "serve", "--port", str(port))
+        self.assertEqual(code, 1)
+        self.assertIn(f"error: cannot listen on 127.0.0.1:{port}", err)
+
+
+class DurabilityTest(TempDirTestCase):
+
+    def test_every_connection_commits_with_wal_and_full_sync(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        settings = store.write(lambda conn: (conn.execute("PRAGMA journal_mode").fetchone()[0],
+                                             conn.execute("PRAGMA synchronous").fetchone()[0]))
+        self.assertEqual(settings, ("wal", 2))  # 2 = FULL: the WAL is fsynced at each commit
+
+    def test_a_write_is_answered_only_after_its_commit_returned(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        key = ia.authenticate(store, ia.create_key(store, "example.com"))
+        events = []
+
+        def trace(statement):
+            if statement == "COMMIT":
+                events.append("commit")
+        conn = store.write(lambda conn: conn)  # the committer's own connection
+        conn.set_trace_callback(trace)
+        invite = ia.create_invite(store, key)
+        events.append("answered")
+        self.assertEqual(events, ["commit", "answered"])
+        self.assertIsNotNone(store.invite(invite["token"]))
+
+    def test_a_failing_write_in_a_batch_leaves_the_others_committed(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        key = ia.authenticate(store, ia.create_key(store, "example.com"))
+        gate = threading.Event()
+        results = []
+        # Hold the committer so the next writes land in one batch.
+        blocker = threading.Thread(target=lambda: store.write(lambda conn: gate.wait(5)))
+        blocker.start()
+        time.sleep(0.1)
+
+        def good():
+            results.append(ia.create_invite(store, key)["token"])
+
+        def bad():
+            try:
+                store.write(lambda conn: (conn.execute("UPDATE keys SET name = 'changed'"), 1 / 0))
+            except Exception as e:
+                results.append(type(e).__name__)
+        workers = [threading.Thread(target=f) for f in (good, bad, good)]
+        for w in workers:
+            w.start()
+        time.sleep(0.1)
+        gate.set()
+        for w in workers + [blocker]:
+            w.join(5)
+        tokens = [r for r in results if len(r) == 24]
+        self.assertEqual(len(tokens), 2)
+        self.assertIn("ZeroDivisionError", results)
+        self.assertEqual(store.key(key["id"])["name"], "")  # the failed write left nothing behind
+        for token in tokens:
+            self.assertIsNotNone(store.invite(token))
+        self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 2)
+
+
+# ---------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------
+
+class CliTest(TempDirTestCase):
+
+    def cli(self, *argv):
+        return run_main("--db", self.db, *argv)
+
+    def test_create_prints_exactly_one_key_line_and_stores_only_a_hash(self):
+        code, out, err = self.cli("create", "example.com", "My test key")
+        self.assertEqual((code, err), (0, ""))
+        self.assertRegex(out, r"^[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\n$")
+        key_id, secret = out.strip().split("/")
+        with open(self.db, "rb") as f:
+            raw = f.read()
+        for suffix in ("-wal",):
+            if os.path.exists(self.db + suffix):
+                with open(self.db + suffix, "rb") as f:
+                    raw += f.read()
+        self.assertIn(key_id.encode(), raw)
+        self.assertNotIn(secret.encode(), raw)
+        row = ia.Store(self.db).key(key_id)
+        self.assertEqual(row["secret_hash"], ia.hash_secret(secret))
+
+    def test_key_ids_are_unique_across_hosts(self):
+        ids = [self.cli("create", host)[1].split("/")[0] for host in ("a.example", "b.example") * 20]
+        self.assertEqual(len(set(ids)), 40)
+
+    def test_list_prints_id_tab_name_per_key_and_never_the_secret(self):
+        k1 = self.cli("create", "example.com", "My test key")[1].strip()
+        k2 = self.cli("create", "example.com")[1].strip()
+        self.cli("create", "other.example", "not listed")
+        code, out, err = self.cli("list", "example.com")
+        self.assertEqual(code, 0)
+        self.assertEqual(out, f"{k1.split('/')[0]}\tMy test key\n{k2.split('/')[0]}\t\n")
+        self.assertNotIn(k1.split("/")[1], out)
+
+    def test_list_json_gives_the_documented_fields(self):
+        key = self.cli("create", "example.com", "json key")[1].strip()
+        store = ia.Store(self.db)
+        ia.create_invite(store, ia.authenticate(store, key))
+        code, out, _ = self.cli("list", "example.com", "--json")
+        data = json.loads(out)
+        self.assertEqual(len(data), 1)
+        self.assertEqual(set(data[0]), {"id", "name", "host", "created_at", "last_used_at", "invites_created"})
+        self.assertEqual(data[0]["id"], key.split("/")[0])
+        self.assertEqual(data[0]["invites_created"], 1)
+        self.assertRegex(data[0]["last_used_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertNotIn(key.split("/")[1], out)
+
+    def test_list_of_a_host_without_keys_prints_nothing(self):
+        self.assertEqual(self.cli("list", "example.com"), (0, "", ""))
+        self.assertEqual(json.loads(self.cli("list", "example.com", "--json")[1]), [])
+
+    def test_delete_revokes_and_unknown_ids_are_an_error(self):
+        key_id = self.cli("create", "example.com")[1].split("/")[0]
+        self.assertEqual(self.cli("delete", "other.example", key_id),
+                         (1, "", f"error: key {key_id!r} not found for host 'other.example'\n"))
+        self.assertEqual(self.cli("delete", "example.com", key_id), (0, "", ""))
+        self.assertEqual(self.cli("list", "example.com")[1], "")
+        self.assertEqual(self.cli("delete", "example.com", "X"),
+                         (1, "", "error: key 'X' not found for host 'example.com'\n"))
+
+    def test_hosts_are_validated_and_lower_cased(self):
+        for bad in ("exa mple.com", "example.com/x", "", "-bad.example", "a" * 254, "a..b", "a_b.example",
+                    ("a" * 63 + ".") * 4 + "com"):
+            code, out, err = self.cli("create", bad)
+            self.assertEqual(code, 2, bad)
+            self.assertEqual(out, "")
+            self.assertIn("required: HOST" if bad.startswith("-") else "invalid host", err)
+        code, out, _ = self.cli("create", "Example.COM.")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.cli("list", "example.com")[1].count("\n"), 1)
+        self.assertEqual(self.cli("create", "Bücher.example")[0], 0)
+        self.assertEqual(self.cli("list", "xn--bcher-kva.example")[1].count("\n"), 1)
+
+    def test_key_names_with_control_characters_are_refused(self):
+        for bad in ("tab\there", "new\nline", "x" * 101):
+            code, _, err = self.cli("create", "example.com", bad)
+            self.assertEqual(code, 2, bad)
+            self.assertIn("key name", err)
+
+    def test_db_is_accepted_before_or_after_the_subcommand_and_from_the_environment(self):
+        other = os.path.join(self.dir, "other.db")
+        run_main("create", "example.com", "--db", other)
+        self.assertEqual(run_main("--db", other, "list", "example.com")[1].count("\n"), 1)
+        with mock.patch.dict(os.environ, {"INVITES_API_DB": other}):
+            self.assertEqual(run_main("list", "example.com")[1].count("\n"), 1)
+            self.assertEqual(run_main("list", "example.com", "--db", self.db)[1], "")
+
+    def test_version_and_help_with_examples(self):
+        code, out, _ = run_main("--version")
+        self.assertEqual((code, out), (0, f"invites_api {ia.__version__}\n"))
+        for command in ("serve", "create", "list", "delete"):
+            code, out, _ = run_main(command, "--help")
+            self.assertEqual(code, 0)
+            self.assertIn("example:", out, command)
+            self.assertIn("--db", out)
+
+    def test_usage_errors_exit_2(self):
+        self.assertEqual(run_main()[0], 2)
+        self.assertEqual(run_main("frobnicate")[0], 2)
+        self.assertEqual(self.cli("delete", "example.com")[0], 2)
+        self.assertEqual(self.cli("serve", "--invite-ttl", "soon")[0], 2)
+        self.assertEqual(self.cli("serve", "--port", "70000")[0], 2)
+
+    def test_durations(self):
+        self.assertEqual(ia.parse_duration("90"), 90)
+        self.assertEqual(ia.parse_duration("12h"), 12 * 3600)
+        self.assertEqual(ia.parse_duration("1w2d"), 9 * 86400)
+        self.assertEqual(ia.parse_duration("1d12h30m"), 86400 + 12 * 3600 + 1800)
+        for bad in ("", "0", "5x", "h", "1.5d", "-3d", "d1"):
+            with self.assertRaises(ValueError, msg=bad):
+                ia.parse_duration(bad)
+
+    def test_key_commands_do_not_import_the_http_machinery(self):
+        code = ("import sys, invites_api as ia\n"
+                f"ia.main(['--db', {self.db!r}, 'create', 'example.com'])\n"
+                f"ia.main(['--db', {self.db!r}, 'list', 'example.com'])\n"
+                "heavy = [m for m in ('http.server', 'socketserver', 'ssl', 'html', 'email', 'json') if m in sys.modules]\n"
+                "print(heavy, file=sys.stderr)")
+        result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.stderr.strip(), "[]")
+
+
+class CliDatabaseErrorsTest(TempDirTestCase):
+
+    def assert_clean_error(self, path, code, err):
+        self.assertEqual(code, 1, err)
+        self.assertTrue(err.startswith("error: "), err)
+        self.assertIn(path, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_a_directory_as_db_is_an_error(self):
+        code, _, err = run_main("--db", self.dir, "list", "example.com")
+        self.assert_clean_error(self.dir, code, err)
+
+    def test_a_non_sqlite_file_is_an_error_and_left_untouched(self):
+        path = os.path.join(self.dir, "notes.txt")
+        content = b"my precious notes, not a database\n" * 100
+        with open(path, "wb") as f:
+            f.write(content)
+        for argv in (("create", "example.com"), ("list", "example.com")):
+            code, _, err = run_main("--db", path, *argv)
+            self.assert_clean_error(path, code, err)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def test_a_corrupt_database_is_an_error_and_left_untouched(self):
+        path = os.path.join(self.dir, "corrupt.db")
+        ia.Store(path).close()
+        with open(path, "r+b") as f:
+            f.seek(100)  # keep the 100-byte header, wreck the schema and the tables
+            f.write(os.urandom(8192))
+        with open(path, "rb") as f:
+            content = f.read()
+        for argv in (("list", "example.com"), ("create", "example.com")):
+            code, _, err = run_main("--db", path, *argv)
+            self.assert_clean_error(path, code, err)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), content)
+
+    def test_an_unwritable_path_is_an_error(self):
+        blocker = os.path.join(self.dir, "a-file")
+        open(blocker, "w").close()
+        for path in (os.path.join(blocker, "x.db"), os.path.join(self.dir, "missing-dir", "x.db")):
+            code, _, err = run_main("--db", path, "create", "example.com")
+            self.assert_clean_error(path, code, err)
+
+    def test_a_read_only_database_directory_is_an_error(self):
+        if os.geteuid() == 0:
+            self.skipTest("root can write anywhere; covered by the other paths")
+        os.chmod(self.dir, 0o500)
+        self.addCleanup(os.chmod, self.dir, 0o700)
+        code, _, err = run_main("--db", self.db, "create", "example.com")
+        self.assert_clean_error(self.db, code, err)
+
+    def test_a_newer_schema_is_refused(self):
+        ia.Store(self.db)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            conn.execute("PRAGMA user_version = 99")
+        code, _, err = run_main("--db", self.db, "list", "example.com")
+        self.assert_clean_error(self.db, code, err)
+        self.assertIn("newer", err)
+
+
+class CronStyleTest(TempDirTestCase):
+    """The script run as a subprocess from another directory, as cron would."""
+
+    def run_script(self, *argv, env=None):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.dir, **(env or {})}
+        return subprocess.run([sys.executable, SCRIPT, *argv], cwd="/", env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    def test_create_then_list_find_the_default_database_under_home(self):
+        created = self.run_script("create", "example.com", "cron key")
+        self.assertEqual(created.returncode, 0, created.stderr)
+        self.assertRegex(created.stdout, r"^[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\n$")
+        self.assertEqual(created.stderr, "")
+        listed = self.run_script("list", "example.com")
+        self.assertEqual(listed.stdout, created.stdout.split("/")[0] + "\tcron key\n")
+        path = os.path.join(self.dir, ".local", "share", "invites_api", "invites.db")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+
+    def test_errors_go_to_stderr_with_exit_1_and_no_traceback(self):
+        result = self.run_script("delete", "example.com", "nosuchkey")
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(result.stderr, "error: key 'nosuchkey' not found for host 'example.com'\n")
+
+    def test_usage_errors_exit_2(self):
+        result = self.run_script("create", "not a host")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("invalid host", result.stderr)
+
+    def test_a_closed_pipe_is_not_a_traceback(self):
+        for i in range(3):
+            self.run_script("create", "example.com", f"key {i}" + "x" * 90)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.dir}
+        reader, writer = os.pipe()
+        os.close(reader)
+        result = subprocess.run([sys.executable, SCRIPT, "list", "example.com"], stdout=writer, cwd="/",
+                                env=env, stderr=subprocess.PIPE, text=True, timeout=30)
+        os.close(writer)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(result.stderr, "")
+
+    def test_the_script_is_executable_with_a_shebang(self):
+        with open(SCRIPT) as f:
+            self.assertEqual(f.readline(), "#!/usr/bin/env python3\n")
+        self.assertTrue(os.access(SCRIPT, os.X_OK))
+
+
+class SeedWalkthroughTest(ServerProcessMixin, TempDirTestCase):
+    """The seed README, step by step, against a server process."""
+
+    def test_the_seed_readme_walkthrough(self):
+        code, out, _ = run_main("--db", self.db, "create", "example.com", "My test key")
+        key = out.strip()
+        self.assertRegex(key, KEY_RE)
+        proc, port = self.start("--quiet")
+
+        def get(path, headers=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            return response
+
+        response = get(f"/invites_api?key={key}")
+        self.assertEqual(response.status, 201)
+        location = response.getheader("Location")
+        page = get(location.split(str(port), 1)[1])
+        self.assertEqual(page.status, 200)
+        response = get(f"/invites_api?key={key}&redirect=true")
+        self.assertEqual(response.status, 303)
+        response = get("/invites_api", {"Authorization": f"Bearer {key}"})
+        self.assertEqual(response.status, 201)
+        code, out, _ = run_main("--db", self.db, "list", "example.com")
+        self.assertEqual(out, f"{key.split('/')[0]}\tMy test key\n")
+        self.assertEqual(run_main("--db", self.db, "delete", "example.com", key.split("/")[0])[0], 0)
+        self.assertEqual(get(f"/invites_api?key={key}").status, 403)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+
+
+def require_program(name):
+    """Return the path of an outside program, or skip (fail under INVITES_API_REQUIRE_ALL=1)."""
+    import shutil
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed"
+        if os.environ.get("INVITES_API_REQUIRE_ALL") == "1":
+            raise AssertionError(message + " (INVITES_API_REQUIRE_ALL=1)")
+        raise unittest.SkipTest(message)
+    return path
+
+
+if __name__ == "__main__":
+    program = unittest.main(exit=False)
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    print(f"{result.testsRun - failed - skipped} passed, {failed} failed, {skipped} skipped")
+    sys.exit(0 if result.wasSuccessful() and result.testsRun else 1)
