@@ -52,6 +52,10 @@ SECRET_BYTES = 24
 TOKEN_BYTES = 18
 # Prosody's own default invite lifetime.
 DEFAULT_INVITE_TTL = 7 * 86400
+# Expired, used and revoked invites are kept this long (to show them), then purged.
+DEFAULT_PURGE_GRACE = 30 * 86400
+# Public invite checks one client address may make per minute.
+CHECKS_PER_MINUTE = 60
 
 # A writer waits this long for another process's lock before giving up (503).
 BUSY_TIMEOUT = 5.0
@@ -124,6 +128,14 @@ class MethodNotAllowed(Error):
         self.headers = (("Allow", ", ".join(allowed)),)
 
 
+class Conflict(Error):
+    status = 409
+
+
+class Gone(Error):
+    status = 410
+
+
 class LengthRequired(Error):
     status = 411
 
@@ -134,6 +146,15 @@ class PayloadTooLarge(Error):
 
 class UnsupportedMediaType(Error):
     status = 415
+
+
+class TooManyRequests(Error):
+    status = 429
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after))
+        self.headers = (("Retry-After", str(self.retry_after)),)
 
 
 class StoreError(Error):
@@ -186,6 +207,70 @@ def parse_duration(text):
     return seconds
 
 
+_RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
+
+
+def parse_rate(text):
+    """Return (count, period seconds) for "10/hour", "100/day", "5/15m"...; raise ValueError."""
+    count, slash, period = text.strip().lower().partition("/")
+    if not slash or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"invalid rate {text!r}: use N/PERIOD, like 10/hour or 100/day")
+    seconds = _RATE_PERIODS.get(period.rstrip("s")) or _RATE_PERIODS.get(period)
+    if seconds is None:
+        try:
+            seconds = parse_duration(period)
+        except ValueError:
+            raise ValueError(f"invalid rate {text!r}: the period is second, minute, hour, day, week "
+                             "or a duration like 15m") from None
+    return int(count), seconds
+
+
+def parse_expiry(text):
+    """Return epoch seconds for a duration from now ("90d") or a UTC date ("2027-01-31")."""
+    import calendar
+    for layout in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            return calendar.timegm(time.strptime(text.strip(), layout))
+        except ValueError:
+            pass
+    try:
+        return now() + parse_duration(text)
+    except ValueError:
+        raise ValueError(f"invalid expiry {text!r}: use a duration like 90d or a date like 2027-01-31") from None
+
+
+def parse_count(text, what="count"):
+    """Return a whole number >= 1 from text (or an int); raise ValueError otherwise."""
+    if isinstance(text, bool) or not (isinstance(text, int) or str(text).strip().isdigit()):
+        raise ValueError(f"invalid {what} {text!r}: expected a whole number of 1 or more")
+    number = int(text)
+    if not 1 <= number <= 1_000_000_000:
+        raise ValueError(f"invalid {what} {text!r}: expected a whole number of 1 or more")
+    return number
+
+
+# RFC 7622 forbids these in a localpart (plus spaces and control characters).
+_LOCALPART_FORBIDDEN = set('"&\'/:<>@')
+
+
+def parse_username(text):
+    """Return an XMPP localpart, lower-cased; raise ValueError if it is not one."""
+    name = text.strip().lower()
+    if (not name or len(name.encode("utf-8")) > 1023
+            or any(c in _LOCALPART_FORBIDDEN or c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise ValueError(f"invalid username {text!r}: an XMPP username has no spaces or any of \" & ' / : < > @")
+    return name
+
+
+def parse_note(text):
+    """Return a note of at most 200 characters without control characters."""
+    if len(text) > 200:
+        raise ValueError(f"note is {len(text)} characters long; at most 200 are allowed")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("note contains control characters (tabs, newlines...)")
+    return text
+
+
 def parse_bool(name, value):
     """Return True/False for true/1/yes or false/0/no; raise BadRequest otherwise."""
     lowered = value.lower()
@@ -226,10 +311,34 @@ MIGRATIONS = [
         )""",
         "CREATE INDEX invites_by_key ON invites (key_id)",
     ),
+    (  # 2: key policy, per-invite options, revocation, purging, settings
+        "ALTER TABLE keys ADD COLUMN expires_at INTEGER",
+        "ALTER TABLE keys ADD COLUMN max_invites INTEGER",
+        "ALTER TABLE keys ADD COLUMN rate_count INTEGER",
+        "ALTER TABLE keys ADD COLUMN rate_period INTEGER",
+        f"ALTER TABLE keys ADD COLUMN max_ttl INTEGER NOT NULL DEFAULT {DEFAULT_INVITE_TTL}",
+        "ALTER TABLE keys ADD COLUMN max_uses INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE invites ADD COLUMN uses INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE invites ADD COLUMN username TEXT",
+        "ALTER TABLE invites ADD COLUMN note TEXT",
+        "ALTER TABLE invites ADD COLUMN revoked_at INTEGER",
+        # When the invite stopped being usable by use or revocation (for purging).
+        "ALTER TABLE invites ADD COLUMN done_at INTEGER",
+        "DROP INDEX invites_by_key",
+        # Serves both "this key's invites" and the rate window count.
+        "CREATE INDEX invites_by_key ON invites (key_id, created_at)",
+        "CREATE INDEX invites_by_host ON invites (host, created_at)",
+        "CREATE INDEX invites_by_expiry ON invites (expires_at)",
+        "CREATE INDEX invites_by_done ON invites (done_at) WHERE done_at IS NOT NULL",
+    ),
 ]
 
-_KEY_COLUMNS = "id, host, name, secret_hash, created_at, last_used_at, invites_created"
-_INVITE_COLUMNS = "token, host, type, uri, url, key_id, created_at, expires_at, uses_left"
+_KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
+                "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses")
+# Settable with `create` and `update`.
+KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses")
+_INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
+                   "username, note, revoked_at, done_at")
 
 
 def default_db_path():
@@ -358,10 +467,9 @@ class Store:
 
     def insert_key(self, key):
         """Store a new key (a dict with the keys table's columns)."""
-        def insert(conn):
-            conn.execute("INSERT INTO keys (id, host, name, secret_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-                         (key["id"], key["host"], key["name"], key["secret_hash"], key["created_at"]))
-        self.write(insert)
+        columns = [c for c in _KEY_COLUMNS.split(", ") if c in key]
+        sql = f"INSERT INTO keys ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        self.write(lambda conn: conn.execute(sql, [key[c] for c in columns]))
 
     def key(self, key_id):
         """Return the key row with this id, or None."""
@@ -372,30 +480,100 @@ class Store:
         """Return the host's key rows, oldest first."""
         return self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE host = ? ORDER BY created_at, rowid", (host,))
 
-    def delete_key(self, host, key_id):
-        """Delete a key; return whether it existed."""
+    def update_key(self, host, key_id, changes):
+        """Change a key's name or policy columns; return whether the key exists."""
+        assignments = ", ".join(f"{column} = ?" for column in changes)  # names from KEY_POLICY
+        def update(conn):
+            return conn.execute(f"UPDATE keys SET {assignments} WHERE host = ? AND id = ?",
+                                [*changes.values(), host, key_id]).rowcount
+        return self.write(update) > 0 if changes else self.key(key_id) is not None
+
+    def delete_key(self, host, key_id, revoke_invites=False, at=0):
+        """Delete a key (and revoke its pending invites if asked); return whether it existed."""
         def delete(conn):
-            return conn.execute("DELETE FROM keys WHERE host = ? AND id = ?", (host, key_id)).rowcount
+            deleted = conn.execute("DELETE FROM keys WHERE host = ? AND id = ?", (host, key_id)).rowcount
+            if deleted and revoke_invites:
+                conn.execute("UPDATE invites SET revoked_at = ?, done_at = ? WHERE key_id = ? "
+                             "AND revoked_at IS NULL AND uses_left > 0", (at, at, key_id))
+            return deleted
         return self.write(delete) > 0
 
     # -- invites --------------------------------------------------------------
 
     def insert_invite(self, invite):
-        """Store a new invite and count it on its key; raise Forbidden if the key is gone."""
+        """Store a new invite and count it on its key, within the key's quota and rate.
+
+        The key is read again inside the write transaction, so a deleted key,
+        a used-up quota or a full rate window is seen even when several
+        servers share the database. Raises Forbidden or TooManyRequests.
+        """
         def insert(conn):
-            counted = conn.execute(
-                "UPDATE keys SET last_used_at = ?, invites_created = invites_created + 1 WHERE id = ?",
-                (invite["created_at"], invite["key_id"])).rowcount
-            if not counted:  # deleted between authentication and now
-                raise Forbidden("invalid API key")
-            conn.execute(f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         tuple(invite[c] for c in _INVITE_COLUMNS.split(", ")))
+            key_id = invite["key_id"]
+            if key_id is not None:
+                key = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+                if key is None:  # deleted between authentication and now
+                    raise Forbidden("invalid API key")
+                if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
+                    raise Forbidden("invite quota used up")
+                if key["rate_count"] is not None:
+                    since = invite["created_at"] - key["rate_period"]
+                    count, oldest = conn.execute(
+                        "SELECT count(*), min(created_at) FROM invites WHERE key_id = ? AND created_at > ?",
+                        (key_id, since)).fetchone()
+                    if count >= key["rate_count"]:
+                        raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
+                                              f"{key['rate_period']} s reached",
+                                              oldest + key["rate_period"] - invite["created_at"])
+                conn.execute("UPDATE keys SET last_used_at = ?, invites_created = invites_created + 1 "
+                             "WHERE id = ?", (invite["created_at"], key_id))
+            columns = _INVITE_COLUMNS.split(", ")
+            conn.execute(f"INSERT INTO invites ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                         [invite.get(c) for c in columns])
         self.write(insert)
 
     def invite(self, token):
         """Return the invite row with this token, or None."""
         rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,))
         return rows[0] if rows else None
+
+    def invites(self, host, key_id=None, pending_at=None, limit=1000):
+        """Return a host's invites (or one key's), newest first; only pending ones if pending_at is a time."""
+        sql, args = f"SELECT {_INVITE_COLUMNS} FROM invites WHERE host = ?", [host]
+        if key_id is not None:
+            sql, args = sql + " AND key_id = ?", args + [key_id]
+        if pending_at is not None:
+            sql += " AND revoked_at IS NULL AND uses_left > 0 AND expires_at > ?"
+            args.append(pending_at)
+        return self.read(sql + " ORDER BY created_at DESC, rowid DESC LIMIT ?", args + [limit])
+
+    def revoke_invite(self, token, at):
+        """Revoke an invite; return whether it was pending (not yet used up or revoked)."""
+        def revoke(conn):
+            return conn.execute("UPDATE invites SET revoked_at = ?, done_at = coalesce(done_at, ?) "
+                                "WHERE token = ? AND revoked_at IS NULL", (at, at, token)).rowcount
+        return self.write(revoke) > 0
+
+    def use_invite(self, token, at):
+        """Take one use of a valid invite atomically; return the updated row, or None if none was left."""
+        def use(conn):
+            taken = conn.execute(
+                "UPDATE invites SET uses_left = uses_left - 1, "
+                "done_at = CASE WHEN uses_left = 1 THEN ? ELSE done_at END "
+                "WHERE token = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
+                (at, token, at)).rowcount
+            if taken:
+                return conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,)).fetchone()
+            return None
+        return self.write(use)
+
+    def purge_invites(self, before, batch=500):
+        """Delete up to batch invites that expired, were used up or were revoked before a time; return how many."""
+        def purge(conn):
+            return conn.execute(
+                "DELETE FROM invites WHERE rowid IN (SELECT rowid FROM invites WHERE expires_at < ? LIMIT ?) "
+                "OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?)",
+                (before, batch, before, batch)).rowcount
+        return self.write(purge)
 
 
 class _Pending:
@@ -489,7 +667,11 @@ class GroupCommitter:
 # ---------------------------------------------------------------------------
 
 def _random_id(nbytes):
-    return base64.urlsafe_b64encode(os.urandom(nbytes)).decode("ascii").rstrip("=")
+    """Return nbytes of randomness as URL-safe base64 that does not start with "-"."""
+    while True:  # a leading "-" would read as an option on the command line
+        text = base64.urlsafe_b64encode(os.urandom(nbytes)).decode("ascii").rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def hash_secret(secret):
@@ -501,25 +683,43 @@ def hash_secret(secret):
 _NO_SUCH_KEY_HASH = hash_secret(_random_id(SECRET_BYTES))
 
 
-def create_key(store, host, name=""):
-    """Make an API key for host and return "KEY_ID/SECRET" (the only time the secret exists)."""
+def create_key(store, host, name="", **policy):
+    """Make an API key for host and return "KEY_ID/SECRET" (the only time the secret exists).
+
+    policy: any of KEY_POLICY (expires_at, max_invites, rate_count,
+    rate_period, max_ttl, max_uses); None means no limit.
+    """
     key_id, secret = _random_id(KEY_ID_BYTES), _random_id(SECRET_BYTES)
-    store.insert_key({"id": key_id, "host": host, "name": name,
-                      "secret_hash": hash_secret(secret), "created_at": now()})
+    key = {"id": key_id, "host": host, "name": name, "secret_hash": hash_secret(secret), "created_at": now()}
+    key.update({k: v for k, v in policy.items() if k in KEY_POLICY and v is not None})
+    store.insert_key(key)
     return f"{key_id}/{secret}"
+
+
+def key_info(row):
+    """Return a key row as a dict for people and JSON: no secret, times in ISO 8601."""
+    rate = f"{row['rate_count']}/{row['rate_period']}s" if row["rate_count"] is not None else None
+    return {"id": row["id"], "name": row["name"], "host": row["host"],
+            "created_at": iso(row["created_at"]), "last_used_at": iso(row["last_used_at"]),
+            "invites_created": row["invites_created"], "expires_at": iso(row["expires_at"]),
+            "max_invites": row["max_invites"], "rate": rate, "max_ttl": row["max_ttl"],
+            "max_uses": row["max_uses"]}
 
 
 def list_keys(store, host):
     """Return the host's keys as dicts (no secrets), oldest first."""
-    return [{"id": row["id"], "name": row["name"], "host": row["host"],
-             "created_at": iso(row["created_at"]), "last_used_at": iso(row["last_used_at"]),
-             "invites_created": row["invites_created"]}
-            for row in store.keys_for_host(host)]
+    return [key_info(row) for row in store.keys_for_host(host)]
 
 
-def delete_key(store, host, key_id):
-    """Revoke a key at once; raise NotFound if the host has no such key."""
-    if not store.delete_key(host, key_id):
+def update_key(store, host, key_id, **changes):
+    """Change a key's name or policy (None clears a limit); raise NotFound if there is no such key."""
+    if not store.update_key(host, key_id, changes):
+        raise NotFound(f"key {key_id!r} not found for host {host!r}")
+
+
+def delete_key(store, host, key_id, revoke_invites=False):
+    """Revoke a key at once (its invites stay valid unless revoke_invites); raise NotFound if unknown."""
+    if not store.delete_key(host, key_id, revoke_invites, at=now()):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
@@ -535,23 +735,67 @@ def authenticate(store, presented):
     # Constant-time: the comparison does not reveal how much of a guess matched.
     if not hmac.compare_digest(hash_secret(secret), expected) or key is None:
         raise Forbidden("invalid API key")
+    if key["expires_at"] is not None and key["expires_at"] <= now():
+        raise Forbidden("key expired")
     return key
 
 
-def create_invite(store, key, ttl=DEFAULT_INVITE_TTL):
-    """Mint a single-use account invite for the key's host, store it durably, and return it."""
+def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL):
+    """Return checked ttl, uses, username, note from request options; raise BadRequest.
+
+    options maps names to strings (query) or JSON values (body). Without a
+    key (the command line) only sanity limits apply.
+    """
+    max_ttl = key["max_ttl"] if key is not None else 100 * 365 * 86400
+    max_uses = key["max_uses"] if key is not None else 1_000_000_000
+    checked = {"ttl": min(default_ttl, max_ttl), "uses": 1, "username": None, "note": None}
+    try:
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name != "uses" and not isinstance(value, str) and not (name == "ttl" and isinstance(value, int)):
+                raise ValueError(f"{name} must be a string")
+            if name == "ttl":
+                checked["ttl"] = parse_duration(str(value))
+                if checked["ttl"] > max_ttl:
+                    raise ValueError(f"ttl {value!r} is over this key's limit of {max_ttl} s")
+            elif name == "uses":
+                checked["uses"] = parse_count(value, "uses")
+                if checked["uses"] > max_uses:
+                    raise ValueError(f"uses {value!r} is over this key's limit of {max_uses}")
+            elif name == "username":
+                checked["username"] = parse_username(value)
+            elif name == "note":
+                checked["note"] = parse_note(value) or None
+            else:
+                raise ValueError(f"unknown option {name!r}")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return checked
+
+
+def create_invite(store, key, host=None, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, note=None):
+    """Mint an account invite for the key's host (or host, with no key), store it durably, and return it.
+
+    Raises Forbidden (key gone, quota used up) or TooManyRequests (rate).
+    """
+    host = key["host"] if key is not None else host
     token = _random_id(TOKEN_BYTES)
     created_at = now()
-    invite = {"token": token, "host": key["host"], "type": "register",
-              "uri": f"xmpp:{key['host']}?register;preauth={token}", "url": None,
-              "key_id": key["id"], "created_at": created_at, "expires_at": created_at + ttl,
-              "uses_left": 1}
+    jid = f"{username}@{host}" if username else host
+    invite = {"token": token, "host": host, "type": "register",
+              "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
+              "key_id": key["id"] if key is not None else None, "created_at": created_at,
+              "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
+              "username": username, "note": note, "revoked_at": None, "done_at": None}
     store.insert_invite(invite)
     return invite
 
 
 def invite_status(invite, at=None):
-    """Return "valid", "used" or "expired" for an invite row."""
+    """Return "valid", "used", "revoked" or "expired" for an invite row."""
+    if invite["revoked_at"] is not None:
+        return "revoked"
     if invite["uses_left"] <= 0:
         return "used"
     if invite["expires_at"] <= (now() if at is None else at):
@@ -559,12 +803,71 @@ def invite_status(invite, at=None):
     return "valid"
 
 
+def invite_info(invite, url=None):
+    """Return an invite as a dict for JSON: everything but internals, times in ISO 8601."""
+    return {"token": invite["token"], "host": invite["host"], "uri": invite["uri"], "url": url,
+            "status": invite_status(invite), "created_at": iso(invite["created_at"]),
+            "expires_at": iso(invite["expires_at"]), "uses": invite["uses"],
+            "uses_left": invite["uses_left"], "username": invite["username"], "note": invite["note"],
+            "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"])}
+
+
+def get_invite(store, token, host=None, key_id=None):
+    """Return an invite by token, within a host and/or a key's own; raise NotFound otherwise."""
+    invite = store.invite(token) if TOKEN_RE.match(token) else None
+    if (invite is None or (host is not None and invite["host"] != host)
+            or (key_id is not None and invite["key_id"] != key_id)):
+        raise NotFound(f"invite {token[:40]!r} not found")
+    return invite
+
+
 def find_invite(store, token):
-    """Return a valid invite by token; raise NotFound if unknown, used or expired."""
+    """Return a valid invite by token; raise NotFound if unknown, used, revoked or expired."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
     if invite is None or invite_status(invite) != "valid":
         raise NotFound("this invite does not exist, has been used or has expired")
     return invite
+
+
+def list_invites(store, host, key_id=None, include_all=False):
+    """Return a host's invites (or one key's), newest first; pending ones only unless include_all."""
+    return store.invites(host, key_id, pending_at=None if include_all else now())
+
+
+def revoke_invite(store, token, host=None, key_id=None):
+    """Revoke an invite at once; raise NotFound if it is not the host's or key's."""
+    get_invite(store, token, host, key_id)
+    store.revoke_invite(token, now())
+
+
+def redeem_invite(store, token, host, username=None):
+    """Use an invite once and return it; raise NotFound, Conflict (other username) or Gone."""
+    invite = get_invite(store, token, host)
+    if username is not None and invite["username"] and parse_username(username) != invite["username"]:
+        raise Conflict("this invite is for another username")
+    used = store.use_invite(token, now())
+    if used is None:
+        raise Gone(f"this invite is {invite_status(store.invite(token))}")
+    return used
+
+
+def check_invite(store, token):
+    """Return the public facts about an invite: {valid, host, expires_at, username}; nothing secret."""
+    invite = store.invite(token) if TOKEN_RE.match(token) else None
+    if invite is None or invite_status(invite) != "valid":
+        return {"valid": False, "host": None, "expires_at": None, "username": None}
+    return {"valid": True, "host": invite["host"], "expires_at": iso(invite["expires_at"]),
+            "username": invite["username"]}
+
+
+def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
+    """Delete invites that stopped being valid more than grace seconds ago; return how many."""
+    total = 0
+    while True:
+        deleted = store.purge_invites(now() - grace)
+        total += deleted
+        if not deleted:
+            return total
 
 
 # ---------------------------------------------------------------------------
@@ -573,7 +876,7 @@ def find_invite(store, token):
 
 def invite_url(invite, base, template=None):
     """Return the URL of an invite's landing page: the template's, else {base}/invite?TOKEN."""
-    if invite.get("url"):
+    if invite["url"]:
         return invite["url"]
     if template:
         from urllib.parse import quote
@@ -626,12 +929,18 @@ def render_missing_invite_page():
 # HTTP: a thin translation between requests and operations
 # ---------------------------------------------------------------------------
 
-API_PATHS = ("/invites_api", "/invites_api/")
-API_METHODS = ("GET", "POST", "OPTIONS")
-PAGE_METHODS = ("GET", "HEAD")
+# The whole URL space: (path pattern, {method: handler method}, cross-origin?).
+# Cross-origin routes answer OPTIONS preflights and carry CORS headers.
+ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors) for pattern, methods, cors in (
+    (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True),
+    (r"/invites_api/invites/?", {"GET": "api_list"}, True),
+    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True),
+    (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True),
+    (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True),
+    (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False),
+))
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Methods", ", ".join(API_METHODS)),
     ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
     ("Access-Control-Max-Age", "7200"),
 )
@@ -646,16 +955,37 @@ _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 
 
+class RateLimiter:
+    """Counts events per client address in one-minute windows, in memory."""
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self._window = None
+        self._counts = {}
+        self._lock = threading.Lock()
+
+    def hit(self, address):
+        """Count one event; return 0 if allowed, else the seconds until the next window."""
+        clock = time.monotonic()
+        with self._lock:
+            window = int(clock // 60)
+            if window != self._window:  # a new minute: forget the old one (bounded memory)
+                self._window, self._counts = window, {}
+            count = self._counts[address] = self._counts.get(address, 0) + 1
+        return 0 if count <= self.per_minute else 60 - clock % 60
+
+
 class App:
     """What the request handler needs: the store and the serve options."""
 
     def __init__(self, store, public_url=None, invite_url_template=None,
-                 invite_ttl=DEFAULT_INVITE_TTL, log=None):
+                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE):
         self.store = store
         self.public_url = public_url.rstrip("/") if public_url else None
         self.invite_url_template = invite_url_template
         self.invite_ttl = invite_ttl
         self.log = log  # a text stream for the access log, or None for quiet
+        self.check_limiter = RateLimiter(checks_per_minute)
 
 
 def _make_handler_class():
@@ -681,6 +1011,8 @@ def _make_handler_class():
             self.request_version = "HTTP/1.1"
             self._started = None
             self._body = None
+            self._cors = None
+            self.headers = None
             try:
                 self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             except OSError:  # idle timeout or the client went away
@@ -710,12 +1042,22 @@ def _make_handler_class():
             """Route the request, and turn errors into responses."""
             path, _, query = self.path.partition("?")
             try:
-                if path in API_PATHS:
-                    self.api(query)
-                elif path == "/invite" or path.startswith("/invite/"):
-                    self.page(path, query)
+                for pattern, methods, cors in ROUTES:
+                    match = pattern.match(path)
+                    if match:
+                        break
                 else:
                     raise NotFound(f"no such page: {path[:100]!r}")
+                allowed = tuple(methods) + (("OPTIONS",) if cors else ())
+                self._cors = ", ".join(allowed) if cors else None
+                if self.command == "OPTIONS" and cors:
+                    return self.respond(204)
+                if self.command not in methods:
+                    raise MethodNotAllowed(self.command, allowed)
+                self.query = query
+                self.read_body()
+                getattr(self, methods[self.command])(match.group("token") if "token" in pattern.groupindex
+                                                     else None)
             except Error as e:
                 if self._body is None and self.headers.get("Content-Length", "0").strip() != "0":
                     self.close_connection = True  # an unread body would spoil keep-alive
@@ -729,37 +1071,67 @@ def _make_handler_class():
 
         # -- routes -----------------------------------------------------------
 
-        def api(self, query):
-            """Create an invite (GET, POST) or answer a CORS preflight (OPTIONS)."""
-            if self.command == "OPTIONS":
-                return self.respond(204)
-            if self.command not in ("GET", "POST"):
-                raise MethodNotAllowed(self.command, API_METHODS)
-            params = self.query_params(query)
-            self.read_body()
-            unknown = sorted(set(params) - {"key", "redirect"})
-            if unknown:
-                raise BadRequest(f"unknown parameter {unknown[0]!r}")
-            redirect = parse_bool("redirect", params.get("redirect", ""))
-            key = authenticate(self.server.app.store, self.presented_key(params))
-            invite = create_invite(self.server.app.store, key, ttl=self.server.app.invite_ttl)
-            url = invite_url(invite, self.public_base(invite["host"]),
-                             self.server.app.invite_url_template)
-            headers = [("Location", url)]
+        def api_create(self, _):
+            """Create an invite: GET or POST /invites_api."""
+            app = self.server.app
+            params = self.params("key", "redirect", "ttl", "uses", "username", "note")
+            for name, value in self.json_body().items():
+                if name in params:
+                    raise BadRequest(f"option {name!r} given in both the query and the body")
+                params[name] = str(value).lower() if isinstance(value, bool) else value
+            redirect = parse_bool("redirect", str(params.pop("redirect", "")))
+            key = self.authenticate(params.pop("key", ""))
+            invite = create_invite(app.store, key, **invite_options(params, key, app.invite_ttl))
+            url = self.invite_url(invite)
+            status = 303 if redirect else 201
             if self.wants_json():
-                import json
-                body = json.dumps({"url": url, "uri": invite["uri"], "token": invite["token"],
-                                   "host": invite["host"], "created_at": iso(invite["created_at"]),
-                                   "expires_at": iso(invite["expires_at"])})
-                return self.respond(303 if redirect else 201, body + "\n", headers,
-                                    content_type="application/json")
-            self.respond(303 if redirect else 201, b"", headers)
+                return self.respond_json(status, invite_info(invite, url), [("Location", url)])
+            self.respond(status, b"", [("Location", url)])
 
-        def page(self, path, query):
+        def api_list(self, _):
+            """List the key's invites: GET /invites_api/invites[?all=true]."""
+            params = self.params("key", "all")
+            key = self.authenticate(params.get("key", ""))
+            invites = list_invites(self.server.app.store, key["host"], key["id"],
+                                   include_all=parse_bool("all", params.get("all", "")))
+            self.respond_json(200, [invite_info(i, self.invite_url(i)) for i in invites])
+
+        def api_show(self, token):
+            """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
+            key = self.authenticate(self.params("key").get("key", ""))
+            invite = get_invite(self.server.app.store, token, key["host"], key["id"])
+            self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+        def api_revoke(self, token):
+            """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
+            key = self.authenticate(self.params("key").get("key", ""))
+            revoke_invite(self.server.app.store, token, key["host"], key["id"])
+            self.respond(204)
+
+        def api_redeem(self, token):
+            """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
+            params = self.params("key", "username")
+            params.update(self.json_body())
+            key = self.authenticate(params.pop("key", ""))
+            username = params.pop("username", None)
+            if params:
+                raise BadRequest(f"unknown option {sorted(params)[0]!r}")
+            if username is not None and not isinstance(username, str):
+                raise BadRequest("username must be a string")
+            invite = redeem_invite(self.server.app.store, token, key["host"], username)
+            self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+        def invite_check(self, token):
+            """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
+            self.params()
+            wait = self.server.app.check_limiter.hit(self.client_address[0])
+            if wait:
+                raise TooManyRequests("too many invite checks from your address", wait)
+            self.respond_json(200, check_invite(self.server.app.store, token))
+
+        def invite_page(self, token):
             """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
-            if self.command not in PAGE_METHODS:
-                raise MethodNotAllowed(self.command, PAGE_METHODS)
-            token = path[len("/invite/"):] if path.startswith("/invite/") else query
+            token = self.query if token is None else token
             try:
                 invite = find_invite(self.server.app.store, token)
             except NotFound:
@@ -771,21 +1143,44 @@ def _make_handler_class():
 
         # -- reading requests -------------------------------------------------
 
-        def query_params(self, query):
-            """Return the query string as a dict; raise BadRequest on repeats or too many."""
+        def params(self, *allowed):
+            """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
             from urllib.parse import parse_qsl
             try:
-                pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=20)
+                pairs = parse_qsl(self.query, keep_blank_values=True, max_num_fields=20)
             except ValueError:
                 raise BadRequest("too many query parameters") from None
             params = {}
             for name, value in pairs:
+                if name not in allowed:
+                    raise BadRequest(f"unknown parameter {name[:40]!r}")
                 if name in params:
                     raise BadRequest(f"parameter {name!r} given more than once")
                 params[name] = value
             return params
 
-        def presented_key(self, params):
+        def json_body(self):
+            """Return the request body's JSON object ({} for no body); raise BadRequest."""
+            if not self._body:
+                return {}
+            import json
+            try:
+                data = json.loads(self._body)
+            except ValueError:  # also bad UTF-8
+                raise BadRequest("request body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise BadRequest("request body must be a JSON object")
+            return data
+
+        def authenticate(self, query_key):
+            """Return the key row for this request's credentials (Authorization wins over ?key=)."""
+            return authenticate(self.server.app.store, self.presented_key(query_key))
+
+        def invite_url(self, invite):
+            app = self.server.app
+            return invite_url(invite, self.public_base(invite["host"]), app.invite_url_template)
+
+        def presented_key(self, query_key):
             """Return the key from Authorization (which wins) or ?key=, or "" if none."""
             values = self.headers.get_all("Authorization") or []
             if len(values) > 1:
@@ -799,7 +1194,7 @@ def _make_handler_class():
                 if not credentials:
                     raise Forbidden("malformed API key")
                 return credentials
-            return params.get("key", "")
+            return query_key if isinstance(query_key, str) else ""
 
         def read_body(self):
             """Read the request body (at most MAX_BODY bytes) and return it."""
@@ -824,7 +1219,7 @@ def _make_handler_class():
             return self._body
 
         def wants_json(self):
-            return "application/json" in self.headers.get("Accept", "").lower()
+            return self.headers is not None and "application/json" in self.headers.get("Accept", "").lower()
 
         def public_base(self, host):
             """Return the scheme and authority invite URLs start with."""
@@ -846,11 +1241,13 @@ def _make_handler_class():
             self.respond(code, self.responses.get(code, ("error",))[0].lower() + "\n")
 
         def respond_error(self, error):
-            if self.command in ("GET", "POST", "OPTIONS") and self.wants_json():
-                import json
-                return self.respond(error.status, json.dumps({"error": str(error)}) + "\n",
-                                    error.headers, content_type="application/json")
+            if self.wants_json():
+                return self.respond_json(error.status, {"error": str(error)}, error.headers)
             self.respond(error.status, f"{error}\n", error.headers)
+
+        def respond_json(self, status, data, headers=()):
+            import json
+            self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
 
         def respond(self, status, body=b"", headers=(), content_type="text/plain; charset=utf-8"):
             """Send one complete response; every response goes through here."""
@@ -860,7 +1257,8 @@ def _make_handler_class():
             lines = [f"HTTP/1.1 {status} {reason}", f"Date: {self.date_time_string()}",
                      f"Server: {self.server_version}"]
             lines += [f"{name}: {value}" for name, value in headers]
-            if self.path and self.path.split("?")[0] in API_PATHS:
+            if self._cors:
+                lines.append(f"Access-Control-Allow-Methods: {self._cors}")
                 lines += [f"{name}: {value}" for name, value in CORS_HEADERS]
             if status != 204:
                 if body:
@@ -984,6 +1382,21 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
     return server
 
 
+def start_purging(store, grace, app=None, every=3600):
+    """Start a thread that purges old invites every hour, in small batches between requests."""
+    def purge_forever():
+        while True:
+            try:
+                deleted = purge_invites(store, grace)
+                if deleted and app is not None and app.log is not None:
+                    app.log.write(f"{iso(now())} purged {deleted} old invites\n")
+            except Error as e:  # the database is busy or gone: try again next time
+                if app is not None and app.log is not None:
+                    app.log.write(f"{iso(now())} purge failed: {e}\n")
+            time.sleep(every)
+    threading.Thread(target=purge_forever, name="purge", daemon=True).start()
+
+
 def serve(server, banner=""):
     """Print banner, serve until SIGTERM or SIGINT, then let requests in flight finish."""
     import signal
@@ -1006,9 +1419,14 @@ def serve(server, banner=""):
 # CLI: thin wrappers that print what the operations return
 # ---------------------------------------------------------------------------
 
-def _arg(parse):
-    """Wrap a ValueError-raising parser as an argparse type (a usage error, exit 2)."""
+def _arg(parse, clear=None):
+    """Wrap a ValueError-raising parser as an argparse type (a usage error, exit 2).
+
+    With clear (e.g. "never"), that word parses as CLEAR: remove the limit.
+    """
     def parse_arg(text):
+        if clear is not None and text.strip().lower() == clear:
+            return CLEAR
         try:
             return parse(text)
         except ValueError as e:
@@ -1017,7 +1435,10 @@ def _arg(parse):
     return parse_arg
 
 
-def open_store(args, for_serve=False):
+CLEAR = object()  # an `update` option's value that removes a limit
+
+
+def open_store(args):
     """Return the Store named by --db, $INVITES_API_DB or the default path."""
     path = args.db or default_db_path()
     # Only the default location is created on demand; a mistyped --db
@@ -1025,9 +1446,25 @@ def open_store(args, for_serve=False):
     return Store(path, create_dir=not args.db and not os.environ.get("INVITES_API_DB"))
 
 
+def _policy(args):
+    """Return the key policy options given on the command line, as KEY_POLICY columns."""
+    policy = {}
+    if args.expires is not None:
+        policy["expires_at"] = args.expires
+    if args.max_invites is not None:
+        policy["max_invites"] = args.max_invites
+    if args.rate is not None:
+        policy["rate_count"], policy["rate_period"] = (CLEAR, CLEAR) if args.rate is CLEAR else args.rate
+    if args.max_ttl is not None:
+        policy["max_ttl"] = args.max_ttl
+    if args.max_uses is not None:
+        policy["max_uses"] = args.max_uses
+    return {name: None if value is CLEAR else value for name, value in policy.items()}
+
+
 def cmd_create(args):
     """create HOST [NAME]: print a new key."""
-    print(create_key(open_store(args), args.host, args.name))
+    print(create_key(open_store(args), args.host, args.name, **_policy(args)))
 
 
 def cmd_list(args):
@@ -1041,9 +1478,76 @@ def cmd_list(args):
         print(f"{key['id']}\t{key['name']}")
 
 
+def cmd_update(args):
+    """update HOST KEY_ID: change a key's name or policy."""
+    changes = _policy(args)
+    if args.name is not None:
+        changes["name"] = args.name
+    if not changes:
+        raise Error("nothing to change: give --name or a policy option (see --help)")
+    update_key(open_store(args), args.host, args.key_id, **changes)
+
+
 def cmd_delete(args):
     """delete HOST KEY_ID: revoke a key."""
-    delete_key(open_store(args), args.host, args.key_id)
+    delete_key(open_store(args), args.host, args.key_id, revoke_invites=args.revoke_invites)
+
+
+def _cli_url(args, invite):
+    """Return an invite's page URL as the command line sees it (--public-url or its default)."""
+    base = (args.public_url or os.environ.get("INVITES_API_PUBLIC_URL")
+            or f"http://{DEFAULT_BIND}:{DEFAULT_PORT}").rstrip("/")
+    return invite_url(invite, base.replace("{host}", invite["host"]))
+
+
+def _print_json(data):
+    import json
+    print(json.dumps(data, indent=2))
+
+
+def cmd_invites_create(args):
+    """invites create HOST: mint one invite and print its page URL."""
+    options = invite_options({"ttl": args.ttl, "uses": args.uses, "username": args.username,
+                              "note": args.note}, default_ttl=DEFAULT_INVITE_TTL)
+    invite = create_invite(open_store(args), None, host=args.host, **options)
+    url = _cli_url(args, invite)
+    _print_json(invite_info(invite, url)) if args.json else print(url)
+
+
+def cmd_invites_list(args):
+    """invites list HOST: print a table of the host's invites."""
+    invites = list_invites(open_store(args), args.host, args.key, include_all=args.all)
+    if args.json:
+        return _print_json([invite_info(i, _cli_url(args, i)) for i in invites])
+    when = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))  # noqa: E731
+    rows = [("TOKEN", "CREATED", "EXPIRES", "USES LEFT", "STATUS", "KEY", "NOTE")]
+    rows += [(i["token"], when(i["created_at"]), when(i["expires_at"]), f"{i['uses_left']}/{i['uses']}",
+              invite_status(i), i["key_id"] or "(cli)", i["note"] or "") for i in invites]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+
+
+def cmd_invites_show(args):
+    """invites show HOST TOKEN: print one invite."""
+    info = invite_info(get_invite(open_store(args), args.token, args.host), None)
+    info["url"] = _cli_url(args, info)
+    if args.json:
+        return _print_json(info)
+    for name, value in info.items():
+        print(f"{name}: {'' if value is None else value}")
+
+
+def cmd_invites_revoke(args):
+    """invites revoke HOST TOKEN: revoke an invite."""
+    revoke_invite(open_store(args), args.token, host=args.host)
+
+
+def cmd_invites_redeem(args):
+    """invites redeem HOST TOKEN: use an invite once (exit 1 if it is no longer valid)."""
+    invite = redeem_invite(open_store(args), args.token, args.host, args.username)
+    if args.json:
+        _print_json(invite_info(invite, _cli_url(args, invite)))
 
 
 def cmd_serve(args):
@@ -1055,6 +1559,7 @@ def cmd_serve(args):
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
               invite_ttl=args.invite_ttl, log=None if args.quiet else sys.stderr)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout)
+    start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
     serve(server, f"invites_api {__version__} serving on http://{shown}:{port}/invites_api "
@@ -1063,10 +1568,20 @@ def cmd_serve(args):
 
 _EXAMPLES = {
     "serve": "example:\n  invites_api.py serve --port 5282 --public-url https://{host}\n",
-    "create": 'example:\n  invites_api.py create example.com "My test key"\n  -> prints KEY_ID/SECRET; '
-              "keep it, it is shown only once\n",
+    "create": 'examples:\n  invites_api.py create example.com "My test key"\n  -> prints KEY_ID/SECRET; '
+              "keep it, it is shown only once\n"
+              '  invites_api.py create example.com "sign-up form" --rate 10/hour --expires 90d\n',
     "list": "example:\n  invites_api.py list example.com\n  invites_api.py list example.com --json\n",
-    "delete": "example:\n  invites_api.py delete example.com t3XbXfBhZ0mJ\n",
+    "update": "example:\n  invites_api.py update example.com t3XbXfBhZ0mJ --rate 100/day --expires never\n",
+    "delete": "example:\n  invites_api.py delete example.com t3XbXfBhZ0mJ [--revoke-invites]\n",
+    "invites": "examples:\n  invites_api.py invites create example.com --uses 5 --ttl 2w --note 'choir'\n"
+               "  invites_api.py invites list example.com --all\n",
+    "invites create": "example:\n  invites_api.py invites create example.com --username alice --ttl 1d\n"
+                      "  -> prints the invite page URL\n",
+    "invites list": "example:\n  invites_api.py invites list example.com --all --json\n",
+    "invites show": "example:\n  invites_api.py invites show example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
+    "invites revoke": "example:\n  invites_api.py invites revoke example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
+    "invites redeem": "example:\n  invites_api.py invites redeem example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls --username alice\n",
 }
 
 
@@ -1087,45 +1602,118 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"invites_api {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name, func, help):
-        sub = commands.add_parser(name, parents=[common], help=help, description=help,
-                                  epilog=_EXAMPLES[name], formatter_class=formatter)
+    def command(group, name, func, help, full_name=None):
+        sub = group.add_parser(name, parents=[common], help=help, description=help,
+                               epilog=_EXAMPLES[full_name or name], formatter_class=formatter)
         sub.set_defaults(func=func)
         return sub
 
-    host_help = "the XMPP domain the key mints invites for, e.g. example.com"
-    sub = command("serve", cmd_serve, "run the HTTP API")
+    def host_arg(sub):
+        sub.add_argument("host", type=_arg(parse_host), metavar="HOST",
+                         help="the XMPP domain, e.g. example.com")
+
+    def policy_args(sub, clear):
+        none = " ('never' removes it)" if clear else ""
+        sub.add_argument("--expires", type=_arg(parse_expiry, clear and "never"), metavar="WHEN",
+                         help=f"the key stops working then: a duration (90d) or a UTC date (2027-01-31){none}")
+        none = " ('none' removes it)" if clear else ""
+        sub.add_argument("--max-invites", type=_arg(parse_count, clear and "none"), metavar="N",
+                         help=f"total invites the key may ever make{none}")
+        sub.add_argument("--rate", type=_arg(parse_rate, clear and "none"), metavar="N/PERIOD",
+                         help=f"at most N invites per period, e.g. 10/hour, 100/day{none}")
+        sub.add_argument("--max-ttl", type=_arg(parse_duration), metavar="DURATION",
+                         help="longest invite lifetime a request may ask for (default 7d)")
+        sub.add_argument("--max-uses", type=_arg(parse_count), metavar="N",
+                         help="most uses a request may ask for per invite (default 1)")
+
+    sub = command(commands, "serve", cmd_serve, "run the HTTP API")
     sub.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
                      help=f"address to listen on (default {DEFAULT_BIND}; 0.0.0.0 or :: for all)")
     sub.add_argument("--port", type=int, default=DEFAULT_PORT,
                      help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
-    sub.add_argument("--public-url", metavar="URL",
-                     help="start of invite page URLs, may contain {host} (default: this "
-                          "server's scheme and the request's Host header)")
+    sub.add_argument("--public-url", metavar="URL", default=os.environ.get("INVITES_API_PUBLIC_URL"),
+                     help="start of invite page URLs, may contain {host} (default: "
+                          "$INVITES_API_PUBLIC_URL, else the request's scheme and Host header)")
     sub.add_argument("--invite-url", metavar="TEMPLATE",
                      help="send Location to an external landing page instead; "
                           "placeholders {host}, {token}, {uri}")
     sub.add_argument("--invite-ttl", type=_arg(parse_duration), default=DEFAULT_INVITE_TTL,
-                     metavar="DURATION", help="invite lifetime, e.g. 12h, 7d, 1w2d (default 7d)")
+                     metavar="DURATION", help="default invite lifetime, e.g. 12h, 7d, 1w2d (default 7d)")
+    sub.add_argument("--purge-after", type=_arg(parse_duration), default=DEFAULT_PURGE_GRACE,
+                     metavar="DURATION", help="delete invites this long after they expired, "
+                                              "were used up or revoked (default 30d)")
     sub.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
     sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"drop idle or stalled connections after this (default {DEFAULT_TIMEOUT:g})")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
 
-    sub = command("create", cmd_create, "make an API key and print it (KEY_ID/SECRET)")
-    sub.add_argument("host", type=_arg(parse_host), metavar="HOST", help=host_help)
+    sub = command(commands, "create", cmd_create, "make an API key and print it (KEY_ID/SECRET)")
+    host_arg(sub)
     sub.add_argument("name", type=_arg(parse_key_name), nargs="?", default="", metavar="NAME",
                      help="a name to remember the key by (quote it if it has spaces)")
+    policy_args(sub, clear=False)
 
-    sub = command("list", cmd_list, "list a host's keys: KEY_ID<TAB>NAME")
-    sub.add_argument("host", type=_arg(parse_host), metavar="HOST", help=host_help)
+    sub = command(commands, "list", cmd_list, "list a host's keys: KEY_ID<TAB>NAME")
+    host_arg(sub)
     sub.add_argument("--json", action="store_true",
-                     help="a JSON array with id, name, host, created_at, last_used_at, invites_created")
+                     help="a JSON array with id, name, host, created_at, last_used_at, invites_created "
+                          "and the key's policy")
 
-    sub = command("delete", cmd_delete, "revoke a key at once")
-    sub.add_argument("host", type=_arg(parse_host), metavar="HOST", help=host_help)
+    sub = command(commands, "update", cmd_update, "change a key's name or policy")
+    host_arg(sub)
+    sub.add_argument("key_id", metavar="KEY_ID", help="the id `list` shows")
+    sub.add_argument("--name", type=_arg(parse_key_name), help="a new name")
+    policy_args(sub, clear=True)
+
+    sub = command(commands, "delete", cmd_delete, "revoke a key at once")
+    host_arg(sub)
     sub.add_argument("key_id", metavar="KEY_ID", help="the id `list` shows (the part before the /)")
+    sub.add_argument("--revoke-invites", action="store_true",
+                     help="also revoke the pending invites the key made (they stay valid otherwise)")
+
+    invites = commands.add_parser("invites", help="create, list, show, revoke or redeem invites",
+                                  description="Manage invites directly, without HTTP.",
+                                  epilog=_EXAMPLES["invites"], formatter_class=formatter)
+    actions = invites.add_subparsers(dest="action", required=True, metavar="ACTION")
+    url_help = ("start of the printed invite URLs, may contain {host} (default: "
+                f"$INVITES_API_PUBLIC_URL, else http://{DEFAULT_BIND}:{DEFAULT_PORT})")
+
+    sub = command(actions, "create", cmd_invites_create, "mint one invite and print its page URL",
+                  "invites create")
+    host_arg(sub)
+    sub.add_argument("--ttl", metavar="DURATION", help="lifetime (default 7d)")
+    sub.add_argument("--uses", metavar="N", help="how many accounts it may create (default 1)")
+    sub.add_argument("--username", help="the only username it may register")
+    sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
+    sub.add_argument("--public-url", metavar="URL", help=url_help)
+    sub.add_argument("--json", action="store_true", help="print the invite as JSON")
+
+    sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",
+                  "invites list")
+    host_arg(sub)
+    sub.add_argument("--all", action="store_true", help="include used, expired and revoked invites")
+    sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
+    sub.add_argument("--public-url", metavar="URL", help=url_help)
+    sub.add_argument("--json", action="store_true", help="a JSON array")
+
+    sub = command(actions, "show", cmd_invites_show, "show one invite", "invites show")
+    host_arg(sub)
+    sub.add_argument("token", metavar="TOKEN")
+    sub.add_argument("--public-url", metavar="URL", help=url_help)
+    sub.add_argument("--json", action="store_true", help="print the invite as JSON")
+
+    sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once", "invites revoke")
+    host_arg(sub)
+    sub.add_argument("token", metavar="TOKEN")
+
+    sub = command(actions, "redeem", cmd_invites_redeem, "use an invite once; exit 1 if it is not valid",
+                  "invites redeem")
+    host_arg(sub)
+    sub.add_argument("token", metavar="TOKEN")
+    sub.add_argument("--username", help="the username being registered (checked if the invite has one)")
+    sub.add_argument("--public-url", metavar="URL", help=url_help)
+    sub.add_argument("--json", action="store_true", help="print the used invite as JSON")
     return parser
 
 

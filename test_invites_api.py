@@ -196,7 +196,7 @@ class ApiTest(LiveServerTestCase):
         self.assertEqual(status, 201)
         self.assertTrue(headers["content-type"].startswith("application/json"))
         data = json.loads(body)
-        self.assertEqual(set(data), {"url", "uri", "token", "host", "created_at", "expires_at"})
+        self.assertLessEqual({"url", "uri", "token", "host", "created_at", "expires_at"}, set(data))
         self.assertEqual(data["url"], headers["location"])
         self.assertEqual(data["uri"], f"xmpp:example.com?register;preauth={data['token']}")
         self.assertEqual(data["host"], "example.com")
@@ -489,6 +489,181 @@ class ConnectionLimitsTest(LiveServerTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Key policy, per-invite options, invite management
+# ---------------------------------------------------------------------------
+
+T0 = 1_800_000_000  # a fixed "now" for tests that move the clock
+
+
+class KeyPolicyTest(LiveServerTestCase):
+    app_options = {"checks_per_minute": 5}
+
+    def policy_key(self, **policy):
+        with mock.patch.object(ia, "now", return_value=T0):
+            return ia.create_key(self.store, "example.com", "policy", **policy)
+
+    def create_at(self, at, key, extra=""):
+        with mock.patch.object(ia, "now", return_value=at):
+            return self.create(key=key, extra=extra)
+
+    def test_expired_key_is_refused_at_the_boundary(self):
+        key = self.policy_key(expires_at=T0 + 3600)
+        self.assertEqual(self.create_at(T0 + 3599, key)[0], 201)
+        status, _, body = self.create_at(T0 + 3600, key)
+        self.assertEqual(status, 403)
+        self.assertEqual(body, b"key expired\n")
+
+    def test_quota_allows_n_invites_and_refuses_the_next(self):
+        key = self.policy_key(max_invites=3)
+        self.assertEqual([self.create(key=key)[0] for _ in range(3)], [201] * 3)
+        status, _, body = self.create(key=key)
+        self.assertEqual((status, body), (403, b"invite quota used up\n"))
+        self.assertEqual(self.invite_count(), 3)
+
+    def test_rate_limit_answers_429_with_retry_after_until_the_window_moves(self):
+        key = self.policy_key(rate_count=3, rate_period=3600)
+        self.assertEqual([self.create_at(T0 + i, key)[0] for i in range(3)], [201] * 3)
+        status, headers, _ = self.create_at(T0 + 10, key)
+        self.assertEqual(status, 429)
+        self.assertEqual(headers["retry-after"], str(3600 - 10))
+        status, headers, _ = self.create_at(T0 + 1800, key)
+        self.assertEqual((status, headers["retry-after"]), (429, "1800"))
+        self.assertEqual(self.create_at(T0 + 3600, key)[0], 201)  # the first one left the window
+        self.assertEqual(self.create_at(T0 + 3600, key)[0], 429)
+        self.assertEqual(self.invite_count(), 4)
+
+    def test_limits_survive_a_server_restart(self):
+        key = self.policy_key(rate_count=2, rate_period=86400, max_invites=5)
+        self.assertEqual([self.create_at(T0, key)[0] for _ in range(2)], [201, 201])
+        self.server.shutdown()
+        self.server.server_close()
+        store = ia.Store(self.db)
+        server = ia.make_server(ia.App(store), "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(lambda: (server.shutdown(), server.server_close()))
+        self.port = server.server_address[1]
+        self.assertEqual(self.create_at(T0 + 60, key)[0], 429)
+
+    def test_per_invite_options_within_the_key_limits(self):
+        key = self.policy_key(max_ttl=86400, max_uses=5)
+        with mock.patch.object(ia, "now", return_value=T0):
+            status, headers, body = self.create(key=key, extra="&ttl=12h&uses=5&username=Alice&note=for%20Alice",
+                                                headers={"Accept": "application/json"})
+        self.assertEqual(status, 201, body)
+        data = json.loads(body)
+        self.assertEqual(data["uri"], f"xmpp:alice@example.com?register;preauth={data['token']}")
+        self.assertEqual((data["uses"], data["uses_left"], data["username"], data["note"]), (5, 5, "alice", "for Alice"))
+        self.assertEqual(data["expires_at"], ia.iso(T0 + 12 * 3600))
+        # The key's default ttl is capped by its max-ttl.
+        status, headers, _ = self.create_at(T0, key)
+        self.assertEqual(self.store.invite(self.token_of(headers["location"]))["expires_at"], T0 + 86400)
+
+    def test_options_over_the_limit_or_malformed_are_400_with_the_reason(self):
+        key = self.policy_key(max_ttl=86400, max_uses=5)
+        cases = {"&ttl=2d": b"ttl", "&ttl=soon": b"duration", "&uses=6": b"uses", "&uses=0": b"uses",
+                 "&uses=two": b"uses", "&username=a%20b": b"username", "&username=a@b": b"username",
+                 "&note=" + "x" * 201: b"note", "&note=a%0Ab": b"note", "&colour=red": b"colour"}
+        for extra, word in cases.items():
+            status, _, body = self.create(key=key, extra=extra)
+            self.assertEqual(status, 400, extra)
+            self.assertIn(word, body, extra)
+        self.assertEqual(self.invite_count(), 0)
+        self.assertEqual(self.create(key=key, extra="&note=" + "x" * 200)[0], 201)
+
+    def test_post_takes_the_same_options_as_json(self):
+        key = self.policy_key(max_uses=3)
+        status, headers, body = self.request(
+            "POST", "/invites_api", {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+                                     "Accept": "application/json"},
+            json.dumps({"uses": 3, "ttl": "1d", "username": "bob", "note": "<b>hi</b>", "redirect": False}))
+        self.assertEqual(status, 201, body)
+        data = json.loads(body)
+        self.assertEqual((data["uses"], data["username"], data["note"]), (3, "bob", "<b>hi</b>"))
+        for payload, expected in ((b"[1]", 400), (b"{bad json", 400), (b'{"uses": 4}', 400),
+                                  (b'{"uses": "x"}', 400), (b'{"foo": 1}', 400)):
+            status, _, _ = self.request("POST", "/invites_api", {"Authorization": f"Bearer {key}",
+                                                                 "Content-Type": "application/json"}, payload)
+            self.assertEqual(status, expected, payload)
+        status, _, _ = self.request("POST", "/invites_api", {"Authorization": f"Bearer {key}",
+                                                             "Content-Type": "application/x-www-form-urlencoded"},
+                                    b"uses=2")
+        self.assertEqual(status, 415)
+        self.assertEqual(self.invite_count(), 1)
+
+    def test_a_multi_use_invite_stays_valid_until_used_up(self):
+        key = self.policy_key(max_uses=3)
+        token = self.token_of(self.create(key=key, extra="&uses=3")[1]["location"])
+        auth = {"Authorization": f"Bearer {key}"}
+        for left in (2, 1, 0):
+            self.assertEqual(self.request("GET", f"/invite?{token}")[0], 200)
+            status, _, body = self.request("POST", f"/invites_api/invites/{token}/redeem", auth)
+            self.assertEqual((status, json.loads(body)["uses_left"]), (200, left))
+        status, _, body = self.request("POST", f"/invites_api/invites/{token}/redeem", auth)
+        self.assertEqual((status, body), (410, b"this invite is used\n"))
+        self.assertEqual(self.request("GET", f"/invite?{token}")[0], 404)
+
+    def test_50_parallel_redeems_of_a_single_use_invite_give_exactly_one_success(self):
+        token = self.token_of(self.create()[1]["location"])
+
+        def redeem(_):
+            return self.request("POST", f"/invites_api/invites/{token}/redeem",
+                                {"Authorization": f"Bearer {self.key}"})[0]
+        with ThreadPoolExecutor(50) as pool:
+            statuses = sorted(pool.map(redeem, range(50)))
+        self.assertEqual(statuses, [200] + [410] * 49)
+        self.assertEqual(self.store.invite(token)["uses_left"], 0)
+
+    def test_redeem_checks_a_bound_username(self):
+        key = self.policy_key()
+        token = self.token_of(self.create(key=key, extra="&username=alice")[1]["location"])
+        auth = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        status, _, _ = self.request("POST", f"/invites_api/invites/{token}/redeem", auth, b'{"username": "mallory"}')
+        self.assertEqual(status, 409)
+        status, _, body = self.request("POST", f"/invites_api/invites/{token}/redeem", auth, b'{"username": "Alice"}')
+        self.assertEqual((status, json.loads(body)["username"]), (200, "alice"))
+
+    def test_listing_showing_and_revoking_are_scoped_to_the_key(self):
+        mine, other = self.key, self.policy_key()
+        t1 = self.token_of(self.create(key=mine)[1]["location"])
+        t2 = self.token_of(self.create(key=mine, extra="&note=used")[1]["location"])
+        t3 = self.token_of(self.create(key=other)[1]["location"])
+        self.request("POST", f"/invites_api/invites/{t2}/redeem", {"Authorization": f"Bearer {mine}"})
+        auth = {"Authorization": f"Bearer {mine}"}
+        status, _, body = self.request("GET", "/invites_api/invites", auth)
+        self.assertEqual((status, [i["token"] for i in json.loads(body)]), (200, [t1]))
+        status, _, body = self.request("GET", "/invites_api/invites?all=true", auth)
+        listed = {i["token"]: i["status"] for i in json.loads(body)}
+        self.assertEqual(listed, {t1: "valid", t2: "used"})
+        status, _, body = self.request("GET", f"/invites_api/invites/{t1}", auth)
+        self.assertEqual((status, json.loads(body)["key_id"]), (200, self.key_id))
+        self.assertEqual(self.request("GET", f"/invites_api/invites/{t3}", auth)[0], 404)
+        self.assertEqual(self.request("DELETE", f"/invites_api/invites/{t3}", auth)[0], 404)
+        self.assertEqual(self.store.invite(t3)["revoked_at"], None)
+        status, _, body = self.request("DELETE", f"/invites_api/invites/{t1}", auth)
+        self.assertEqual((status, body), (204, b""))
+        self.assertEqual(self.request("GET", f"/invite?{t1}")[0], 404)
+        self.assertEqual(json.loads(self.request("GET", f"/invites_api/invites/{t1}", auth)[2])["status"], "revoked")
+        self.assertEqual(self.request("GET", "/invites_api/invites")[0], 401)
+        status, headers, _ = self.request("OPTIONS", f"/invites_api/invites/{t1}")
+        self.assertEqual((status, headers["access-control-allow-methods"]), (204, "GET, DELETE, OPTIONS"))
+
+    def test_public_validity_check_reveals_nothing_secret_and_is_limited_per_address(self):
+        key = self.policy_key()
+        token = self.token_of(self.create(key=key, extra="&username=carol&note=secret%20note")[1]["location"])
+        status, headers, body = self.request("GET", f"/invite/{token}.json")
+        data = json.loads(body)
+        self.assertEqual(status, 200)
+        self.assertEqual(set(data), {"valid", "host", "expires_at", "username"})
+        self.assertEqual((data["valid"], data["host"], data["username"]), (True, "example.com", "carol"))
+        self.assertNotIn(key.split("/")[0].encode(), body)
+        self.assertNotIn(b"secret note", body)
+        status, _, body = self.request("GET", f"/invite/{'A' * 24}.json")
+        self.assertEqual(json.loads(body), {"valid": False, "host": None, "expires_at": None, "username": None})
+        statuses = [self.request("GET", f"/invite/{token}.json")[0] for _ in range(4)]
+        self.assertEqual(statuses, [200, 200, 200, 429])
+
+
+# ---------------------------------------------------------------------------
 # The server as a process: signals, kill -9, logs, file modes
 # ---------------------------------------------------------------------------
 
@@ -625,6 +800,50 @@ class ServerProcessTest(ServerProcessMixin, TempDirTestCase):
         self.assertIn(f"error: cannot listen on 127.0.0.1:{port}", err)
 
 
+class SharedDatabaseTest(ServerProcessMixin, TempDirTestCase):
+
+    def test_a_second_server_process_on_the_same_database_shares_the_rate_limit(self):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, "example.com", "shared", rate_count=4, rate_period=3600)
+        store.close()
+        procs = [self.start("--quiet") for _ in range(2)]
+
+        def create(port):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", f"/invites_api?key={key}")
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        statuses = [create(procs[i % 2][1]) for i in range(6)]
+        self.assertEqual(statuses, [201, 201, 201, 201, 429, 429])
+        for proc, _ in procs:
+            proc.terminate()
+            self.assertEqual(proc.wait(10), 0)
+
+
+class PurgeTest(TempDirTestCase):
+
+    def test_invites_are_purged_only_after_the_grace_period(self):
+        store = ia.Store(self.db)
+        key = ia.authenticate(store, ia.create_key(store, "example.com", max_uses=1))
+        day = 86400
+        with mock.patch.object(ia, "now", return_value=T0):
+            fresh = ia.create_invite(store, key, ttl=40 * day)["token"]
+            expired_long_ago = ia.create_invite(store, key, ttl=day)["token"]
+            used_long_ago = ia.create_invite(store, key, ttl=40 * day)["token"]
+            ia.redeem_invite(store, used_long_ago, "example.com")
+            revoked_long_ago = ia.create_invite(store, key, ttl=40 * day)["token"]
+            ia.revoke_invite(store, revoked_long_ago)
+        with mock.patch.object(ia, "now", return_value=T0 + 20 * day):
+            used_recently = ia.create_invite(store, key, ttl=40 * day)["token"]
+            ia.redeem_invite(store, used_recently, "example.com")
+        with mock.patch.object(ia, "now", return_value=T0 + 32 * day):
+            self.assertEqual(ia.purge_invites(store, grace=30 * day), 3)
+        left = {row["token"] for row in store.read("SELECT token FROM invites")}
+        self.assertEqual(left, {fresh, used_recently})
+        self.assertEqual(store.key(key["id"])["invites_created"], 5)  # quotas still count them
+
+
 class DurabilityTest(TempDirTestCase):
 
     def test_every_connection_commits_with_wal_and_full_sync(self):
@@ -713,6 +932,9 @@ class CliTest(TempDirTestCase):
         row = ia.Store(self.db).key(key_id)
         self.assertEqual(row["secret_hash"], ia.hash_secret(secret))
 
+    def test_random_ids_never_start_with_a_dash(self):
+        self.assertFalse(any(ia._random_id(9).startswith("-") for _ in range(2000)))
+
     def test_key_ids_are_unique_across_hosts(self):
         ids = [self.cli("create", host)[1].split("/")[0] for host in ("a.example", "b.example") * 20]
         self.assertEqual(len(set(ids)), 40)
@@ -733,7 +955,7 @@ class CliTest(TempDirTestCase):
         code, out, _ = self.cli("list", "example.com", "--json")
         data = json.loads(out)
         self.assertEqual(len(data), 1)
-        self.assertEqual(set(data[0]), {"id", "name", "host", "created_at", "last_used_at", "invites_created"})
+        self.assertLessEqual({"id", "name", "host", "created_at", "last_used_at", "invites_created"}, set(data[0]))
         self.assertEqual(data[0]["id"], key.split("/")[0])
         self.assertEqual(data[0]["invites_created"], 1)
         self.assertRegex(data[0]["last_used_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -782,11 +1004,13 @@ class CliTest(TempDirTestCase):
     def test_version_and_help_with_examples(self):
         code, out, _ = run_main("--version")
         self.assertEqual((code, out), (0, f"invites_api {ia.__version__}\n"))
-        for command in ("serve", "create", "list", "delete"):
-            code, out, _ = run_main(command, "--help")
+        for command in ("serve", "create", "list", "update", "delete", "invites", "invites create",
+                        "invites list", "invites show", "invites revoke", "invites redeem"):
+            code, out, _ = run_main(*command.split(), "--help")
             self.assertEqual(code, 0)
-            self.assertIn("example:", out, command)
-            self.assertIn("--db", out)
+            self.assertRegex(out, r"\nexamples?:\n", command)
+            if command != "invites":
+                self.assertIn("--db", out)
 
     def test_usage_errors_exit_2(self):
         self.assertEqual(run_main()[0], 2)
@@ -812,6 +1036,79 @@ class CliTest(TempDirTestCase):
                 "print(heavy, file=sys.stderr)")
         result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=30)
         self.assertEqual(result.stderr.strip(), "[]")
+
+
+class CliPolicyAndInvitesTest(TempDirTestCase):
+
+    def cli(self, *argv):
+        return run_main("--db", self.db, *argv)
+
+    def test_create_with_policy_and_list_json_shows_it(self):
+        with mock.patch.object(ia, "now", return_value=T0):
+            code, out, err = self.cli("create", "example.com", "limited", "--expires", "90d", "--max-invites", "10",
+                                      "--rate", "10/hour", "--max-ttl", "2w", "--max-uses", "5")
+        self.assertEqual(code, 0, err)
+        data = json.loads(self.cli("list", "example.com", "--json")[1])[0]
+        self.assertEqual((data["expires_at"], data["max_invites"], data["rate"], data["max_ttl"], data["max_uses"]),
+                         (ia.iso(T0 + 90 * 86400), 10, "10/3600s", 14 * 86400, 5))
+
+    def test_update_changes_and_clears_the_policy(self):
+        key_id = self.cli("create", "example.com", "--rate", "5/day", "--expires", "2030-01-31")[1].split("/")[0]
+        data = json.loads(self.cli("list", "example.com", "--json")[1])[0]
+        self.assertEqual((data["rate"], data["expires_at"]), ("5/86400s", "2030-01-31T00:00:00Z"))
+        self.assertEqual(self.cli("update", "example.com", key_id, "--rate", "none", "--expires", "never",
+                                  "--name", "renamed", "--max-uses", "3"), (0, "", ""))
+        data = json.loads(self.cli("list", "example.com", "--json")[1])[0]
+        self.assertEqual((data["rate"], data["expires_at"], data["name"], data["max_uses"]), (None, None, "renamed", 3))
+        self.assertEqual(self.cli("update", "example.com", "nosuchkey", "--max-uses", "2"),
+                         (1, "", "error: key 'nosuchkey' not found for host 'example.com'\n"))
+        self.assertEqual(self.cli("update", "example.com", key_id)[0], 1)
+
+    def test_bad_policy_values_are_usage_errors(self):
+        for option, value in (("--expires", "soon"), ("--rate", "10"), ("--rate", "ten/hour"), ("--rate", "5/fortnight"),
+                              ("--max-invites", "0"), ("--max-ttl", "1y"), ("--max-uses", "-1")):
+            code, out, err = self.cli("create", "example.com", option, value)
+            self.assertEqual(code, 2, (option, value))
+            self.assertIn(option, err)
+        self.assertEqual(ia.parse_rate("100/day"), (100, 86400))
+        self.assertEqual(ia.parse_rate("5/15m"), (5, 900))
+        self.assertEqual(ia.parse_rate("3/hours"), (3, 3600))
+
+    def test_invites_create_list_show_revoke_redeem(self):
+        code, url, err = self.cli("invites", "create", "example.com", "--uses", "2", "--note", "choir",
+                                  "--public-url", "https://{host}")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(url, r"^https://example\.com/invite\?[A-Za-z0-9_-]{24}\n$")
+        token = url.strip().rsplit("?", 1)[1]
+        code, out, _ = self.cli("invites", "list", "example.com")
+        self.assertEqual(out.splitlines()[0].split(), ["TOKEN", "CREATED", "EXPIRES", "USES", "LEFT", "STATUS", "KEY", "NOTE"])
+        self.assertIn(token, out)
+        self.assertIn("2/2", out)
+        self.assertIn("choir", out)
+        code, out, _ = self.cli("invites", "show", "example.com", token, "--json")
+        self.assertEqual(json.loads(out)["url"], url.strip().replace("https://example.com", "http://127.0.0.1:5282"))
+        self.assertEqual(self.cli("invites", "redeem", "example.com", token), (0, "", ""))
+        code, out, _ = self.cli("invites", "redeem", "example.com", token, "--json")
+        self.assertEqual(json.loads(out)["uses_left"], 0)
+        self.assertEqual(self.cli("invites", "redeem", "example.com", token), (1, "", "error: this invite is used\n"))
+        self.assertEqual(self.cli("invites", "list", "example.com")[1].count("\n"), 1)  # only the header
+        self.assertEqual(self.cli("invites", "list", "example.com", "--all")[1].count("\n"), 2)
+        token2 = self.cli("invites", "create", "example.com")[1].strip().rsplit("?", 1)[1]
+        self.assertEqual(self.cli("invites", "revoke", "example.com", token2), (0, "", ""))
+        self.assertEqual(self.cli("invites", "redeem", "example.com", token2)[2], "error: this invite is revoked\n")
+        self.assertEqual(self.cli("invites", "revoke", "other.example", token2)[0], 1)
+        self.assertEqual(self.cli("invites", "show", "example.com", "nosuchtoken")[0], 1)
+        self.assertEqual(self.cli("invites", "create", "example.com", "--uses", "zero")[0], 1)
+
+    def test_delete_keeps_the_keys_invites_unless_asked_to_revoke_them(self):
+        store = ia.Store(self.db)
+        keep, drop = (ia.create_key(store, "example.com", name) for name in ("keep", "drop"))
+        kept = ia.create_invite(store, ia.authenticate(store, keep))["token"]
+        dropped = ia.create_invite(store, ia.authenticate(store, drop))["token"]
+        self.assertEqual(self.cli("delete", "example.com", keep.split("/")[0])[0], 0)
+        self.assertEqual(self.cli("delete", "example.com", drop.split("/")[0], "--revoke-invites")[0], 0)
+        self.assertEqual(ia.invite_status(store.invite(kept)), "valid")
+        self.assertEqual(ia.invite_status(store.invite(dropped)), "revoked")
 
 
 class CliDatabaseErrorsTest(TempDirTestCase):
