@@ -56,6 +56,10 @@ DEFAULT_INVITE_TTL = 7 * 86400
 DEFAULT_PURGE_GRACE = 30 * 86400
 # Public invite checks one client address may make per minute.
 CHECKS_PER_MINUTE = 60
+# A backend program that has not answered by then is killed (Prosody answers in ~50 ms).
+DEFAULT_BACKEND_TIMEOUT = 10.0
+# Backend programs running at once; each prosodyctl is a Lua process of ~15 MB.
+DEFAULT_BACKEND_CONCURRENCY = 4
 
 # A writer waits this long for another process's lock before giving up (503).
 BUSY_TIMEOUT = 5.0
@@ -157,11 +161,21 @@ class TooManyRequests(Error):
         self.headers = (("Retry-After", str(self.retry_after)),)
 
 
-class StoreError(Error):
-    """The database cannot be opened, read or written."""
+class Unavailable(Error):
+    """Busy for now: try again shortly."""
 
     status = 503
     headers = (("Retry-After", "5"),)
+
+
+class StoreError(Unavailable):
+    """The database cannot be opened, read or written."""
+
+
+class BackendError(Error):
+    """The program that mints invites failed, timed out or answered nonsense."""
+
+    status = 502
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +285,17 @@ def parse_note(text):
     return text
 
 
+def parse_seconds(text):
+    """Return a positive number of seconds (fractions allowed); raise ValueError."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"invalid number of seconds {text!r}") from None
+    if not 0 < seconds <= 86400:
+        raise ValueError(f"invalid number of seconds {text!r}: must be more than 0 and at most a day")
+    return seconds
+
+
 def parse_bool(name, value):
     """Return True/False for true/1/yes or false/0/no; raise BadRequest otherwise."""
     lowered = value.lower()
@@ -331,6 +356,11 @@ MIGRATIONS = [
         "CREATE INDEX invites_by_expiry ON invites (expires_at)",
         "CREATE INDEX invites_by_done ON invites (done_at) WHERE done_at IS NOT NULL",
     ),
+    (  # 3: invites minted by an XMPP server (a backend) are recorded too
+        "ALTER TABLE invites ADD COLUMN backend TEXT NOT NULL DEFAULT 'builtin'",
+        # A slot held while a backend mints (uri = ''): purged if the server died meanwhile.
+        "CREATE INDEX invites_minting ON invites (created_at) WHERE uri = ''",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
@@ -338,7 +368,7 @@ _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_
 # Settable with `create` and `update`.
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
-                   "username, note, revoked_at, done_at")
+                   "username, note, revoked_at, done_at, backend")
 
 
 def default_db_path():
@@ -531,6 +561,20 @@ class Store:
                          [invite.get(c) for c in columns])
         self.write(insert)
 
+    def finish_invite(self, slot, token, uri, url):
+        """Fill in a slot that insert_invite held while a backend minted the invite."""
+        self.write(lambda conn: conn.execute("UPDATE invites SET token = ?, uri = ?, url = ? WHERE token = ?",
+                                             (token, uri, url, slot)))
+
+    def drop_invite(self, token):
+        """Delete an invite record (a slot whose backend failed), giving its quota back."""
+        def drop(conn):
+            key_id = conn.execute("SELECT key_id FROM invites WHERE token = ?", (token,)).fetchone()
+            conn.execute("DELETE FROM invites WHERE token = ?", (token,))
+            if key_id and key_id[0]:
+                conn.execute("UPDATE keys SET invites_created = invites_created - 1 WHERE id = ?", key_id)
+        self.write(drop)
+
     def invite(self, token):
         """Return the invite row with this token, or None."""
         rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,))
@@ -566,13 +610,15 @@ class Store:
             return None
         return self.write(use)
 
-    def purge_invites(self, before, batch=500):
-        """Delete up to batch invites that expired, were used up or were revoked before a time; return how many."""
+    def purge_invites(self, before, stale_slots_before, batch=500):
+        """Delete up to batch invites that expired, were used up or were revoked before a time,
+        and slots of backends that never answered; return how many."""
         def purge(conn):
             return conn.execute(
                 "DELETE FROM invites WHERE rowid IN (SELECT rowid FROM invites WHERE expires_at < ? LIMIT ?) "
-                "OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?)",
-                (before, batch, before, batch)).rowcount
+                "OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?) "
+                "OR rowid IN (SELECT rowid FROM invites WHERE uri = '' AND created_at < ? LIMIT ?)",
+                (before, batch, before, batch, stale_slots_before, batch)).rowcount
         return self.write(purge)
 
 
@@ -740,11 +786,12 @@ def authenticate(store, presented):
     return key
 
 
-def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL):
+def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=None):
     """Return checked ttl, uses, username, note from request options; raise BadRequest.
 
     options maps names to strings (query) or JSON values (body). Without a
-    key (the command line) only sanity limits apply.
+    key (the command line) only sanity limits apply. An option the backend
+    cannot honour is refused, never silently dropped.
     """
     max_ttl = key["max_ttl"] if key is not None else 100 * 365 * 86400
     max_uses = key["max_uses"] if key is not None else 1_000_000_000
@@ -769,15 +816,20 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL):
                 checked["note"] = parse_note(value) or None
             else:
                 raise ValueError(f"unknown option {name!r}")
+            if backend is not None and name != "note" and name not in backend.options:
+                raise ValueError(f"the {backend.name} backend cannot honour {name!r}")
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return checked
 
 
-def create_invite(store, key, host=None, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, note=None):
+def create_invite(store, key, host=None, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, note=None,
+                  backend=None):
     """Mint an account invite for the key's host (or host, with no key), store it durably, and return it.
 
-    Raises Forbidden (key gone, quota used up) or TooManyRequests (rate).
+    Built-in by default; with a backend, the XMPP server mints it and we
+    record it. Raises Forbidden (key gone, quota used up), TooManyRequests
+    (rate), BackendError or Unavailable (backend busy).
     """
     host = key["host"] if key is not None else host
     token = _random_id(TOKEN_BYTES)
@@ -787,8 +839,21 @@ def create_invite(store, key, host=None, ttl=DEFAULT_INVITE_TTL, uses=1, usernam
               "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
               "key_id": key["id"] if key is not None else None, "created_at": created_at,
               "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
-              "username": username, "note": note, "revoked_at": None, "done_at": None}
-    store.insert_invite(invite)
+              "username": username, "note": note, "revoked_at": None, "done_at": None,
+              "backend": "builtin" if backend is None else backend.name}
+    if backend is None:
+        store.insert_invite(invite)
+        return invite
+    # Hold a slot first (quota and rate are checked there), so a refused
+    # request never mints anything in the XMPP server; give it back on failure.
+    store.insert_invite(dict(invite, uri=""))
+    try:
+        minted = backend.mint(host, ttl=ttl, uses=uses, username=username)
+    except BaseException:
+        store.drop_invite(token)
+        raise
+    invite.update(token=minted["token"] or token, uri=minted["uri"] or "", url=minted["url"])
+    store.finish_invite(token, invite["token"], invite["uri"], invite["url"])
     return invite
 
 
@@ -822,9 +887,9 @@ def get_invite(store, token, host=None, key_id=None):
 
 
 def find_invite(store, token):
-    """Return a valid invite by token; raise NotFound if unknown, used, revoked or expired."""
+    """Return a valid built-in invite by token; raise NotFound if unknown, used, revoked or expired."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite_status(invite) != "valid":
+    if invite is None or invite["backend"] != "builtin" or invite_status(invite) != "valid":
         raise NotFound("this invite does not exist, has been used or has expired")
     return invite
 
@@ -836,13 +901,16 @@ def list_invites(store, host, key_id=None, include_all=False):
 
 def revoke_invite(store, token, host=None, key_id=None):
     """Revoke an invite at once; raise NotFound if it is not the host's or key's."""
-    get_invite(store, token, host, key_id)
+    if get_invite(store, token, host, key_id)["backend"] != "builtin":
+        raise BadRequest("this invite was minted by the XMPP server: revoke it there")
     store.revoke_invite(token, now())
 
 
 def redeem_invite(store, token, host, username=None):
     """Use an invite once and return it; raise NotFound, Conflict (other username) or Gone."""
     invite = get_invite(store, token, host)
+    if invite["backend"] != "builtin":
+        raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
     if username is not None and invite["username"] and parse_username(username) != invite["username"]:
         raise Conflict("this invite is for another username")
     used = store.use_invite(token, now())
@@ -854,7 +922,7 @@ def redeem_invite(store, token, host, username=None):
 def check_invite(store, token):
     """Return the public facts about an invite: {valid, host, expires_at, username}; nothing secret."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite_status(invite) != "valid":
+    if invite is None or invite["backend"] != "builtin" or invite_status(invite) != "valid":
         return {"valid": False, "host": None, "expires_at": None, "username": None}
     return {"valid": True, "host": invite["host"], "expires_at": iso(invite["expires_at"]),
             "username": invite["username"]}
@@ -864,10 +932,183 @@ def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
     """Delete invites that stopped being valid more than grace seconds ago; return how many."""
     total = 0
     while True:
-        deleted = store.purge_invites(now() - grace)
+        deleted = store.purge_invites(now() - grace, now() - 3600)
         total += deleted
         if not deleted:
             return total
+
+
+# ---------------------------------------------------------------------------
+# Backends: an XMPP server mints the invite, through its own command line
+# ---------------------------------------------------------------------------
+
+_URL_RE = re.compile(r"https?://\S+")
+_URI_RE = re.compile(r"xmpp:\S+")
+_PREAUTH_RE = re.compile(r"preauth=([A-Za-z0-9_-]+)")
+_SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{16,}")
+
+
+def redact(text):
+    """Return text with anything token-like (16+ URL-safe characters) replaced."""
+    return _SECRET_LOOKING_RE.sub("[redacted]", text)
+
+
+class Backend:
+    """Mints invites by running a program with an argv (never a shell) and reading its output.
+
+    The `command` backend: each argv element may hold {host}, {ttl} (seconds),
+    {uses} and {username}; the options whose placeholder appears are the
+    ones it honours. The invite is the last http(s) URL the program printed,
+    else the last xmpp: URI.
+    """
+
+    name = "command"
+
+    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
+                 log=None):
+        self.template = list(argv)
+        self.options = frozenset(o for o in ("ttl", "uses", "username") if any(f"{{{o}}}" in a for a in argv))
+        self.timeout = timeout
+        self.log = log  # a text stream for failures, or None
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    def argv(self, host, ttl, uses, username):
+        """Return the program's argv for one invite; host must already be a valid domain."""
+        values = {"{host}": host, "{ttl}": str(ttl), "{uses}": str(uses), "{username}": username or ""}
+        argv = []
+        for element in self.template:
+            for placeholder, value in values.items():
+                element = element.replace(placeholder, value)
+            argv.append(element)
+        return argv
+
+    def parse(self, output):
+        """Return (uri, url) from the program's output; either may be None."""
+        urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
+        return (uris[-1] if uris else None), (urls[-1] if urls else None)
+
+    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None):
+        """Run the program once; return {"token", "uri", "url"}; raise BadRequest, BackendError or Unavailable."""
+        try:
+            valid = parse_host(host) == host
+        except ValueError:
+            valid = False
+        if not valid:  # it reaches the program only as a checked domain name, one argv element
+            raise BadRequest(f"invalid host {host!r}")
+        uri, url = self.parse(self.run(self.argv(host, ttl, uses, username)))
+        if not uri and not url:
+            self.fail("printed no invite URL or xmpp: URI")
+        token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
+        token = token.group(1) if token else None
+        if uri is None and token:  # what an account invite's URI is, by XEP-0401
+            uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
+        return {"token": token, "uri": uri, "url": url}
+
+    def run(self, argv):
+        """Run argv with the timeout and concurrency limits; return its stdout or raise."""
+        import subprocess
+        if not self._slots.acquire(timeout=self.timeout):
+            raise Unavailable(f"all {self.name} backend slots are busy; try again")
+        try:
+            try:  # a new session, so that a timeout kills the program's children too
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+            except OSError as e:
+                self.fail(f"cannot run {argv[0]!r}: {e.strerror}")
+            try:
+                stdout, stderr = proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                import signal
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended just now
+                    pass
+                stdout, stderr = proc.communicate()
+                self.fail(f"timed out after {self.timeout:g} s", stderr)
+        finally:
+            self._slots.release()
+        if proc.returncode != 0:
+            self.fail(f"exited with status {proc.returncode}", stderr + stdout)
+        return stdout.decode("utf-8", "replace")
+
+    def fail(self, reason, output=b""):
+        """Log the failure with the program's output (redacted) and raise BackendError."""
+        if self.log is not None:
+            detail = redact(output.decode("utf-8", "replace")).strip().replace("\n", " | ")[:1000]
+            self.log.write(f"{iso(now())} {self.name} backend {reason}: {detail or '(no output)'}\n")
+            self.log.flush()
+        raise BackendError(f"the {self.name} backend {reason}")
+
+    def check(self):
+        """Return a warning if the backend cannot work as configured, else None."""
+        import shutil
+        program = self.template[0] if self.template else ""
+        if not shutil.which(program):
+            return f"{self.name} backend: {program!r} is not an executable program (or not on PATH)"
+        return None
+
+
+class ProsodyBackend(Backend):
+    """Prosody 0.12+ with mod_admin_shell and mod_invites: `prosodyctl shell invite create_account HOST`."""
+
+    name = "prosody"
+
+    def __init__(self, prosodyctl="prosodyctl", config=None, **kwargs):
+        self.prefix = [prosodyctl] + (["--config", config] if config else [])
+        super().__init__(self.prefix + ["shell", "invite", "create_account", "{username}@{host}"], **kwargs)
+        self.options = frozenset({"username"})
+
+    def argv(self, host, ttl, uses, username):
+        return self.prefix + ["shell", "invite", "create_account", f"{username}@{host}" if username else host]
+
+    def parse(self, output):
+        answers = [line[4:].strip() for line in output.splitlines() if line.startswith("OK: ")]
+        if not answers:
+            return None, None
+        return (answers[-1], None) if answers[-1].startswith("xmpp:") else (None, answers[-1])
+
+    def check(self):
+        warning = super().check()
+        if warning:
+            return warning
+        try:
+            self.run(self.prefix + ["shell", "server", "version"])
+        except Error as e:
+            return f"prosody backend: cannot reach Prosody's admin shell ({e}); is Prosody running " \
+                   "with mod_admin_shell, and may this user open its admin socket?"
+        return None
+
+
+class EjabberdBackend(Backend):
+    """ejabberd 26.01+ with mod_invites: `ejabberdctl generate_invite HOST`."""
+
+    name = "ejabberd"
+
+    def __init__(self, ejabberdctl="ejabberdctl", **kwargs):
+        super().__init__([ejabberdctl, "generate_invite", "{host}"], **kwargs)
+
+
+def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberdctl="ejabberdctl",
+                 command=None, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
+                 log=None):
+    """Return the Backend called name, or None for the built-in store; raise Error if misconfigured."""
+    limits = {"timeout": timeout, "concurrency": concurrency, "log": log}
+    if name == "builtin":
+        return None
+    if name == "prosody":
+        return ProsodyBackend(prosodyctl, prosody_config, **limits)
+    if name == "ejabberd":
+        return EjabberdBackend(ejabberdctl, **limits)
+    if name == "command":
+        import shlex
+        try:
+            argv = shlex.split(command or "")
+        except ValueError as e:
+            raise Error(f"--backend-command {command!r}: {e}") from None
+        if not argv:
+            raise Error("the command backend needs --backend-command 'PROGRAM ARGS... {host}'")
+        return Backend(argv, **limits)
+    raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
 
 
 # ---------------------------------------------------------------------------
@@ -979,8 +1220,10 @@ class App:
     """What the request handler needs: the store and the serve options."""
 
     def __init__(self, store, public_url=None, invite_url_template=None,
-                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE):
+                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
+                 backend=None):
         self.store = store
+        self.backend = backend  # None: the built-in store mints invites
         self.public_url = public_url.rstrip("/") if public_url else None
         self.invite_url_template = invite_url_template
         self.invite_ttl = invite_ttl
@@ -1081,7 +1324,8 @@ def _make_handler_class():
                 params[name] = str(value).lower() if isinstance(value, bool) else value
             redirect = parse_bool("redirect", str(params.pop("redirect", "")))
             key = self.authenticate(params.pop("key", ""))
-            invite = create_invite(app.store, key, **invite_options(params, key, app.invite_ttl))
+            options = invite_options(params, key, app.invite_ttl, app.backend)
+            invite = create_invite(app.store, key, backend=app.backend, **options)
             url = self.invite_url(invite)
             status = 303 if redirect else 201
             if self.wants_json():
@@ -1505,11 +1749,18 @@ def _print_json(data):
     print(json.dumps(data, indent=2))
 
 
+def _backend(args, log=None):
+    """Return the backend the command line asks for (None: built-in)."""
+    return make_backend(args.backend, args.prosodyctl, args.prosody_config, args.ejabberdctl,
+                        args.backend_command, args.backend_timeout, args.backend_concurrency, log)
+
+
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
+    backend = _backend(args, log=sys.stderr)
     options = invite_options({"ttl": args.ttl, "uses": args.uses, "username": args.username,
-                              "note": args.note}, default_ttl=DEFAULT_INVITE_TTL)
-    invite = create_invite(open_store(args), None, host=args.host, **options)
+                              "note": args.note}, default_ttl=DEFAULT_INVITE_TTL, backend=backend)
+    invite = create_invite(open_store(args), None, host=args.host, backend=backend, **options)
     url = _cli_url(args, invite)
     _print_json(invite_info(invite, url)) if args.json else print(url)
 
@@ -1555,9 +1806,15 @@ def cmd_serve(args):
     for template, option in ((args.public_url, "--public-url"), (args.invite_url, "--invite-url")):
         if template and not re.match(r"https?://[^/?#\s]+", template.replace("{host}", "h")):
             raise Error(f"{option} {template!r} must start with http:// or https:// and a host name")
+    log = None if args.quiet else sys.stderr
+    backend = _backend(args, log=sys.stderr)
+    if backend is not None:
+        warning = backend.check()
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     store = open_store(args)
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
-              invite_ttl=args.invite_ttl, log=None if args.quiet else sys.stderr)
+              invite_ttl=args.invite_ttl, log=log, backend=backend)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout)
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
@@ -1612,6 +1869,21 @@ def build_parser():
         sub.add_argument("host", type=_arg(parse_host), metavar="HOST",
                          help="the XMPP domain, e.g. example.com")
 
+    def backend_args(sub):
+        sub.add_argument("--backend", choices=("builtin", "prosody", "ejabberd", "command"), default="builtin",
+                         help="who mints invites: this tool's own store (default), Prosody, ejabberd or a program")
+        sub.add_argument("--prosodyctl", default="prosodyctl", metavar="PATH", help="prosody backend: prosodyctl")
+        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's config file")
+        sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH", help="ejabberd backend: ejabberdctl")
+        sub.add_argument("--backend-command", metavar="TEMPLATE",
+                         help="command backend: program and arguments, split like a shell would but never run "
+                              "by one; {host}, {ttl}, {uses}, {username} are filled in")
+        sub.add_argument("--backend-timeout", type=_arg(parse_seconds), default=DEFAULT_BACKEND_TIMEOUT,
+                         metavar="SECONDS", help=f"kill a backend program after this (default "
+                                                 f"{DEFAULT_BACKEND_TIMEOUT:g})")
+        sub.add_argument("--backend-concurrency", type=_arg(parse_count), default=DEFAULT_BACKEND_CONCURRENCY,
+                         metavar="N", help=f"backend programs run at once (default {DEFAULT_BACKEND_CONCURRENCY})")
+
     def policy_args(sub, clear):
         none = " ('never' removes it)" if clear else ""
         sub.add_argument("--expires", type=_arg(parse_expiry, clear and "never"), metavar="WHEN",
@@ -1647,6 +1919,7 @@ def build_parser():
     sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"drop idle or stalled connections after this (default {DEFAULT_TIMEOUT:g})")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
+    backend_args(sub)
 
     sub = command(commands, "create", cmd_create, "make an API key and print it (KEY_ID/SECRET)")
     host_arg(sub)
@@ -1688,6 +1961,7 @@ def build_parser():
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
+    backend_args(sub)
 
     sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",
                   "invites list")

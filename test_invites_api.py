@@ -844,6 +844,306 @@ class PurgeTest(TempDirTestCase):
         self.assertEqual(store.key(key["id"])["invites_created"], 5)  # quotas still count them
 
 
+# ---------------------------------------------------------------------------
+# Backends: programs that mint invites in an XMPP server
+# ---------------------------------------------------------------------------
+
+def write_program(directory, name, body):
+    """Write an executable shell script and return its path."""
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + body)
+    os.chmod(path, 0o755)
+    return path
+
+
+class BackendServerTest(ServerProcessMixin, TempDirTestCase):
+    """Our server as a process, minting through stand-in programs."""
+
+    def setUp(self):
+        super().setUp()
+        self.runs = os.path.join(self.dir, "runs")
+        # Prints what `ejabberdctl generate_invite HOST` prints: the URI, then the landing page.
+        self.ejabberdctl = write_program(self.dir, "ejabberdctl", (
+            f'echo run >> {self.runs}\n'
+            '[ "$1" = generate_invite ] || exit 3\n'
+            'token=$(head -c 18 /dev/urandom | base64 | tr "+/" "-_")\n'
+            'echo "xmpp:$2?register;preauth=$token"\n'
+            'echo "https://$2/invites/$token"\n'))
+
+    def get(self, port, path, headers=None, method="GET"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response.status, response, body
+
+    def key(self, **policy):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, "example.com", **policy)
+        store.close()
+        return key
+
+    def run_count(self):
+        if not os.path.exists(self.runs):
+            return 0
+        with open(self.runs) as f:
+            return len(f.readlines())
+
+    def test_ejabberd_stand_in_mints_and_every_invite_is_recorded(self):
+        key = self.key()
+        proc, port = self.start("--backend", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        status, response, body = self.get(port, f"/invites_api?key={key}", {"Accept": "application/json"})
+        self.assertEqual(status, 201, body)
+        data = json.loads(body)
+        self.assertRegex(response.getheader("Location"), r"^https://example\.com/invites/[A-Za-z0-9_-]{24}$")
+        self.assertEqual(data["uri"], f"xmpp:example.com?register;preauth={data['token']}")
+        invite = ia.Store(self.db).invite(data["token"])
+        self.assertEqual((invite["host"], invite["key_id"], invite["backend"], invite["url"]),
+                         ("example.com", key.split("/")[0], "ejabberd", response.getheader("Location")))
+        listed = json.loads(run_main("--db", self.db, "list", "example.com", "--json")[1])
+        self.assertEqual(listed[0]["invites_created"], 1)
+        # Options the backend cannot honour are refused, not dropped.
+        status, _, body = self.get(port, f"/invites_api?key={key}&ttl=1d")
+        self.assertEqual((status, body), (400, b"the ejabberd backend cannot honour 'ttl'\n"))
+        status, _, body = self.get(port, f"/invites_api?key={key}&note=fine")
+        self.assertEqual(status, 201)
+        self.assertEqual(self.run_count(), 2)
+
+    def test_quota_and_rate_are_checked_before_the_program_runs(self):
+        key = self.key(max_invites=1)
+        proc, port = self.start("--backend", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        self.assertEqual(self.get(port, f"/invites_api?key={key}")[0], 201)
+        self.assertEqual(self.get(port, f"/invites_api?key={key}")[0], 403)
+        self.assertEqual(self.run_count(), 1)
+
+    def test_backend_failures_are_502_logged_redacted_and_leave_no_record(self):
+        key = self.key()
+        secretish = "SuperSecretToken1234567890"
+        programs = {
+            "exit 1": write_program(self.dir, "fails", f"echo 'Error: it broke, {secretish}' >&2\nexit 1\n"),
+            "no URL": write_program(self.dir, "silent", "echo 'all good, honest'\n"),
+            "missing": os.path.join(self.dir, "does-not-exist"),
+        }
+        for case, program in programs.items():
+            proc, port = self.start("--backend", "command", "--backend-command", f"{program} {{host}}")
+            status, _, body = self.get(port, f"/invites_api?key={key}")
+            self.assertEqual(status, 502, case)
+            self.assertLess(len(body), 120, case)
+            proc.terminate()
+            proc.wait(10)
+            log = proc.stderr.read()
+            self.assertIn("command backend", log, case)
+            self.assertNotIn(secretish, log)
+        self.assertIn("warning: command backend", log)  # `serve` warned about the missing program at start
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            self.assertEqual(conn.execute("SELECT count(*) FROM invites").fetchone()[0], 0)
+            self.assertEqual(conn.execute("SELECT invites_created FROM keys").fetchone()[0], 0)
+
+    def test_a_stuck_program_and_its_children_are_killed_at_the_timeout(self):
+        key = self.key()
+        stuck = write_program(self.dir, "stuck", "sleep 30 &\nsleep 30\n")
+        proc, port = self.start("--backend", "command", "--backend-command", f"{stuck} {{host}}",
+                                "--backend-timeout", "0.5")
+        started = time.monotonic()
+        status, _, body = self.get(port, f"/invites_api?key={key}")
+        self.assertEqual(status, 502)
+        self.assertIn(b"timed out", body)
+        self.assertLess(time.monotonic() - started, 10)  # not the 30 s the program wanted
+        self.assertEqual(ia.Store(self.db).read("SELECT count(*) FROM invites")[0][0], 0)
+
+    def test_excess_requests_wait_for_a_slot_then_get_503_with_retry_after(self):
+        key = self.key()
+        slow = write_program(self.dir, "slow", 'sleep 0.6\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
+        proc, port = self.start("--backend", "command", "--backend-command", f"{slow} {{host}}",
+                                "--backend-concurrency", "1", "--backend-timeout", "1")
+        results = []
+
+        def create(delay):
+            time.sleep(delay)
+            status, response, _ = self.get(port, f"/invites_api?key={key}")
+            results.append((status, response.getheader("Retry-After")))
+        threads = [threading.Thread(target=create, args=(d,)) for d in (0, 0.1, 0.2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        statuses = sorted(s for s, _ in results)
+        self.assertEqual(statuses, [201, 201, 503])
+        self.assertIsNotNone([r for s, r in results if s == 503][0])
+
+    def test_a_host_with_shell_syntax_is_refused_before_anything_runs(self):
+        pwned = os.path.join(self.dir, "pwned")
+        code, out, err = run_main("--db", self.db, "invites", "create", f"example.com;touch {pwned}",
+                                  "--backend", "command", "--backend-command", "touch {host}")
+        self.assertEqual(code, 2)
+        self.assertIn("invalid host", err)
+        backend = ia.Backend(["sh", "-c", "touch {host}"])
+        with self.assertRaises(ia.BadRequest):
+            backend.mint(f"example.com;touch {pwned}")
+        self.assertFalse(os.path.exists(pwned))
+        # A valid host is one argv element: no shell ever sees it.
+        recorder = write_program(self.dir, "argv", 'printf "%s\\n" "$#" "$@" > ' + os.path.join(self.dir, "argv.txt")
+                                 + '\necho "xmpp:$1?register;preauth=abcdefghijklmnopqrstuvwx"\n')
+        code, out, err = run_main("--db", self.db, "invites", "create", "example.com", "--backend", "command",
+                                  "--backend-command", f"{recorder} {{host}}")
+        self.assertEqual(code, 0, err)
+        with open(os.path.join(self.dir, "argv.txt")) as f:
+            self.assertEqual(f.read(), "1\nexample.com\n")
+
+    def test_the_cli_mints_through_a_backend_too(self):
+        code, out, err = run_main("--db", self.db, "invites", "create", "example.com", "--backend", "ejabberd",
+                                  "--ejabberdctl", self.ejabberdctl)
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"^https://example\.com/invites/[A-Za-z0-9_-]{24}\n$")
+        code, out, err = run_main("--db", self.db, "invites", "create", "example.com", "--backend", "command",
+                                  "--backend-command", f"{self.ejabberdctl} generate_invite {{host}} {{username}}",
+                                  "--username", "dave")
+        self.assertEqual(code, 0, err)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ProsodyTest(ServerProcessMixin, TempDirTestCase):
+    """Against Debian's real Prosody: every invite we return must be one Prosody accepts."""
+
+    HOST = "example.test"
+
+    def setUp(self):
+        super().setUp()
+        self.prosody = require_program("prosody")
+        self.prosodyctl = require_program("prosodyctl")
+        home = os.path.join(self.dir, "prosody")
+        os.makedirs(os.path.join(home, "data"))
+        os.makedirs(os.path.join(home, "certs"))
+        self.http_port = free_port()
+        self.config = os.path.join(home, "prosody.cfg.lua")
+        with open(self.config, "w") as f:
+            f.write(f"""
+pidfile = "{home}/prosody.pid"
+data_path = "{home}/data"
+certificates = "{home}/certs"
+admin_socket = "{home}/prosody.sock"
+daemonize = false
+log = {{ info = "{home}/prosody.log" }}
+modules_enabled = {{ "admin_shell", "http", "invites", "invites_page", "register_apps" }}
+c2s_ports = {{}}
+s2s_ports = {{}}
+component_ports = {{}}
+http_ports = {{ {self.http_port} }}
+http_interfaces = {{ "127.0.0.1" }}
+https_ports = {{}}
+http_default_host = "{self.HOST}"
+http_external_url = "http://127.0.0.1:{self.http_port}/"
+VirtualHost "{self.HOST}"
+""")
+        command = [self.prosody, "--config", self.config]
+        if os.geteuid() == 0:  # Prosody refuses to run as root: use its own user
+            import shutil
+            os.chmod(self.dir, 0o755)
+            for root, dirs, files in os.walk(home):
+                for name in [root] + [os.path.join(root, n) for n in dirs + files]:
+                    shutil.chown(name, "prosody", "prosody")
+            command = ["runuser", "-u", "prosody", "--"] + command
+        self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(self.stop_prosody)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(home, "prosody.sock")):
+            if time.monotonic() > deadline or self.server.poll() is not None:
+                self.fail("Prosody did not start")
+            time.sleep(0.1)
+
+    def stop_prosody(self):
+        self.server.terminate()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+
+    def prosody_page(self, url):
+        """Return Prosody's own invite page for an URL on its HTTP port."""
+        path = url.split(f"127.0.0.1:{self.http_port}", 1)[1]
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        page = response.read().decode()
+        conn.close()
+        return response, page
+
+    def assert_valid_at_prosody(self, url, username=None):
+        self.assertRegex(url, rf"^http://127\.0\.0\.1:{self.http_port}/invites_page\?[A-Za-z0-9_-]{{24}}$")
+        response, page = self.prosody_page(url)
+        self.assertEqual(response.status, 200)
+        self.assertNotIn("Invite expired", page)
+        token = url.rsplit("?", 1)[1]
+        jid = f"{username}@{self.HOST}" if username else self.HOST
+        self.assertEqual(response.getheader("Link"), f'<xmpp:{jid}?register;preauth={token}>; rel="alternate"')
+
+    def test_invites_minted_through_our_api_are_valid_in_prosody(self):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST, "prosody")
+        store.close()
+        proc, port = self.start("--backend", "prosody", "--prosodyctl", self.prosodyctl,
+                                "--prosody-config", self.config)
+
+        def create(_):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", f"/invites_api?key={key}")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            return response.status, response.getheader("Location")
+        status, url = create(0)
+        self.assertEqual(status, 201)
+        self.assert_valid_at_prosody(url)
+        # A token we did not mint gets Prosody's expired page.
+        _, page = self.prosody_page(url.rsplit("?", 1)[0] + "?" + "A" * 24)
+        self.assertIn("Invite expired", page)
+        # 20 concurrent requests: 20 distinct invites, each valid in Prosody.
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(create, range(20)))
+        self.assertEqual([s for s, _ in results], [201] * 20)
+        urls = {u for _, u in results}
+        self.assertEqual(len(urls), 20)
+        for url in urls:
+            self.assert_valid_at_prosody(url)
+        recorded = ia.Store(self.db).read("SELECT count(*) FROM invites WHERE backend = 'prosody'")[0][0]
+        self.assertEqual(recorded, 21)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn("warning", proc.stderr.read())
+
+    def test_a_username_bound_invite_and_a_host_prosody_does_not_serve(self):
+        store = ia.Store(self.db)
+        ia.create_key(store, self.HOST)
+        backend = ia.ProsodyBackend(self.prosodyctl, self.config)
+        self.assertIsNone(backend.check())
+        invite = ia.create_invite(store, None, host=self.HOST, username="erin", backend=backend)
+        self.assert_valid_at_prosody(invite["url"], username="erin")
+        self.assertEqual(invite["uri"], f"xmpp:erin@{self.HOST}?register;preauth={invite['token']}")
+        with self.assertRaises(ia.BackendError):
+            ia.create_invite(store, None, host="other.test", backend=backend)
+        self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 1)
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--backend", "prosody",
+                                  "--prosodyctl", self.prosodyctl, "--prosody-config", self.config)
+        self.assertEqual(code, 0, err)
+        self.assert_valid_at_prosody(out.strip())
+
+    def test_serve_warns_when_prosody_cannot_be_reached(self):
+        self.stop_prosody()
+        proc, port = self.start("--backend", "prosody", "--prosodyctl", self.prosodyctl,
+                                "--prosody-config", self.config)
+        proc.terminate()
+        proc.wait(10)
+        self.assertIn("warning: prosody backend: cannot reach Prosody's admin shell", proc.stderr.read())
+
+
 class DurabilityTest(TempDirTestCase):
 
     def test_every_connection_commits_with_wal_and_full_sync(self):
