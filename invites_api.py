@@ -65,6 +65,9 @@ DEFAULT_BACKEND_CONCURRENCY = 4
 BUSY_TIMEOUT = 5.0
 # Longest request line we read; longer ones get 414 (Prosody allows 8 KiB too).
 MAX_REQUEST_LINE = 8192
+# Longest header line and most header lines we read; more get 431.
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 64
 # Largest request body we accept; an invite request needs a few hundred bytes.
 MAX_BODY = 8192
 # Seconds a connection may sit idle or stall mid-request before we drop it.
@@ -369,6 +372,8 @@ _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
                    "username, note, revoked_at, done_at, backend")
+_INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
+_INSERT_INVITE = f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})"
 
 
 def default_db_path():
@@ -501,8 +506,10 @@ class Store:
         sql = f"INSERT INTO keys ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         self.write(lambda conn: conn.execute(sql, [key[c] for c in columns]))
 
-    def key(self, key_id):
-        """Return the key row with this id, or None."""
+    def key(self, key_id, conn=None):
+        """Return the key row with this id, or None; within a write transaction if conn is given."""
+        if conn is not None:
+            return conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         rows = self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
         return rows[0] if rows else None
 
@@ -530,36 +537,27 @@ class Store:
 
     # -- invites --------------------------------------------------------------
 
-    def insert_invite(self, invite):
-        """Store a new invite and count it on its key, within the key's quota and rate.
+    def insert_invite(self, conn, invite, key=None):
+        """Within a write transaction: store a new invite and count it on its key,
+        within the key's quota and rate; raise Forbidden or TooManyRequests.
 
-        The key is read again inside the write transaction, so a deleted key,
-        a used-up quota or a full rate window is seen even when several
-        servers share the database. Raises Forbidden or TooManyRequests.
+        The caller read the key in the same transaction, so the quota and rate
+        hold even when several servers share the database.
         """
-        def insert(conn):
-            key_id = invite["key_id"]
-            if key_id is not None:
-                key = conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
-                if key is None:  # deleted between authentication and now
-                    raise Forbidden("invalid API key")
-                if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
-                    raise Forbidden("invite quota used up")
-                if key["rate_count"] is not None:
-                    since = invite["created_at"] - key["rate_period"]
-                    count, oldest = conn.execute(
-                        "SELECT count(*), min(created_at) FROM invites WHERE key_id = ? AND created_at > ?",
-                        (key_id, since)).fetchone()
-                    if count >= key["rate_count"]:
-                        raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
-                                              f"{key['rate_period']} s reached",
-                                              oldest + key["rate_period"] - invite["created_at"])
-                conn.execute("UPDATE keys SET last_used_at = ?, invites_created = invites_created + 1 "
-                             "WHERE id = ?", (invite["created_at"], key_id))
-            columns = _INVITE_COLUMNS.split(", ")
-            conn.execute(f"INSERT INTO invites ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                         [invite.get(c) for c in columns])
-        self.write(insert)
+        if key is not None:
+            if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
+                raise Forbidden("invite quota used up")
+            if key["rate_count"] is not None:
+                count, oldest = conn.execute(
+                    "SELECT count(*), min(created_at) FROM invites WHERE key_id = ? AND created_at > ?",
+                    (key["id"], invite["created_at"] - key["rate_period"])).fetchone()
+                if count >= key["rate_count"]:
+                    raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
+                                          f"{key['rate_period']} s reached",
+                                          oldest + key["rate_period"] - invite["created_at"])
+            conn.execute("UPDATE keys SET last_used_at = ?, invites_created = invites_created + 1 WHERE id = ?",
+                         (invite["created_at"], key["id"]))
+        conn.execute(_INSERT_INVITE, [invite[c] for c in _INVITE_COLUMN_NAMES])
 
     def finish_invite(self, slot, token, uri, url):
         """Fill in a slot that insert_invite held while a backend minted the invite."""
@@ -623,13 +621,14 @@ class Store:
 
 
 class _Pending:
-    """One write waiting for its group commit."""
+    """One write waiting for its group commit: `done` is held until the commit returned."""
 
     __slots__ = ("fn", "done", "result", "error")
 
     def __init__(self, fn):
         self.fn = fn
-        self.done = threading.Event()
+        self.done = threading.Lock()  # cheaper than an Event; released once, by the committer
+        self.done.acquire()
         self.result = self.error = None
 
 
@@ -652,7 +651,7 @@ class GroupCommitter:
         """Queue fn(conn), wait until it is committed, and return its result."""
         pending = _Pending(fn)
         self.queue.put(pending)
-        pending.done.wait()
+        pending.done.acquire()
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -677,25 +676,29 @@ class GroupCommitter:
                     except StoreError as e:
                         for pending in batch:
                             pending.error = e
-                            pending.done.set()
+                            pending.done.release()
                         continue
                 self._commit(conn, batch)
             if stopping:
                 return
 
     def _commit(self, conn, batch):
+        alone = len(batch) == 1  # then the transaction itself is the savepoint
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for pending in batch:
-                    conn.execute("SAVEPOINT op")
+                    if not alone:
+                        conn.execute("SAVEPOINT op")
                     try:
                         pending.result = pending.fn(conn)
                     except Exception as e:
-                        conn.execute("ROLLBACK TO op")
+                        conn.execute("ROLLBACK" if alone else "ROLLBACK TO op")
                         pending.error = e
-                    conn.execute("RELEASE op")
-                conn.execute("COMMIT")
+                    if not alone:
+                        conn.execute("RELEASE op")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -705,7 +708,7 @@ class GroupCommitter:
             for pending in batch:
                 pending.error = pending.error or error
         for pending in batch:
-            pending.done.set()
+            pending.done.release()
 
 
 # ---------------------------------------------------------------------------
@@ -769,14 +772,17 @@ def delete_key(store, host, key_id, revoke_invites=False):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
-def authenticate(store, presented):
-    """Return the key row for a presented "KEY_ID/SECRET"; raise Unauthorized or Forbidden."""
+def authenticate(store, presented, conn=None):
+    """Return the key row for a presented "KEY_ID/SECRET"; raise Unauthorized or Forbidden.
+
+    With conn, the key is read inside that write transaction.
+    """
     if not presented:
         raise Unauthorized("an API key is required (?key= or Authorization: Bearer)")
     key_id, slash, secret = presented.partition("/")
     if not slash or not secret or not KEY_ID_RE.match(key_id):
         raise Forbidden("malformed API key")
-    key = store.key(key_id)
+    key = store.key(key_id, conn)
     expected = key["secret_hash"] if key is not None else _NO_SUCH_KEY_HASH
     # Constant-time: the comparison does not reveal how much of a guess matched.
     if not hmac.compare_digest(hash_secret(secret), expected) or key is None:
@@ -823,38 +829,53 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
     return checked
 
 
-def create_invite(store, key, host=None, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, note=None,
+def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
                   backend=None):
-    """Mint an account invite for the key's host (or host, with no key), store it durably, and return it.
+    """Mint an account invite, store it durably, and return it (a dict).
 
-    Built-in by default; with a backend, the XMPP server mints it and we
-    record it. Raises Forbidden (key gone, quota used up), TooManyRequests
-    (rate), BackendError or Unavailable (backend busy).
+    credentials: the "KEY_ID/SECRET" a request presented; it is checked in
+    the same write transaction that stores the invite, so a deleted or
+    expired key, a used-up quota or a full rate window is always seen.
+    None (the command line): for host, with no key limits. options: raw
+    ttl, uses, username, note values (see invite_options). Built-in by
+    default; with a backend, the XMPP server mints it and we record it.
+    Raises Unauthorized, Forbidden, BadRequest, TooManyRequests,
+    BackendError or Unavailable.
     """
-    host = key["host"] if key is not None else host
+    def insert(conn):
+        key = authenticate(store, credentials, conn) if credentials is not None else None
+        checked = invite_options(options or {}, key, default_ttl, backend)
+        invite = _new_invite(key["host"] if key is not None else host, key, backend=backend, **checked)
+        if backend is not None:
+            invite["uri"] = ""  # a slot held while the backend mints: quota and rate are checked first
+        store.insert_invite(conn, invite, key)
+        return invite
+
+    invite = store.write(insert)
+    if backend is None:
+        return invite
+    try:
+        minted = backend.mint(invite["host"], ttl=invite["expires_at"] - invite["created_at"],
+                              uses=invite["uses"], username=invite["username"])
+    except BaseException:
+        store.drop_invite(invite["token"])  # give the slot and its quota back
+        raise
+    slot = invite["token"]
+    invite.update(token=minted["token"] or slot, uri=minted["uri"] or "", url=minted["url"])
+    store.finish_invite(slot, invite["token"], invite["uri"], invite["url"])
+    return invite
+
+
+def _new_invite(host, key, ttl, uses, username, note, backend=None):
     token = _random_id(TOKEN_BYTES)
     created_at = now()
     jid = f"{username}@{host}" if username else host
-    invite = {"token": token, "host": host, "type": "register",
-              "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
-              "key_id": key["id"] if key is not None else None, "created_at": created_at,
-              "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
-              "username": username, "note": note, "revoked_at": None, "done_at": None,
-              "backend": "builtin" if backend is None else backend.name}
-    if backend is None:
-        store.insert_invite(invite)
-        return invite
-    # Hold a slot first (quota and rate are checked there), so a refused
-    # request never mints anything in the XMPP server; give it back on failure.
-    store.insert_invite(dict(invite, uri=""))
-    try:
-        minted = backend.mint(host, ttl=ttl, uses=uses, username=username)
-    except BaseException:
-        store.drop_invite(token)
-        raise
-    invite.update(token=minted["token"] or token, uri=minted["uri"] or "", url=minted["url"])
-    store.finish_invite(token, invite["token"], invite["uri"], invite["url"])
-    return invite
+    return {"token": token, "host": host, "type": "register",
+            "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
+            "key_id": key["id"] if key is not None else None, "created_at": created_at,
+            "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
+            "username": username, "note": note, "revoked_at": None, "done_at": None,
+            "backend": "builtin" if backend is None else backend.name}
 
 
 def invite_status(invite, at=None):
@@ -1196,6 +1217,32 @@ _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 
 
+_date_cache = (0, "")
+
+
+def http_date():
+    """Return the current time as an HTTP date, formatted once a second (it is on every response)."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)))
+    return _date_cache[1]
+
+
+class Headers(dict):
+    """A request's headers by lower-case name; a repeated header keeps every value."""
+
+    def add(self, name, value):
+        self.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = dict.get(self, name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name):
+        return dict.get(self, name.lower(), [])
+
+
 class RateLimiter:
     """Counts events per client address in one-minute windows, in memory."""
 
@@ -1271,8 +1318,6 @@ def _make_handler_class():
                     self.close_connection = True
                     self.respond(414, "request line too long\n")
                 elif self.parse_request():  # on failure it answered through send_error
-                    if self.headers.defects:  # a header line without a colon, say
-                        return self.send_error(400)
                     if self.server.stopping:
                         self.close_connection = True
                     self.dispatch()
@@ -1280,6 +1325,41 @@ def _make_handler_class():
                 self.close_connection = True
             finally:
                 self.server.request_finished()
+
+        def parse_request(self):
+            """Read the request line's parts and the headers; answer 400/431 and return False if bad.
+
+            Our own, stricter and faster than http.server's (which goes through the email package).
+            """
+            words = self.raw_requestline.decode("latin-1").rstrip("\r\n").split(" ")
+            self.requestline = " ".join(words)
+            if len(words) != 3 or not words[1].startswith("/"):
+                self.send_error(400)
+                return False
+            self.command, self.path, self.request_version = words
+            if self.request_version not in ("HTTP/1.1", "HTTP/1.0"):
+                self.request_version = "HTTP/1.1"
+                self.send_error(400)  # not 505: client input never causes a 5xx
+                return False
+            headers = self.headers = Headers()
+            while True:
+                line = self.rfile.readline(MAX_HEADER_LINE + 1)
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not line.endswith(b"\n") or len(headers) >= MAX_HEADERS:
+                    self.send_error(431 if line else 400)  # too long, too many, or cut short
+                    return False
+                name, colon, value = line.decode("latin-1").partition(":")
+                if not colon or not name or name != name.strip() or " " in name:
+                    self.send_error(400)  # no colon, or obsolete line folding
+                    return False
+                headers.add(name, value.strip())
+            connection = headers.get("Connection", "").lower()
+            self.close_connection = "close" in connection or (self.request_version == "HTTP/1.0"
+                                                              and "keep-alive" not in connection)
+            if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return True
 
         def dispatch(self):
             """Route the request, and turn errors into responses."""
@@ -1323,9 +1403,9 @@ def _make_handler_class():
                     raise BadRequest(f"option {name!r} given in both the query and the body")
                 params[name] = str(value).lower() if isinstance(value, bool) else value
             redirect = parse_bool("redirect", str(params.pop("redirect", "")))
-            key = self.authenticate(params.pop("key", ""))
-            options = invite_options(params, key, app.invite_ttl, app.backend)
-            invite = create_invite(app.store, key, backend=app.backend, **options)
+            credentials = self.presented_key(params.pop("key", ""))
+            invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
+                                   backend=app.backend)
             url = self.invite_url(invite)
             status = 303 if redirect else 201
             if self.wants_json():
@@ -1498,7 +1578,7 @@ def _make_handler_class():
             if isinstance(body, str):
                 body = body.encode("utf-8")
             reason = self.responses.get(status, ("",))[0]
-            lines = [f"HTTP/1.1 {status} {reason}", f"Date: {self.date_time_string()}",
+            lines = [f"HTTP/1.1 {status} {reason}", f"Date: {http_date()}",
                      f"Server: {self.server_version}"]
             lines += [f"{name}: {value}" for name, value in headers]
             if self._cors:
@@ -1536,7 +1616,7 @@ def _make_handler_class():
             return (path[:200] + sep + query[:200]).translate(_UNPRINTABLE)
 
         def log_request(self, code="-", size="-"):
-            if self._started is None:
+            if self._started is None or self.server.app.log is None:
                 return
             ms = (time.monotonic() - self._started) * 1000
             method = (self.command or "-")[:20].translate(_UNPRINTABLE)
@@ -1607,7 +1687,8 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
         def request_finished(self):
             with self._idle:
                 self._in_flight -= 1
-                self._idle.notify_all()
+                if self.stopping:  # only serve() waits for this
+                    self._idle.notify_all()
 
         def wait_idle(self, timeout):
             """Wait until no request is being handled; return whether that happened."""
@@ -1757,10 +1838,8 @@ def _backend(args, log=None):
 
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
-    backend = _backend(args, log=sys.stderr)
-    options = invite_options({"ttl": args.ttl, "uses": args.uses, "username": args.username,
-                              "note": args.note}, default_ttl=DEFAULT_INVITE_TTL, backend=backend)
-    invite = create_invite(open_store(args), None, host=args.host, backend=backend, **options)
+    options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note}
+    invite = create_invite(open_store(args), host=args.host, options=options, backend=_backend(args, sys.stderr))
     url = _cli_url(args, invite)
     _print_json(invite_info(invite, url)) if args.json else print(url)
 

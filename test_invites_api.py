@@ -312,6 +312,15 @@ class ApiTest(LiveServerTestCase):
         status, _, _ = self.create(headers={"Host": "evil.example/<script>"})
         self.assertEqual(status, 400)
 
+    def test_http_1_1_keeps_the_connection_open_and_1_0_closes_it(self):
+        answer = self.raw(b"GET /invites_api HTTP/1.0\r\n\r\n")
+        self.assertIn(b"Connection: close", answer)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertNotIn(b"Connection: close", sock.recv(4096))
+            sock.sendall(b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            self.assertIn(b"Connection: close", sock.recv(4096))
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         self.addCleanup(conn.close)
@@ -825,23 +834,23 @@ class PurgeTest(TempDirTestCase):
 
     def test_invites_are_purged_only_after_the_grace_period(self):
         store = ia.Store(self.db)
-        key = ia.authenticate(store, ia.create_key(store, "example.com", max_uses=1))
         day = 86400
+        key = ia.create_key(store, "example.com", max_ttl=100 * day)
         with mock.patch.object(ia, "now", return_value=T0):
-            fresh = ia.create_invite(store, key, ttl=40 * day)["token"]
-            expired_long_ago = ia.create_invite(store, key, ttl=day)["token"]
-            used_long_ago = ia.create_invite(store, key, ttl=40 * day)["token"]
+            fresh = ia.create_invite(store, key, options={"ttl": 40 * day})["token"]
+            expired_long_ago = ia.create_invite(store, key, options={"ttl": day})["token"]
+            used_long_ago = ia.create_invite(store, key, options={"ttl": 40 * day})["token"]
             ia.redeem_invite(store, used_long_ago, "example.com")
-            revoked_long_ago = ia.create_invite(store, key, ttl=40 * day)["token"]
+            revoked_long_ago = ia.create_invite(store, key, options={"ttl": 40 * day})["token"]
             ia.revoke_invite(store, revoked_long_ago)
         with mock.patch.object(ia, "now", return_value=T0 + 20 * day):
-            used_recently = ia.create_invite(store, key, ttl=40 * day)["token"]
+            used_recently = ia.create_invite(store, key, options={"ttl": 40 * day})["token"]
             ia.redeem_invite(store, used_recently, "example.com")
         with mock.patch.object(ia, "now", return_value=T0 + 32 * day):
             self.assertEqual(ia.purge_invites(store, grace=30 * day), 3)
         left = {row["token"] for row in store.read("SELECT token FROM invites")}
         self.assertEqual(left, {fresh, used_recently})
-        self.assertEqual(store.key(key["id"])["invites_created"], 5)  # quotas still count them
+        self.assertEqual(store.key(key.split("/")[0])["invites_created"], 5)  # quotas still count them
 
 
 # ---------------------------------------------------------------------------
@@ -1124,11 +1133,11 @@ VirtualHost "{self.HOST}"
         ia.create_key(store, self.HOST)
         backend = ia.ProsodyBackend(self.prosodyctl, self.config)
         self.assertIsNone(backend.check())
-        invite = ia.create_invite(store, None, host=self.HOST, username="erin", backend=backend)
+        invite = ia.create_invite(store, host=self.HOST, options={"username": "erin"}, backend=backend)
         self.assert_valid_at_prosody(invite["url"], username="erin")
         self.assertEqual(invite["uri"], f"xmpp:erin@{self.HOST}?register;preauth={invite['token']}")
         with self.assertRaises(ia.BackendError):
-            ia.create_invite(store, None, host="other.test", backend=backend)
+            ia.create_invite(store, host="other.test", backend=backend)
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 1)
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--backend", "prosody",
                                   "--prosodyctl", self.prosodyctl, "--prosody-config", self.config)
@@ -1158,7 +1167,7 @@ class DurabilityTest(TempDirTestCase):
         store = ia.Store(self.db)
         store.start_group_commit()
         self.addCleanup(store.stop_group_commit)
-        key = ia.authenticate(store, ia.create_key(store, "example.com"))
+        key = ia.create_key(store, "example.com")
         events = []
 
         def trace(statement):
@@ -1175,7 +1184,7 @@ class DurabilityTest(TempDirTestCase):
         store = ia.Store(self.db)
         store.start_group_commit()
         self.addCleanup(store.stop_group_commit)
-        key = ia.authenticate(store, ia.create_key(store, "example.com"))
+        key = ia.create_key(store, "example.com")
         gate = threading.Event()
         results = []
         # Hold the committer so the next writes land in one batch.
@@ -1201,7 +1210,7 @@ class DurabilityTest(TempDirTestCase):
         tokens = [r for r in results if len(r) == 24]
         self.assertEqual(len(tokens), 2)
         self.assertIn("ZeroDivisionError", results)
-        self.assertEqual(store.key(key["id"])["name"], "")  # the failed write left nothing behind
+        self.assertEqual(store.key(key.split("/")[0])["name"], "")  # the failed write left nothing behind
         for token in tokens:
             self.assertIsNotNone(store.invite(token))
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 2)
@@ -1251,7 +1260,7 @@ class CliTest(TempDirTestCase):
     def test_list_json_gives_the_documented_fields(self):
         key = self.cli("create", "example.com", "json key")[1].strip()
         store = ia.Store(self.db)
-        ia.create_invite(store, ia.authenticate(store, key))
+        ia.create_invite(store, key)
         code, out, _ = self.cli("list", "example.com", "--json")
         data = json.loads(out)
         self.assertEqual(len(data), 1)
@@ -1403,8 +1412,8 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
     def test_delete_keeps_the_keys_invites_unless_asked_to_revoke_them(self):
         store = ia.Store(self.db)
         keep, drop = (ia.create_key(store, "example.com", name) for name in ("keep", "drop"))
-        kept = ia.create_invite(store, ia.authenticate(store, keep))["token"]
-        dropped = ia.create_invite(store, ia.authenticate(store, drop))["token"]
+        kept = ia.create_invite(store, keep)["token"]
+        dropped = ia.create_invite(store, drop)["token"]
         self.assertEqual(self.cli("delete", "example.com", keep.split("/")[0])[0], 0)
         self.assertEqual(self.cli("delete", "example.com", drop.split("/")[0], "--revoke-invites")[0], 0)
         self.assertEqual(ia.invite_status(store.invite(kept)), "valid")
