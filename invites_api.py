@@ -908,11 +908,11 @@ def get_invite(store, token, host=None, key_id=None):
 
 
 def find_invite(store, token):
-    """Return a valid built-in invite by token; raise NotFound if unknown, used, revoked or expired."""
+    """Return (built-in invite or None if unknown, its status) for the invite page."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite["backend"] != "builtin" or invite_status(invite) != "valid":
-        raise NotFound("this invite does not exist, has been used or has expired")
-    return invite
+    if invite is None or invite["backend"] != "builtin":
+        return None, None
+    return invite, invite_status(invite)
 
 
 def list_invites(store, host, key_id=None, include_all=False):
@@ -1147,44 +1147,415 @@ def invite_url(invite, base, template=None):
     return f"{base}/invite?{invite['token']}"
 
 
+# -- QR codes (ISO/IEC 18004), byte mode, versions 1 to 40 ------------------
+
+# Per error-correction level: (format bits, EC codewords per block, EC blocks), by version.
+_QR_LEVELS = {
+    "L": (1, (0, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28, 28, 30,
+              30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+          (0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12, 13, 14, 15,
+           16, 17, 18, 19, 19, 20, 21, 22, 24, 25)),
+    "M": (0, (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26, 28, 28,
+              28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28),
+          (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23, 25, 26,
+           28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)),
+    "Q": (3, (0, 13, 22, 18, 26, 18, 24, 18, 22, 20, 24, 28, 26, 24, 20, 30, 24, 28, 28, 26, 30, 28, 30, 30,
+              30, 30, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+          (0, 1, 1, 2, 2, 4, 4, 6, 6, 8, 8, 8, 10, 12, 16, 12, 17, 16, 18, 21, 20, 23, 23, 25, 27, 29, 34, 34,
+           35, 38, 40, 43, 45, 48, 51, 53, 56, 59, 62, 65, 68)),
+    "H": (2, (0, 17, 28, 22, 16, 22, 28, 26, 26, 24, 28, 24, 28, 22, 24, 24, 30, 28, 28, 26, 28, 30, 24, 30,
+              30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+          (0, 1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25, 25, 34, 30, 32, 35, 37, 40,
+           42, 45, 48, 51, 54, 57, 60, 63, 66, 70, 74, 77, 81)),
+}
+# The eight mask conditions; a module (x column, y row) is flipped where true.
+_QR_MASKS = (
+    lambda x, y: (x + y) % 2 == 0, lambda x, y: y % 2 == 0, lambda x, y: x % 3 == 0,
+    lambda x, y: (x + y) % 3 == 0, lambda x, y: (x // 3 + y // 2) % 2 == 0,
+    lambda x, y: x * y % 2 + x * y % 3 == 0, lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+    lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0,
+)
+
+
+def _qr_raw_modules(version):
+    """Return how many modules of a version carry data and EC codewords."""
+    result = (16 * version + 128) * version + 64
+    if version >= 2:
+        align = version // 7 + 2
+        result -= (25 * align - 10) * align - 55
+        if version >= 7:
+            result -= 36
+    return result
+
+
+def qr_capacity(version, level="M", utf8=False):
+    """Return how many bytes a QR code of this version and level holds in byte mode
+    (utf8: with the ECI header that marks the bytes as UTF-8)."""
+    _, ec_len, blocks = _QR_LEVELS[level]
+    data_bits = (_qr_raw_modules(version) // 8 - ec_len[version] * blocks[version]) * 8
+    return (data_bits - 4 - (8 if version < 10 else 16) - (12 if utf8 else 0)) // 8
+
+
+def _gf_multiply(x, y):
+    z = 0
+    for i in reversed(range(8)):
+        z = (z << 1) ^ ((z >> 7) * 0x11D)
+        z ^= ((y >> i) & 1) * x
+    return z
+
+
+def _reed_solomon(data, degree):
+    """Return the degree EC codewords of data (Reed-Solomon over GF(256), polynomial 0x11D)."""
+    divisor = [0] * (degree - 1) + [1]
+    root = 1
+    for _ in range(degree):
+        for j in range(degree):
+            divisor[j] = _gf_multiply(divisor[j], root)
+            if j + 1 < degree:
+                divisor[j] ^= divisor[j + 1]
+        root = _gf_multiply(root, 2)
+    remainder = [0] * degree
+    for byte in data:
+        factor = byte ^ remainder.pop(0)
+        remainder.append(0)
+        for i, coefficient in enumerate(divisor):
+            remainder[i] ^= _gf_multiply(coefficient, factor)
+    return remainder
+
+
+def qr_matrix(data, level="M", mask=None, min_version=1):
+    """Return the QR code of data (bytes or str) as rows of booleans (True = dark), with no quiet zone.
+
+    Byte mode (non-ASCII text is marked UTF-8 with an ECI header, so that
+    readers do not guess another charset), the smallest version from
+    min_version that fits, and the mask with the lowest penalty (or the one
+    given). Raises ValueError if too long.
+    """
+    utf8 = isinstance(data, str) and not data.isascii()
+    data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fmt, ec_len, blocks = _QR_LEVELS[level]
+    for version in range(min_version, 41):
+        if len(data) <= qr_capacity(version, level, utf8):
+            break
+    else:
+        raise ValueError(f"{len(data)} bytes do not fit in a QR code at level {level}")
+    # The bit stream: mode, length, bytes, terminator, padding.
+    capacity = _qr_raw_modules(version) // 8 - ec_len[version] * blocks[version]
+    bits = [0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1, 0] if utf8 else []  # ECI mode, designator 26: UTF-8
+    bits += [0, 1, 0, 0] + [(len(data) >> i) & 1 for i in reversed(range(8 if version < 10 else 16))]
+    for byte in data:
+        bits += [(byte >> i) & 1 for i in reversed(range(8))]
+    bits += [0] * min(4, capacity * 8 - len(bits))
+    bits += [0] * (-len(bits) % 8)
+    codewords = [int("".join(map(str, bits[i:i + 8])), 2) for i in range(0, len(bits), 8)]
+    codewords += [0xEC, 0x11] * ((capacity - len(codewords)) // 2 + 1)
+    codewords = codewords[:capacity]
+    # Split into blocks, add EC to each, interleave.
+    total = _qr_raw_modules(version) // 8
+    count, degree = blocks[version], ec_len[version]
+    short_count, short_len = count - total % count, total // count
+    split, start = [], 0
+    for i in range(count):
+        length = short_len - degree + (0 if i < short_count else 1)
+        block = codewords[start:start + length]
+        start += length
+        split.append((block, _reed_solomon(block, degree)))
+    stream = [b[i] for i in range(short_len - degree + 1) for b, _ in split if i < len(b)]
+    stream += [e[i] for i in range(degree) for _, e in split]
+
+    size = version * 4 + 17
+    dark = [[False] * size for _ in range(size)]
+    function = [[False] * size for _ in range(size)]
+
+    def put(x, y, value):
+        dark[y][x] = value
+        function[y][x] = True
+
+    for i in range(size):  # timing patterns
+        put(6, i, i % 2 == 0)
+        put(i, 6, i % 2 == 0)
+    for cx, cy in ((3, 3), (size - 4, 3), (3, size - 4)):  # finder patterns and separators
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                if 0 <= cx + dx < size and 0 <= cy + dy < size:
+                    put(cx + dx, cy + dy, max(abs(dx), abs(dy)) not in (2, 4))
+    if version > 1:  # alignment patterns
+        align = version // 7 + 2
+        step = (version * 8 + align * 3 + 5) // (align * 4 - 4) * 2
+        positions = [6] + [size - 7 - i * step for i in reversed(range(align - 1))]
+        for i, cx in enumerate(positions):
+            for j, cy in enumerate(positions):
+                if (i, j) not in ((0, 0), (0, align - 1), (align - 1, 0)):
+                    for dy in range(-2, 3):
+                        for dx in range(-2, 3):
+                            put(cx + dx, cy + dy, max(abs(dx), abs(dy)) != 1)
+    if version >= 7:  # version information, 18 bits twice
+        remainder = version
+        for _ in range(12):
+            remainder = (remainder << 1) ^ ((remainder >> 11) * 0x1F25)
+        info = version << 12 | remainder
+        for i in range(18):
+            bit = (info >> i) & 1 == 1
+            put(size - 11 + i % 3, i // 3, bit)
+            put(i // 3, size - 11 + i % 3, bit)
+
+    def draw_format(mask_number):
+        value = fmt << 3 | mask_number
+        remainder = value
+        for _ in range(10):
+            remainder = (remainder << 1) ^ ((remainder >> 9) * 0x537)
+        info = (value << 10 | remainder) ^ 0x5412
+        bit = [(info >> i) & 1 == 1 for i in range(15)]
+        for i in range(6):
+            put(8, i, bit[i])
+        put(8, 7, bit[6])
+        put(8, 8, bit[7])
+        put(7, 8, bit[8])
+        for i in range(9, 15):
+            put(14 - i, 8, bit[i])
+        for i in range(8):
+            put(size - 1 - i, 8, bit[i])
+        for i in range(8, 15):
+            put(8, size - 15 + i, bit[i])
+        put(8, size - 8, True)  # the dark module
+
+    draw_format(0)  # reserve the format areas before placing data
+    i = 0
+    for right in range(size - 1, 0, -2):  # data in two-column zigzags, bottom-right first
+        if right <= 6:
+            right -= 1
+        for vertical in range(size):
+            for j in range(2):
+                x = right - j
+                y = size - 1 - vertical if (right + 1) & 2 == 0 else vertical
+                if not function[y][x] and i < len(stream) * 8:
+                    dark[y][x] = (stream[i >> 3] >> (7 - (i & 7))) & 1 == 1
+                    i += 1
+
+    def masked(number):
+        condition = _QR_MASKS[number]
+        result = [[dark[y][x] ^ (not function[y][x] and condition(x, y)) for x in range(size)]
+                  for y in range(size)]
+        saved = [row[:] for row in dark], [row[:] for row in function]
+        draw_format(number)
+        for y in range(size):
+            for x in range(size):
+                if function[y][x] and (x == 8 or y == 8):
+                    result[y][x] = dark[y][x]
+        dark[:], function[:] = saved
+        return result
+
+    if mask is not None:
+        return masked(mask)
+    return min((masked(n) for n in range(8)), key=_qr_penalty)
+
+
+def _qr_penalty(matrix):
+    """Return the standard penalty score of a masked QR matrix (lower is easier to read)."""
+    size = len(matrix)
+    score = 0
+    lines = matrix + [list(column) for column in zip(*matrix)]
+    finder_like = ([True, False, True, True, True, False, True, False, False, False, False],
+                   [False, False, False, False, True, False, True, True, True, False, True])
+    for line in lines:
+        run, previous = 0, None
+        for module in line:  # rule 1: runs of five or more
+            if module == previous:
+                run += 1
+            else:
+                score += run - 2 if run >= 5 else 0
+                run, previous = 1, module
+        score += run - 2 if run >= 5 else 0
+        padded = [False] * 4 + line + [False] * 4  # rule 3: finder-like patterns (quiet zone is light)
+        for start in range(len(padded) - 10):
+            if padded[start:start + 11] in finder_like:
+                score += 40
+    for y in range(size - 1):  # rule 2: 2x2 blocks of one colour
+        for x in range(size - 1):
+            if matrix[y][x] == matrix[y][x + 1] == matrix[y + 1][x] == matrix[y + 1][x + 1]:
+                score += 3
+    dark = sum(map(sum, matrix))  # rule 4: balance of dark and light
+    total = size * size
+    score += ((abs(dark * 20 - total * 10) + total - 1) // total - 1) * 10
+    return score
+
+
+def qr_svg(matrix, quiet=4, label="QR code"):
+    """Return a QR matrix as an inline SVG element (dark on white, with a quiet zone)."""
+    import html
+    size = len(matrix) + 2 * quiet
+    path = []
+    for y, row in enumerate(matrix):
+        x = 0
+        while x < len(row):
+            if row[x]:
+                run = 1
+                while x + run < len(row) and row[x + run]:
+                    run += 1
+                path.append(f"M{x + quiet} {y + quiet}h{run}v1h-{run}z")
+                x += run
+            else:
+                x += 1
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {size} {size}" role="img" '
+            f'aria-label="{html.escape(label)}" shape-rendering="crispEdges">'
+            f'<rect width="{size}" height="{size}" fill="#fff"/>'
+            f'<path fill="#000" d="{"".join(path)}"/></svg>')
+
+
+def qr_text(matrix, quiet=4, colour=False):
+    """Return a QR matrix as terminal text: two module rows per line in Unicode half blocks.
+
+    "█" is dark above and below, "▀" dark above, "▄" dark below, space light.
+    With colour, ANSI black on white, so it scans in dark terminals too.
+    """
+    size = len(matrix) + 2 * quiet
+    padded = ([[False] * size for _ in range(quiet)]
+              + [[False] * quiet + list(row) + [False] * quiet for row in matrix]
+              + [[False] * size for _ in range(quiet + 1)])
+    chars = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    lines = ["".join(chars[top, bottom] for top, bottom in zip(padded[y], padded[y + 1]))
+             for y in range(0, size, 2)]
+    if colour:
+        lines = [f"\x1b[30;47m{line}\x1b[0m" for line in lines]
+    return "\n".join(lines)
+
+
+# -- the invite page ---------------------------------------------------------
+
+# Links only: the page loads nothing from these sites.
+DEFAULT_APPS = (
+    {"platform": "Android", "name": "Conversations", "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
+    {"platform": "Android", "name": "Conversations (F-Droid)", "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
+    {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
+    {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
+    {"platform": "Windows, macOS, Linux", "name": "Dino (Linux)", "url": "https://dino.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Monal (macOS)", "url": "https://monal-im.org/"},
+)
+
+
+def load_apps(path):
+    """Return the app list from a JSON file: [{"platform", "name", "url"}, ...]; raise Error if malformed."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            apps = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Error(f"cannot read the app list {path!r}: {e}") from None
+    if not isinstance(apps, list) or not all(
+            isinstance(a, dict) and all(isinstance(a.get(k), str) and a[k] for k in ("platform", "name", "url"))
+            and re.match(r"https?://", a["url"]) for a in apps):
+        raise Error(f"the app list {path!r} must be a JSON array of "
+                    '{"platform": ..., "name": ..., "url": "https://..."} objects')
+    return tuple(apps)
+
+
 _PAGE_STYLE = """
-body{font:16px/1.5 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2025}
-main{max-width:34rem;margin:2rem auto;padding:1.5rem;background:#fff;border-radius:8px}
-h1{font-size:1.4rem;margin-top:0}
-a.button{display:inline-block;padding:.75rem 1.25rem;border-radius:6px;background:#1859c9;
-color:#fff;text-decoration:none;font-weight:600}
-@media (prefers-color-scheme:dark){body{background:#15171a;color:#e8eaed}main{background:#23262b}
-a.button{background:#4f8df5;color:#0b0c0e}}
+:root{color-scheme:light dark;--bg:#f3f4f6;--card:#fff;--text:#16181d;--muted:#4a5060;--accent:#1a56c4;
+--on-accent:#fff;--line:#d5d8de}
+@media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1d2027;--text:#eceef2;--muted:#b4b9c4;
+--accent:#8ab4ff;--on-accent:#0b0d12;--line:#3a3f4a}}
+*{box-sizing:border-box}
+body{margin:0;padding:0 .75rem;background:var(--bg);color:var(--text);
+font:17px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
+header{padding:.75rem 1rem;font-weight:600;color:var(--muted);text-align:center}
+main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);border-radius:12px}
+h1{font-size:1.5rem;line-height:1.25;margin:0 0 .75rem}
+h2{font-size:1.1rem;margin:1.75rem 0 .5rem}
+p{margin:.5rem 0}
+.muted{color:var(--muted)}
+.note{border-left:4px solid var(--accent);padding:.25rem .75rem;margin:1rem 0;white-space:pre-wrap}
+a{color:var(--accent)}
+a.button{display:block;text-align:center;padding:.9rem 1rem;margin:1.25rem 0;border-radius:8px;
+background:var(--accent);color:var(--on-accent);text-decoration:none;font-weight:700;font-size:1.1rem}
+a.button:focus-visible,button:focus-visible,input:focus-visible{outline:3px solid var(--text);outline-offset:2px}
+figure{margin:.5rem auto;max-width:15rem}
+figure svg{display:block;width:100%;height:auto;border-radius:4px}
+figcaption{text-align:center;font-size:.9rem;color:var(--muted)}
+.copy{display:flex;gap:.5rem}
+.copy input{flex:1;min-width:0;padding:.6rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--text);font:inherit;font-size:.9rem}
+.copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);color:var(--on-accent);
+font:inherit;font-weight:600;cursor:pointer}
+ul{padding-left:1.25rem}
+li{margin:.35rem 0}
 """
 
 
-def render_page(title, body_html):
-    """Return a complete, self-contained HTML page."""
+def render_page(title, body_html, site_name, nonce, script=""):
+    """Return a complete, self-contained HTML page (inline CSS; a script only with the CSP nonce)."""
     import html
+    script = f'<script nonce="{nonce}">{script}</script>' if script else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head>"
-            f"<body><main>{body_html}</main></body></html>\n")
+            f'<meta name="referrer" content="no-referrer">'
+            f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style></head>'
+            f"<body><header>{html.escape(site_name)}</header><main>{body_html}</main>{script}</body></html>\n")
 
 
-def render_invite_page(invite):
-    """Return the landing page for a valid invite."""
+def in_words(seconds):
+    """Return a duration in words: "in 6 days", "in 3 hours", "in less than a minute"."""
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = seconds // length
+            return f"in {count} {unit}{'s' if count != 1 else ''}"
+    return "in less than a minute"
+
+
+_COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById('link');b.hidden=false;"
+                "b.addEventListener('click',function(){i.select();(navigator.clipboard?"
+                "navigator.clipboard.writeText(i.value):Promise.reject()).then(function(){b.textContent='Copied'},"
+                "function(){document.execCommand('copy');b.textContent='Copied'})})")
+
+
+def render_invite_page(invite, page_url, site_name, apps, nonce):
+    """Return the landing page for a valid invite: who invites where, the app button, QR, link, apps."""
     import html
-    host = html.escape(invite["host"])
-    expires = time.strftime("%d %B %Y, %H:%M UTC", time.gmtime(invite["expires_at"]))
+    esc = html.escape
+    host = esc(invite["host"])
+    left = invite["expires_at"] - now()
+    expires = time.strftime("%d %B %Y, %H:%M UTC", time.gmtime(invite["expires_at"])).lstrip("0")
+    details = f"This invite expires {in_words(left)} ({esc(expires)})."
+    if invite["uses_left"] > 1:
+        details += f" It can create {invite['uses_left']} more accounts."
+    if invite["username"]:
+        details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
+    note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
+    platforms = {}
+    for app in apps:
+        platforms.setdefault(app["platform"], []).append(
+            f'<a href="{esc(app["url"])}" rel="noreferrer">{esc(app["name"])}</a>')
+    app_list = "".join(f"<li><strong>{esc(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
+    qr = qr_svg(qr_matrix(invite["uri"]), label=f"QR code of the invite for {invite['host']}; "
+                                                 "scan it with an XMPP app")
     return render_page(f"Invite to {invite['host']}", (
-        f"<h1>You have been invited to {host}</h1>"
-        f"<p>Use this invite to create your account on {host}.</p>"
-        f'<p><a class="button" href="{html.escape(invite["uri"])}">Open in your XMPP app</a></p>'
-        f"<p>This invite expires on {html.escape(expires)}.</p>"))
+        f"<h1>You have been invited to join {host}</h1>{note}"
+        f'<p class="muted">{details}</p>'
+        f'<a class="button" href="{esc(invite["uri"])}">Open in your XMPP app</a>'
+        f"<h2>On another device?</h2>"
+        f"<figure>{qr}<figcaption>Scan this with your XMPP app</figcaption></figure>"
+        f'<h2><label for="link">Or copy the link to this page</label></h2>'
+        f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
+        f'<button id="copy" type="button" hidden>Copy</button></p>'
+        f"<h2>No app yet?</h2>"
+        f"<p>Install one of these, then come back to this page and press the button above:</p>"
+        f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
 
 
-def render_missing_invite_page():
-    """Return the page shown for an unknown, used or expired invite."""
+_UNAVAILABLE = {
+    "used": "This invite has already been used",
+    "revoked": "This invite has been withdrawn",
+    "expired": "This invite has expired",
+    None: "We could not find this invite",
+}
+
+
+def render_unavailable_page(status, site_name, nonce):
+    """Return the friendly page for a used, revoked, expired (status) or unknown (None) invite."""
+    hint = ("Check that you opened the whole link. " if status is None else "") + \
+        "Please ask the person who invited you for a new invite."
     return render_page("Invite not available", (
-        "<h1>This invite is not available</h1>"
-        "<p>It may have been used already, or it has expired.</p>"
-        "<p>Please ask the person who sent it to you for a new one.</p>"))
+        f"<h1>{_UNAVAILABLE[status]}</h1><p>{hint}</p>"), site_name, nonce)
 
 
 # ---------------------------------------------------------------------------
@@ -1206,13 +1577,16 @@ CORS_HEADERS = (
     ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
     ("Access-Control-Max-Age", "7200"),
 )
-PAGE_HEADERS = (
-    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    ("Referrer-Policy", "no-referrer"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Cache-Control", "no-store"),
-)
+def page_headers(nonce):
+    """Return the security headers of an HTML page whose inline style and script carry nonce."""
+    return (
+        ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
+                                    f"script-src 'nonce-{nonce}'; img-src data:; base-uri 'none'; "
+                                    "form-action 'none'; frame-ancestors 'none'"),
+        ("Referrer-Policy", "no-referrer"),  # the token is in the URL
+        ("X-Content-Type-Options", "nosniff"),
+        ("Cache-Control", "no-store"),
+    )
 _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 
@@ -1268,9 +1642,11 @@ class App:
 
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=None):
+                 backend=None, site_name=None, apps=DEFAULT_APPS):
         self.store = store
         self.backend = backend  # None: the built-in store mints invites
+        self.site_name = site_name  # None: the invite's host
+        self.apps = apps
         self.public_url = public_url.rstrip("/") if public_url else None
         self.invite_url_template = invite_url_template
         self.invite_ttl = invite_ttl
@@ -1455,15 +1831,20 @@ def _make_handler_class():
 
         def invite_page(self, token):
             """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
+            app = self.server.app
             token = self.query if token is None else token
-            try:
-                invite = find_invite(self.server.app.store, token)
-            except NotFound:
-                return self.respond(404, render_missing_invite_page(), PAGE_HEADERS,
-                                    content_type="text/html; charset=utf-8")
-            headers = PAGE_HEADERS + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
-            self.respond(200, render_invite_page(invite), headers,
-                         content_type="text/html; charset=utf-8")
+            invite, status = find_invite(app.store, token)
+            nonce = _random_id(12)
+            html_type = "text/html; charset=utf-8"
+            site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
+            if status != "valid":  # unknown: 404; used, revoked, expired: 410
+                return self.respond(404 if invite is None else 410,
+                                    render_unavailable_page(status, site_name, nonce),
+                                    page_headers(nonce), content_type=html_type)
+            page_url = f"{self.public_base(invite['host'])}/invite?{invite['token']}"
+            headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
+            self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce), headers,
+                         content_type=html_type)
 
         # -- reading requests -------------------------------------------------
 
@@ -1841,6 +2222,8 @@ def cmd_invites_create(args):
     options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note}
     invite = create_invite(open_store(args), host=args.host, options=options, backend=_backend(args, sys.stderr))
     url = _cli_url(args, invite)
+    if args.qr:
+        print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
     _print_json(invite_info(invite, url)) if args.json else print(url)
 
 
@@ -1892,8 +2275,9 @@ def cmd_serve(args):
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     store = open_store(args)
+    apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
-              invite_ttl=args.invite_ttl, log=log, backend=backend)
+              invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout)
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
@@ -1997,6 +2381,9 @@ def build_parser():
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
     sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"drop idle or stalled connections after this (default {DEFAULT_TIMEOUT:g})")
+    sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite pages (default: the host)")
+    sub.add_argument("--apps", metavar="FILE.json",
+                     help='the "No app yet?" list on invite pages: [{"platform", "name", "url"}, ...]')
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
@@ -2040,6 +2427,9 @@ def build_parser():
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
+    sub.add_argument("--qr", nargs="?", const="url", choices=("url", "uri"),
+                     help="also print a QR code to scan from the screen: of the page URL (a phone camera "
+                          "opens it), or with --qr=uri of the xmpp: URI (for an XMPP app)")
     backend_args(sub)
 
     sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",

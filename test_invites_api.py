@@ -411,12 +411,12 @@ class InviteUrlTemplateTest(LiveServerTestCase):
 
 class InvitePageTest(LiveServerTestCase):
 
-    def new_token(self):
-        return self.token_of(self.create()[1]["location"])
+    def new_token(self, extra=""):
+        return self.token_of(self.create(extra=extra)[1]["location"])
 
-    def test_valid_invite_page_says_where_links_the_uri_and_shows_expiry(self):
+    def test_valid_invite_page_says_who_invites_where_and_until_when(self):
         with mock.patch.object(ia, "now", return_value=1_700_000_000):
-            token = self.new_token()
+            token = self.new_token("&note=%3Cb%3EWelcome%3C%2Fb%3E%20to%20the%20choir")
         for path in (f"/invite?{token}", f"/invite/{token}"):
             with mock.patch.object(ia, "now", return_value=1_700_000_100):
                 status, headers, body = self.request("GET", path)
@@ -424,30 +424,67 @@ class InvitePageTest(LiveServerTestCase):
             self.assertEqual(status, 200, path)
             self.assertTrue(headers["content-type"].startswith("text/html"))
             self.assertEqual(headers["link"], f'<xmpp:example.com?register;preauth={token}>; rel="alternate"')
-            self.assertIn("You have been invited to example.com", page)
-            self.assertIn(f'href="xmpp:example.com?register;preauth={token}"', page)
-            self.assertIn("21 November 2023", page)  # 1_700_000_000 + 7 days
+            self.assertIn("<header>example.com</header>", page)  # the site name defaults to the host
+            self.assertIn("You have been invited to join example.com", page)
+            self.assertIn(f'href="xmpp:example.com?register;preauth={token}">Open in your XMPP app</a>', page)
+            self.assertIn("expires in 6 days (21 November 2023, 22:13 UTC)", page)
+            self.assertIn("&lt;b&gt;Welcome&lt;/b&gt; to the choir", page)  # the note, escaped
+            self.assertNotIn("<b>Welcome", page)
+            self.assertIn(f'<input id="link" readonly value="http://127.0.0.1:{self.port}/invite?{token}">', page)
+            self.assertIn("<h2>No app yet?</h2>", page)
+            self.assertIn("Conversations", page)
+            self.assertRegex(page, r'<svg [^>]*role="img" aria-label="QR code of the invite for example.com')
             self.assertIn('<html lang="en">', page)
-            self.assertEqual(headers["referrer-policy"], "no-referrer")
-            self.assertEqual(headers["cache-control"], "no-store")
-            self.assertIn("default-src 'none'", headers["content-security-policy"])
+
+    def test_page_security_headers_allow_nothing_from_other_origins(self):
+        status, headers, body = self.request("GET", f"/invite?{self.new_token()}")
+        csp = headers["content-security-policy"]
+        nonce = re.search(r"'nonce-([A-Za-z0-9_-]+)'", csp).group(1)
+        self.assertIn("default-src 'none'", csp)
+        self.assertIn(f"script-src 'nonce-{nonce}'", csp)
+        self.assertIn(f'<script nonce="{nonce}">'.encode(), body)
+        self.assertIn(f'<style nonce="{nonce}">'.encode(), body)
+        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertEqual(headers["x-content-type-options"], "nosniff")
+        self.assertEqual(headers["cache-control"], "no-store")
+        self.assertNotRegex(body, rb'(src|href)="(https?:)?//[^"]*\.(js|css|png|svg|woff2?)"')
+        other_nonce = re.search(r"'nonce-([A-Za-z0-9_-]+)'", self.request("GET", f"/invite?{self.new_token()}")[1]
+                                ["content-security-policy"]).group(1)
+        self.assertNotEqual(nonce, other_nonce)
+
+    def test_site_name_apps_username_and_uses_are_shown(self):
+        self.app.site_name = "Choir Chat"
+        self.app.apps = ({"platform": "Amiga", "name": "AmigaXMPP", "url": "https://amiga.example/xmpp"},)
+        key = ia.create_key(self.store, "example.com", max_uses=5)
+        token = self.token_of(self.create(key=key, extra="&uses=5&username=frank")[1]["location"])
+        page = self.request("GET", f"/invite/{token}")[2].decode()
+        self.assertIn("<header>Choir Chat</header>", page)
+        self.assertIn('<strong>Amiga</strong>: <a href="https://amiga.example/xmpp" rel="noreferrer">AmigaXMPP</a>', page)
+        self.assertNotIn("Conversations", page)
+        self.assertIn("It can create 5 more accounts.", page)
+        self.assertIn("<strong>frank@example.com</strong>", page)
 
     def test_head_on_the_page_sends_headers_only(self):
         token = self.new_token()
         status, headers, body = self.request("HEAD", f"/invite?{token}")
         self.assertEqual((status, body), (200, b""))
-        self.assertGreater(int(headers["content-length"]), 100)
+        self.assertGreater(int(headers["content-length"]), 1000)
 
-    def test_unknown_expired_and_used_invites_get_a_friendly_404(self):
+    def test_used_revoked_and_expired_invites_get_410_and_unknown_404_saying_what_happened(self):
         with mock.patch.object(ia, "now", return_value=1_700_000_000):
             expired = self.new_token()
-        used = self.new_token()
-        self.store.write(lambda conn: conn.execute("UPDATE invites SET uses_left = 0 WHERE token = ?", (used,)))
-        for token in ("A" * 24, "not a token", expired, used, ""):
+        used, revoked = self.new_token(), self.new_token()
+        ia.redeem_invite(self.store, used, "example.com")
+        ia.revoke_invite(self.store, revoked)
+        cases = {used: (410, b"This invite has already been used"), revoked: (410, b"This invite has been withdrawn"),
+                 expired: (410, b"This invite has expired"), "A" * 24: (404, b"We could not find this invite"),
+                 "not a token": (404, b"We could not find this invite"), "": (404, b"We could not find this invite")}
+        for token, (expected, words) in cases.items():
             status, headers, body = self.request("GET", f"/invite?{quote(token)}")
-            self.assertEqual(status, 404, token)
-            self.assertIn(b"This invite is not available", body)
-            self.assertIn(b"ask the person who sent it", body)
+            self.assertEqual(status, expected, token)
+            self.assertIn(words, body)
+            self.assertIn(b"ask the person who invited you for a new invite", body)
+            self.assertIn("default-src 'none'", headers["content-security-policy"])
 
     def test_expiry_boundary(self):
         with mock.patch.object(ia, "now", return_value=1_000):
@@ -455,12 +492,19 @@ class InvitePageTest(LiveServerTestCase):
         with mock.patch.object(ia, "now", return_value=1_000 + 7 * 86400 - 1):
             self.assertEqual(self.request("GET", f"/invite?{token}")[0], 200)
         with mock.patch.object(ia, "now", return_value=1_000 + 7 * 86400):
-            self.assertEqual(self.request("GET", f"/invite?{token}")[0], 404)
+            self.assertEqual(self.request("GET", f"/invite?{token}")[0], 410)
 
-    def test_page_escapes_nothing_unsafe_and_other_methods_are_405(self):
+    def test_other_methods_on_the_page_are_405(self):
         status, headers, _ = self.request("POST", f"/invite?{self.new_token()}")
         self.assertEqual(status, 405)
         self.assertEqual(headers["allow"], "GET, HEAD")
+
+    def test_expiry_in_words(self):
+        self.assertEqual(ia.in_words(6 * 86400 + 5), "in 6 days")
+        self.assertEqual(ia.in_words(86400), "in 1 day")
+        self.assertEqual(ia.in_words(3 * 3600 + 59), "in 3 hours")
+        self.assertEqual(ia.in_words(61), "in 1 minute")
+        self.assertEqual(ia.in_words(30), "in less than a minute")
 
 
 class ConnectionLimitsTest(LiveServerTestCase):
@@ -609,7 +653,7 @@ class KeyPolicyTest(LiveServerTestCase):
             self.assertEqual((status, json.loads(body)["uses_left"]), (200, left))
         status, _, body = self.request("POST", f"/invites_api/invites/{token}/redeem", auth)
         self.assertEqual((status, body), (410, b"this invite is used\n"))
-        self.assertEqual(self.request("GET", f"/invite?{token}")[0], 404)
+        self.assertEqual(self.request("GET", f"/invite?{token}")[0], 410)
 
     def test_50_parallel_redeems_of_a_single_use_invite_give_exactly_one_success(self):
         token = self.token_of(self.create()[1]["location"])
@@ -650,7 +694,7 @@ class KeyPolicyTest(LiveServerTestCase):
         self.assertEqual(self.store.invite(t3)["revoked_at"], None)
         status, _, body = self.request("DELETE", f"/invites_api/invites/{t1}", auth)
         self.assertEqual((status, body), (204, b""))
-        self.assertEqual(self.request("GET", f"/invite?{t1}")[0], 404)
+        self.assertEqual(self.request("GET", f"/invite?{t1}")[0], 410)
         self.assertEqual(json.loads(self.request("GET", f"/invites_api/invites/{t1}", auth)[2])["status"], "revoked")
         self.assertEqual(self.request("GET", "/invites_api/invites")[0], 401)
         status, headers, _ = self.request("OPTIONS", f"/invites_api/invites/{t1}")
@@ -670,6 +714,185 @@ class KeyPolicyTest(LiveServerTestCase):
         self.assertEqual(json.loads(body), {"valid": False, "host": None, "expires_at": None, "username": None})
         statuses = [self.request("GET", f"/invite/{token}.json")[0] for _ in range(4)]
         self.assertEqual(statuses, [200, 200, 200, 429])
+
+
+# ---------------------------------------------------------------------------
+# QR codes and the page, read by a real decoder and a real browser
+# ---------------------------------------------------------------------------
+
+def write_png(path, matrix, scale=4, quiet=4):
+    """Write a QR matrix (rows of booleans) as a greyscale PNG with the standard library."""
+    import struct
+    import zlib
+    size = (len(matrix) + 2 * quiet) * scale
+    rows = []
+    for y in range(size):
+        my = y // scale - quiet
+        row = bytearray([0])  # filter type: none
+        for x in range(size):
+            mx = x // scale - quiet
+            row.append(0 if 0 <= mx < len(matrix) and 0 <= my < len(matrix) and matrix[my][mx] else 255)
+        rows.append(bytes(row))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def zbar(*paths):
+    """Return what zbarimg decodes from each image, one string per image (None if nothing)."""
+    zbarimg = require_program("zbarimg")
+    results = []
+    for path in paths:
+        out = subprocess.run([zbarimg, "--raw", "-q", "-Sbinary", path], capture_output=True, timeout=60).stdout
+        # -Sbinary: the payload's bytes as they are (no charset guessing), no newline added
+        results.append(out.decode("utf-8") if out else None)
+    return results
+
+
+class QrTest(TempDirTestCase):
+
+    def payloads(self):
+        """(payload, level, mask, version expected) covering lengths, versions 1-40, every mask, UTF-8."""
+        cases = []
+        url = "https://example.com/invite?" + "AbCdEfGhIjKlMnOpQrStUvWx-_0123456789" * 90
+        for version in range(1, 11):  # exactly full, and one byte more than the version before
+            cases.append((url[:ia.qr_capacity(version)], "M", None, version))
+            if version > 1:
+                cases.append((url[:ia.qr_capacity(version - 1) + 1], "M", None, version))
+        for mask in range(8):
+            cases.append((f"xmpp:example.com?register;preauth={'Tk' * 12}{mask}", "M", mask, None))
+        for length in (1, 2, 3, 4, 5, 7, 8, 11, 13, 17, 21, 27, 34, 44, 55, 70, 89, 110, 144, 170, 200, 213):
+            cases.append((("x" + url)[:length], "M", None, None))
+        for text in ("é", "Grüße aus Köln", "日本語のテキスト", "emoji 🎉🎈", "xmpp:jürgen@bücher.example?register",
+                     "Привет, хор! " * 5, "ünïcödé " * 20):
+            cases.append((text, "M", None, None))
+        for level in "LQH":
+            cases.append((url[:ia.qr_capacity(10, level)], level, None, 10))
+        for version in (15, 25, 40):
+            cases.append((url[:ia.qr_capacity(version, "L")], "L", None, version))
+        return cases
+
+    def test_a_real_decoder_reads_every_payload_exactly(self):
+        cases = self.payloads()
+        self.assertGreaterEqual(len(cases), 60)
+        paths, masks_seen, versions_seen = [], set(), set()
+        for i, (payload, level, mask, version) in enumerate(cases):
+            matrix = ia.qr_matrix(payload, level=level, mask=mask)
+            if version is not None:
+                self.assertEqual(len(matrix), version * 4 + 17, (len(payload), level))
+                versions_seen.add(version)
+            if mask is not None:
+                masks_seen.add(mask)
+            path = os.path.join(self.dir, f"qr{i}.png")
+            write_png(path, matrix, scale=3 if len(matrix) > 100 else 4)
+            paths.append(path)
+        self.assertEqual(masks_seen, set(range(8)))
+        self.assertTrue(set(range(1, 11)) <= versions_seen)
+        for (payload, *_), decoded in zip(cases, zbar(*paths)):
+            self.assertEqual(decoded, payload)
+
+    def test_the_penalty_picks_the_best_mask(self):
+        payload = "xmpp:example.com?register;preauth=ABCDEFGHIJKLMNOPQRSTUVWX"
+        chosen = ia.qr_matrix(payload)
+        scores = [ia._qr_penalty(ia.qr_matrix(payload, mask=m)) for m in range(8)]
+        self.assertEqual(ia._qr_penalty(chosen), min(scores))
+        self.assertGreater(max(scores), min(scores))
+
+    def test_too_long_is_a_clear_error(self):
+        with self.assertRaisesRegex(ValueError, "do not fit"):
+            ia.qr_matrix("x" * 3000, level="L")
+
+    def test_capacities_match_the_standard(self):
+        self.assertEqual([ia.qr_capacity(v) for v in range(1, 11)], [14, 26, 42, 62, 84, 106, 122, 152, 180, 213])
+        self.assertEqual((ia.qr_capacity(40, "L"), ia.qr_capacity(40, "H")), (2953, 1273))
+
+    def test_the_svg_draws_the_same_modules(self):
+        matrix = ia.qr_matrix("hello")
+        svg = ia.qr_svg(matrix, label="a <label>")
+        self.assertIn('viewBox="0 0 29 29"', svg)
+        self.assertIn('aria-label="a &lt;label&gt;"', svg)
+        drawn = [[False] * 21 for _ in range(21)]
+        for x, y, run in re.findall(r"M(\d+) (\d+)h(\d+)v1h-\d+z", svg):
+            for dx in range(int(run)):
+                drawn[int(y) - 4][int(x) - 4 + dx] = True
+        self.assertEqual(drawn, matrix)
+
+    def test_the_terminal_qr_scans_for_the_url_and_the_uri(self):
+        db = os.path.join(self.dir, "t.db")
+        for flag in ("--qr", "--qr=uri"):
+            code, out, err = run_main("--db", db, "invites", "create", "example.com", flag,
+                                      "--public-url", "https://{host}")
+            self.assertEqual(code, 0, err)
+            *art, url = out.rstrip("\n").split("\n")
+            self.assertTrue(all(set(line) <= set(" \u2580\u2584\u2588") for line in art))
+            matrix = []  # back from half blocks to modules: each character is two rows
+            for line in art:
+                matrix.append([c in "\u2580\u2588" for c in line])
+                matrix.append([c in "\u2584\u2588" for c in line])
+            matrix = matrix[:len(matrix[0])]  # the last line's lower half is padding
+            path = os.path.join(self.dir, "terminal.png")
+            write_png(path, matrix, quiet=0)
+            expected = url if flag == "--qr" else ia.Store(db).invite(url.rsplit("?", 1)[1])["uri"]
+            self.assertEqual(zbar(path), [expected])
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+class BrowserTest(LiveServerTestCase):
+    """Headless Chromium opens the page; zbar reads the QR off the screenshot."""
+
+    def chromium(self, url, width, height, *extra):
+        """Open url; return (screenshot path, console lines, page-initiated request URLs)."""
+        chromium = require_program("chromium")
+        shot = os.path.join(self.dir, f"page-{width}x{height}.png")
+        netlog = os.path.join(self.dir, f"net-{width}.json")
+        profile = tempfile.mkdtemp(dir=self.dir)
+        result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--log-net-log={netlog}",
+                                 f"--window-size={width},{height}", f"--screenshot={shot}", *extra, url],
+                                capture_output=True, text=True, timeout=120)
+        console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+        with open(netlog) as f:
+            log = json.load(f)
+        start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+        requests = [e["params"]["url"] for e in log["events"] if e["type"] == start_job
+                    and e.get("params", {}).get("initiator", "").startswith("http")]
+        return shot, console, requests
+
+    def test_the_page_in_a_phone_and_a_desktop_browser(self):
+        status, headers, _ = self.create(extra="&note=See%20you%20at%20rehearsal")
+        url = headers["location"]
+        uri = self.store.invite(self.token_of(url))["uri"]
+        origin = f"http://127.0.0.1:{self.port}"
+        for width, height, extra in ((390, 844, ()), (1280, 800, ("--blink-settings=preferredColorScheme=0",))):
+            shot, console, requests = self.chromium(url, width, height, *extra)
+            self.assertEqual(zbar(shot), [uri], f"{width}x{height}")
+            self.assertEqual(console, [], f"{width}x{height}")
+            self.assertEqual([r for r in requests if not r.startswith(origin)], [])
+        # The detector itself: a page that loads from another origin is caught.
+        bad = "data:text/html,<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'\">" \
+              "<img src='https://example.org/x.png'>"
+        _, console, _ = self.chromium(bad, 390, 844)
+        self.assertTrue(any("violates the following Content Security Policy" in line for line in console))
+
+    def test_the_error_pages_render_and_say_what_happened(self):
+        token = self.token_of(self.create()[1]["location"])
+        ia.revoke_invite(self.store, token)
+        chromium = require_program("chromium")
+        for path, words in ((f"/invite?{token}", "<h1>This invite has been withdrawn</h1>"),
+                            ("/invite?" + "B" * 24, "<h1>We could not find this invite</h1>")):
+            profile = tempfile.mkdtemp(dir=self.dir)
+            result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
+                                     f"http://127.0.0.1:{self.port}{path}"], capture_output=True, text=True,
+                                    timeout=120)
+            self.assertIn(words, result.stdout)  # the DOM as the browser rendered it
+            self.assertIn("ask the person who invited you for a new invite", result.stdout)
+            self.assertEqual([line for line in result.stderr.splitlines() if ":CONSOLE" in line], [])
 
 
 # ---------------------------------------------------------------------------
