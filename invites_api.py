@@ -74,6 +74,13 @@ MAX_BODY = 8192
 DEFAULT_TIMEOUT = 20.0
 # Simultaneous connections served; more are refused with a fast 503.
 DEFAULT_MAX_CONNECTIONS = 128
+# Failed authentications one client address may make per minute, then 429:
+# key ids cannot be enumerated fast.
+AUTH_FAILURES_PER_MINUTE = 20
+# /health fails if the database cannot answer a read and a write within this.
+HEALTH_TIMEOUT = 1.0
+# Request latency histogram buckets, in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
 
@@ -121,6 +128,10 @@ class Unauthorized(Error):
 
 class Forbidden(Error):
     status = 403
+
+
+class BadCredentials(Forbidden):
+    """A wrong, unknown, deleted or malformed key: counted per client address."""
 
 
 class NotFound(Error):
@@ -364,6 +375,9 @@ MIGRATIONS = [
         # A slot held while a backend mints (uri = ''): purged if the server died meanwhile.
         "CREATE INDEX invites_minting ON invites (created_at) WHERE uri = ''",
     ),
+    (  # 4: small facts, e.g. when /health last wrote
+        "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
@@ -387,10 +401,12 @@ def default_db_path():
 class Store:
     """The sqlite3 database: one connection per thread, durable commits."""
 
-    def __init__(self, path, create_dir=False):
+    def __init__(self, path, create_dir=False, busy_timeout=BUSY_TIMEOUT):
         self.path = os.path.abspath(path)
+        self.busy_timeout = busy_timeout
         self._local = threading.local()
         self._committer = None
+        self._identity = None  # (device, inode) of the file we opened
         if create_dir:
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -415,17 +431,22 @@ class Store:
             conn.close()
 
     def _open(self):
+        if self._identity is not None:
+            # A later connection (a new thread): only to the very file we first
+            # opened. Never create one, nor touch the -wal of another file.
+            self.check_file()
+        else:
+            try:
+                # Create the file ourselves so it is private from the first byte;
+                # SQLite gives the -wal and -shm files the same mode.
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.close(fd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StoreError(f"cannot create database {self.path!r}: {e.strerror}") from None
         try:
-            # Create the file ourselves so it is private from the first byte;
-            # SQLite gives the -wal and -shm files the same mode.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.close(fd)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise StoreError(f"cannot create database {self.path!r}: {e.strerror}") from None
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             # WAL: readers never block the writer; FULL: each commit is
@@ -438,7 +459,43 @@ class Store:
             raise StoreError(f"cannot open database {self.path!r}: {e}") from None
         if mode.lower() != "wal":
             raise StoreError(f"cannot open database {self.path!r}: WAL mode refused ({mode})")
+        if self._identity is None:
+            info = os.stat(self.path)
+            self._identity = (info.st_dev, info.st_ino)
         return conn
+
+    def check_file(self):
+        """Raise StoreError if the database file was deleted, replaced or made read-only under us.
+
+        SQLite would go on writing to a deleted file (lost at the next start)
+        or through a file made read-only: refuse instead, and say why.
+        """
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreError(f"database {self.path!r} was deleted while in use; restore it or restart") from None
+        if (info.st_dev, info.st_ino) != self._identity:
+            raise StoreError(f"database {self.path!r} was replaced while in use; restart to use the new file")
+        if not info.st_mode & 0o200:
+            raise StoreError(f"database {self.path!r} was made read-only; make it writable again")
+
+    def health(self, timeout=HEALTH_TIMEOUT):
+        """Read and write the database within timeout seconds; raise StoreError if it cannot."""
+        self.read("SELECT count(*) FROM keys WHERE id = ''")
+        stamp = str(now())
+        self.write(lambda conn: conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('health_checked_at', ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (stamp,)), timeout=timeout)
+
+    def size(self):
+        """Return the bytes the database uses on disk (file and WAL)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.path.getsize(self.path + suffix)
+            except OSError:
+                pass
+        return total
 
     def _migrate(self, conn):
         try:
@@ -470,10 +527,15 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"database {self.path!r}: {e}") from None
 
-    def write(self, fn):
-        """Run fn(conn) in one durable transaction and return its result."""
+    def write(self, fn, timeout=None):
+        """Run fn(conn) in one durable transaction and return its result.
+
+        With timeout, raise StoreError if the commit has not returned by then
+        (the write may still happen later).
+        """
         if self._committer is not None:
-            return self._committer.submit(fn)
+            return self._committer.submit(fn, timeout)
+        self.check_file()
         conn = self.connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -647,11 +709,12 @@ class GroupCommitter:
         self.thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self.thread.start()
 
-    def submit(self, fn):
+    def submit(self, fn, timeout=None):
         """Queue fn(conn), wait until it is committed, and return its result."""
         pending = _Pending(fn)
         self.queue.put(pending)
-        pending.done.acquire()
+        if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
+            raise StoreError(f"database {self.store.path!r} did not answer within {timeout:g} s")
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -680,11 +743,13 @@ class GroupCommitter:
                         continue
                 self._commit(conn, batch)
             if stopping:
+                self.store.close()
                 return
 
     def _commit(self, conn, batch):
         alone = len(batch) == 1  # then the transaction itself is the savepoint
         try:
+            self.store.check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for pending in batch:
@@ -694,7 +759,8 @@ class GroupCommitter:
                         pending.result = pending.fn(conn)
                     except Exception as e:
                         conn.execute("ROLLBACK" if alone else "ROLLBACK TO op")
-                        pending.error = e
+                        pending.error = (StoreError(f"database {self.store.path!r}: {e}")
+                                         if isinstance(e, sqlite3.Error) else e)
                     if not alone:
                         conn.execute("RELEASE op")
                 if conn.in_transaction:
@@ -781,12 +847,12 @@ def authenticate(store, presented, conn=None):
         raise Unauthorized("an API key is required (?key= or Authorization: Bearer)")
     key_id, slash, secret = presented.partition("/")
     if not slash or not secret or not KEY_ID_RE.match(key_id):
-        raise Forbidden("malformed API key")
+        raise BadCredentials("malformed API key")
     key = store.key(key_id, conn)
     expected = key["secret_hash"] if key is not None else _NO_SUCH_KEY_HASH
     # Constant-time: the comparison does not reveal how much of a guess matched.
     if not hmac.compare_digest(hash_secret(secret), expected) or key is None:
-        raise Forbidden("invalid API key")
+        raise BadCredentials("invalid API key")
     if key["expires_at"] is not None and key["expires_at"] <= now():
         raise Forbidden("key expired")
     return key
@@ -1571,6 +1637,8 @@ ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors) for pattern, methods
     (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True),
     (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True),
     (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False),
+    (r"/health", {"GET": "health", "HEAD": "health"}, False),
+    (r"/metrics", {"GET": "metrics"}, False),
 ))
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
@@ -1624,6 +1692,7 @@ class RateLimiter:
         self.per_minute = per_minute
         self._window = None
         self._counts = {}
+        self._noted = set()
         self._lock = threading.Lock()
 
     def hit(self, address):
@@ -1632,9 +1701,95 @@ class RateLimiter:
         with self._lock:
             window = int(clock // 60)
             if window != self._window:  # a new minute: forget the old one (bounded memory)
-                self._window, self._counts = window, {}
+                self._window, self._counts, self._noted = window, {}, set()
             count = self._counts[address] = self._counts.get(address, 0) + 1
         return 0 if count <= self.per_minute else 60 - clock % 60
+
+    def first_time_over(self, address):
+        """Return True the first time in this minute that it is asked about an address."""
+        with self._lock:
+            if address in self._noted:
+                return False
+            self._noted.add(address)
+            return True
+
+    def over(self, address):
+        """Return 0 if the address is within its limit this minute, else the seconds until the next."""
+        clock = time.monotonic()
+        with self._lock:
+            if int(clock // 60) != self._window or self._counts.get(address, 0) < self.per_minute:
+                return 0
+        return 60 - clock % 60
+
+
+class Metrics:
+    """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = {}  # status -> count
+        self.invites = {}  # (host, backend) -> count
+        self.auth_failures = self.rate_limited = self.backend_failures = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def request(self, status, seconds):
+        """Count one answered request and its duration."""
+        with self._lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            if status == 429:
+                self.rate_limited += 1
+            elif status == 502:
+                self.backend_failures += 1
+            index = 0
+            while index < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[index]:
+                index += 1
+            self.latency_counts[index] += 1
+            self.latency_sum += seconds
+
+    def count(self, what, key=None):
+        """Count an invite created (key: (host, backend)) or an auth failure."""
+        with self._lock:
+            if what == "invite":
+                self.invites[key] = self.invites.get(key, 0) + 1
+            else:
+                self.auth_failures += 1
+
+    def render(self, connections, database_bytes):
+        """Return the OpenMetrics text exposition."""
+        def family(name, kind, help, samples):
+            lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"# HELP {name} {help}")
+            lines.extend(samples)
+
+        def labels(**pairs):
+            return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
+        lines = []
+        with self._lock:
+            family("invites_api_invites_created", "counter", "Invites created.",
+                   [f"invites_api_invites_created_total{labels(host=h, backend=b)} {n}"
+                    for (h, b), n in sorted(self.invites.items())])
+            family("invites_api_requests", "counter", "HTTP requests answered, by status.",
+                   [f"invites_api_requests_total{labels(status=s)} {n}" for s, n in sorted(self.requests.items())])
+            family("invites_api_auth_failures", "counter", "Requests with a wrong, unknown or malformed key.",
+                   [f"invites_api_auth_failures_total {self.auth_failures}"])
+            family("invites_api_rate_limited", "counter", "Requests answered 429.",
+                   [f"invites_api_rate_limited_total {self.rate_limited}"])
+            family("invites_api_backend_failures", "counter", "Backend programs that failed (502).",
+                   [f"invites_api_backend_failures_total {self.backend_failures}"])
+            cumulative, samples = 0, []
+            for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):
+                cumulative += count
+                samples.append(f'invites_api_request_duration_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
+            samples += [f"invites_api_request_duration_seconds_count {cumulative}",
+                        f"invites_api_request_duration_seconds_sum {self.latency_sum:.6f}"]
+            family("invites_api_request_duration_seconds", "histogram", "Time from request line to response.",
+                   samples)
+        family("invites_api_open_connections", "gauge", "Client connections open now.",
+               [f"invites_api_open_connections {connections}"])
+        family("invites_api_database_size_bytes", "gauge", "Database file and WAL size.",
+               [f"invites_api_database_size_bytes {database_bytes}"])
+        return "\n".join(lines) + "\n# EOF\n"
 
 
 class App:
@@ -1642,8 +1797,13 @@ class App:
 
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=None, site_name=None, apps=DEFAULT_APPS):
+                 backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=False, metrics_token=None,
+                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE):
         self.store = store
+        self.trust_proxy = trust_proxy  # take client address and scheme from X-Forwarded-*/Forwarded
+        self.metrics_token = metrics_token
+        self.metrics = Metrics()
+        self.auth_limiter = RateLimiter(auth_failures_per_minute)
         self.backend = backend  # None: the built-in store mints invites
         self.site_name = site_name  # None: the invite's host
         self.apps = apps
@@ -1668,6 +1828,9 @@ def _make_handler_class():
 
         def setup(self):
             self.timeout = self.server.idle_timeout
+            if self.server.tls is not None:  # the handshake happens here, in this connection's thread
+                self.request.settimeout(self.timeout)
+                self.request = self.server.tls.context.wrap_socket(self.request, server_side=True)
             super().setup()
 
         # -- the request loop -------------------------------------------------
@@ -1760,6 +1923,10 @@ def _make_handler_class():
             except Error as e:
                 if self._body is None and self.headers.get("Content-Length", "0").strip() != "0":
                     self.close_connection = True  # an unread body would spoil keep-alive
+                if isinstance(e, BadCredentials):
+                    self.count_auth_failure()
+                elif isinstance(e, (StoreError, BackendError)):
+                    self.log_line(f"{type(e).__name__} on {self.command} {self.redacted_path()}: {e}")
                 self.respond_error(e)
             except Exception:
                 import traceback
@@ -1769,6 +1936,42 @@ def _make_handler_class():
                 self.respond(500, "internal error\n")
 
         # -- routes -----------------------------------------------------------
+
+        def count_auth_failure(self):
+            """Count a failed authentication; log once when an address passes its limit this minute."""
+            self.server.app.metrics.count("auth_failure")
+            limiter = self.server.app.auth_limiter
+            limiter.hit(self.client_ip())
+            if limiter.over(self.client_ip()) and limiter.first_time_over(self.client_ip()):
+                self.log_line(f"{self.client_ip()} passed {limiter.per_minute} failed authentications "
+                              "this minute; refusing it with 429 until the minute ends")
+
+        def refuse_if_guessing(self):
+            """Answer 429 to an address that failed authentication too often this minute."""
+            wait = self.server.app.auth_limiter.over(self.client_ip())
+            if wait:
+                raise TooManyRequests("too many failed authentications from your address", wait)
+
+        def health(self, _):
+            """Say whether the database answers a read and a write: GET /health."""
+            self.params()
+            try:
+                self.server.app.store.health()
+            except Error as e:
+                return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
+                                         [("Retry-After", "5")])
+            self.respond_json(200, {"status": "ok"})
+
+        def metrics(self, _):
+            """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
+            self.params()
+            app = self.server.app
+            if app.metrics_token is not None:
+                given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
+                if not hmac.compare_digest(given.encode(), app.metrics_token.encode()):
+                    raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
+            text = app.metrics.render(self.server.open_connections, app.store.size())
+            self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
 
         def api_create(self, _):
             """Create an invite: GET or POST /invites_api."""
@@ -1780,8 +1983,10 @@ def _make_handler_class():
                 params[name] = str(value).lower() if isinstance(value, bool) else value
             redirect = parse_bool("redirect", str(params.pop("redirect", "")))
             credentials = self.presented_key(params.pop("key", ""))
+            self.refuse_if_guessing()
             invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
                                    backend=app.backend)
+            app.metrics.count("invite", (invite["host"], invite["backend"]))
             url = self.invite_url(invite)
             status = 303 if redirect else 201
             if self.wants_json():
@@ -1824,7 +2029,7 @@ def _make_handler_class():
         def invite_check(self, token):
             """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
             self.params()
-            wait = self.server.app.check_limiter.hit(self.client_address[0])
+            wait = self.server.app.check_limiter.hit(self.client_ip())
             if wait:
                 raise TooManyRequests("too many invite checks from your address", wait)
             self.respond_json(200, check_invite(self.server.app.store, token))
@@ -1879,7 +2084,31 @@ def _make_handler_class():
 
         def authenticate(self, query_key):
             """Return the key row for this request's credentials (Authorization wins over ?key=)."""
+            self.refuse_if_guessing()
             return authenticate(self.server.app.store, self.presented_key(query_key))
+
+        def client_ip(self):
+            """Return the client's address: the socket's, or with --trust-proxy what the proxy says."""
+            if self.server.app.trust_proxy and self.headers is not None:
+                forwarded = self.headers.get("Forwarded")
+                if forwarded:
+                    match = re.search(r'(?i)for="?\[?([0-9A-Fa-f.:]+)', forwarded.split(",")[-1])
+                    if match:
+                        return match.group(1)
+                chain = self.headers.get("X-Forwarded-For")
+                if chain and chain.split(",")[-1].strip():
+                    return chain.split(",")[-1].strip()[:64]  # the hop our proxy added
+            return self.client_address[0]
+
+        def scheme(self):
+            """Return "http" or "https" as the client sees this server."""
+            if self.server.app.trust_proxy:
+                forwarded = self.headers.get("Forwarded") or ""
+                match = re.search(r"(?i)proto=(https?)", forwarded)
+                proto = match.group(1) if match else self.headers.get("X-Forwarded-Proto", "")
+                if proto.strip().lower() in ("http", "https"):
+                    return proto.strip().lower()
+            return "https" if self.server.tls is not None else "http"
 
         def invite_url(self, invite):
             app = self.server.app
@@ -1893,11 +2122,11 @@ def _make_handler_class():
             if values:
                 scheme, _, credentials = values[0].strip().partition(" ")
                 if scheme.lower() != "bearer":
-                    raise Forbidden(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
+                    raise BadCredentials(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
                 from urllib.parse import unquote
                 credentials = unquote(credentials.strip())
                 if not credentials:
-                    raise Forbidden("malformed API key")
+                    raise BadCredentials("malformed API key")
                 return credentials
             return query_key if isinstance(query_key, str) else ""
 
@@ -1932,11 +2161,13 @@ def _make_handler_class():
             if app.public_url:
                 return app.public_url.replace("{host}", host)
             authority = self.headers.get("Host", "").strip()
+            if app.trust_proxy and self.headers.get("X-Forwarded-Host"):
+                authority = self.headers.get("X-Forwarded-Host").split(",")[0].strip()
             if not _HOST_HEADER_RE.match(authority):
                 if authority:
                     raise BadRequest(f"invalid Host header {authority[:100]!r}")
                 authority = "%s:%d" % self.server.server_address[:2]
-            return f"http://{authority}"
+            return f"{self.scheme()}://{authority}"
 
         # -- writing responses ------------------------------------------------
 
@@ -1973,6 +2204,8 @@ def _make_handler_class():
                 lines.append("Connection: close")
             head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
             self.wfile.write(head if self.command == "HEAD" else head + body)
+            if self._started is not None:
+                self.server.app.metrics.request(status, time.monotonic() - self._started)
             self.log_request(status, len(body))
 
         # -- logging ----------------------------------------------------------
@@ -2001,7 +2234,7 @@ def _make_handler_class():
                 return
             ms = (time.monotonic() - self._started) * 1000
             method = (self.command or "-")[:20].translate(_UNPRINTABLE)
-            self.log_line(f"{self.client_address[0]} {method} {self.redacted_path()} {code} {ms:.1f}ms")
+            self.log_line(f"{self.client_ip().translate(_UNPRINTABLE)} {method} {self.redacted_path()} {code} {ms:.1f}ms")
 
         def log_line(self, text):
             if self.server.app.log is not None:
@@ -2014,25 +2247,59 @@ def _make_handler_class():
     return Handler
 
 
+class TLS:
+    """The server's TLS settings (TLS 1.2 or newer), reloadable from the same files."""
+
+    def __init__(self, cert, key):
+        self.cert, self.key = cert, key
+        self.context = self.load()
+
+    def load(self):
+        """Return a new server context from the files; raise Error if they do not load."""
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise Error(f"cannot load the TLS certificate {self.cert!r} and key {self.key!r}: {e}") from None
+        return context
+
+    def reload(self):
+        """Switch new connections to the files' current contents (for renewals); keep the old on failure."""
+        self.context = self.load()
+
+
 def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                timeout=DEFAULT_TIMEOUT):
-    """Return a listening (not yet serving) HTTP server for app."""
+                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None):
+    """Return a listening (not yet serving) HTTP server for app.
+
+    tls: a TLS for HTTPS. listen_socket: an already listening socket (from
+    systemd) to serve instead of binding bind:port.
+    """
     from http.server import ThreadingHTTPServer
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         block_on_close = False
         allow_reuse_address = True
-        request_queue_size = 128
+        request_queue_size = 1024  # a burst is accepted and answered (or refused) fast, not dropped
 
         def __init__(self):
             self.app = app
             self.idle_timeout = timeout
+            self.tls = tls
             self.stopping = False
+            self.open_connections = 0
             self._slots = threading.BoundedSemaphore(max_connections)
             self._in_flight = 0
             self._idle = threading.Condition()
-            super().__init__((bind, port), _make_handler_class())
+            if listen_socket is None:
+                super().__init__((bind, port), _make_handler_class())
+            else:
+                super().__init__(listen_socket.getsockname()[:2], _make_handler_class(), bind_and_activate=False)
+                self.socket = listen_socket
+                self.server_address = listen_socket.getsockname()
 
         def process_request(self, request, client_address):
             if not self._slots.acquire(blocking=False):
@@ -2052,13 +2319,19 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 raise
 
         def process_request_thread(self, request, client_address):
+            with self._idle:
+                self.open_connections += 1
             try:
                 super().process_request_thread(request, client_address)
             finally:
+                self.app.store.close()  # this thread's connection, if it opened one: no fds left behind
+                with self._idle:
+                    self.open_connections -= 1
                 self._slots.release()
 
         def handle_error(self, request, client_address):
-            if not isinstance(sys.exc_info()[1], OSError):  # a vanished client is no news
+            # A vanished client or a failed TLS handshake (ssl.SSLError is an OSError) is no news.
+            if not isinstance(sys.exc_info()[1], OSError):
                 super().handle_error(request, client_address)
 
         def request_started(self):
@@ -2111,8 +2384,21 @@ def serve(server, banner=""):
         server.stopping = True
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def reload(signum, frame):
+        if server.tls is None:
+            return
+        try:
+            server.tls.reload()
+            message = f"reloaded the TLS certificate {server.tls.cert}"
+        except Error as e:
+            message = f"kept the old TLS certificate: {e}"
+        if server.app.log is not None:
+            server.app.log.write(f"{iso(now())} {message}\n")
+            server.app.log.flush()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     if banner:  # only now: whoever reads it may signal us at once
         print(banner, flush=True)
     server.serve_forever(poll_interval=0.2)
@@ -2149,7 +2435,8 @@ def open_store(args):
     path = args.db or default_db_path()
     # Only the default location is created on demand; a mistyped --db
     # directory should be an error, not a surprise.
-    return Store(path, create_dir=not args.db and not os.environ.get("INVITES_API_DB"))
+    return Store(path, create_dir=not args.db and not os.environ.get("INVITES_API_DB"),
+                 busy_timeout=getattr(args, "busy_timeout", BUSY_TIMEOUT))
 
 
 def _policy(args):
@@ -2274,16 +2561,39 @@ def cmd_serve(args):
         warning = backend.check()
         if warning:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise Error("--tls-cert and --tls-key go together")
+    tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
     store = open_store(args)
     apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
-              invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps)
-    server = make_server(app, args.bind, args.port, args.max_connections, args.timeout)
+              invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
+              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token)
+    server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
+                         systemd_socket())
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
-    serve(server, f"invites_api {__version__} serving on http://{shown}:{port}/invites_api "
-                  f"(database {store.path})")
+    serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
+                  f"/invites_api (database {store.path})")
+
+
+def systemd_socket():
+    """Return the listening socket systemd passed (LISTEN_PID/LISTEN_FDS, fd 3), or None."""
+    import socket
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS", "").isdigit():
+        return None
+    if int(os.environ["LISTEN_FDS"]) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
+        os.environ.pop(name, None)
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as e:
+        raise Error(f"systemd passed fd 3, but it is not a socket: {e.strerror}") from None
+    if sock.type != socket.SOCK_STREAM:
+        raise Error("systemd passed fd 3, but it is not a stream socket (ListenStream=)")
+    return sock
 
 
 _EXAMPLES = {
@@ -2384,6 +2694,16 @@ def build_parser():
     sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite pages (default: the host)")
     sub.add_argument("--apps", metavar="FILE.json",
                      help='the "No app yet?" list on invite pages: [{"platform", "name", "url"}, ...]')
+    sub.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS (TLS 1.2+) with this certificate chain; "
+                                                         "SIGHUP reloads it")
+    sub.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    sub.add_argument("--trust-proxy", action="store_true",
+                     help="behind a reverse proxy: take the client address and scheme from "
+                          "X-Forwarded-For/-Proto/-Host or Forwarded (off: they could be forged)")
+    sub.add_argument("--metrics-token", metavar="TOKEN", default=os.environ.get("INVITES_API_METRICS_TOKEN"),
+                     help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
+    sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
+                     help=f"how long a write waits for another process's lock before 503 (default {BUSY_TIMEOUT:g})")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
