@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Benchmarks for invites_api: `make bench` and `make bench-compare`.
+
+bench.py run      throughput and latency at 1/8/64 connections, growth after
+                  1,000,000 stored invites, CLI start-up, server RSS
+bench.py compare  the same load against Debian's Prosody 0.12 with
+                  mod_invites_api (SQLite storage, then file storage), in
+                  alternating rounds, as ratios
+
+Load comes from wrk when installed (1 thread, keep-alive, one invite per
+request), else from a small standard-library load generator. Every figure is
+printed with how it was measured. Not part of `make test`: machines are
+noisy, so compare ratios from one run, not absolute numbers across runs.
+"""
+
+import argparse
+import base64
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import http.client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(os.path.dirname(HERE), "invites_api.py")
+sys.path.insert(0, os.path.dirname(HERE))
+import invites_api as ia  # noqa: E402
+
+# The interpreter a Debian server runs it with; the shebang's is `python3` on PATH.
+SERVER_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+# -- load generation -----------------------------------------------------------
+
+def load(url, connections, seconds):
+    """Return (requests/s, p50 ms, p99 ms, non-2xx/3xx count, tool) for GETs of url."""
+    wrk = shutil.which("wrk")
+    if wrk:
+        result = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+                                capture_output=True, text=True, timeout=seconds + 60)
+        out = result.stdout
+        if "Requests/sec" not in out:
+            raise SystemExit(f"wrk failed: {result.stderr or out}")
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+        def ms(label):
+            value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", out).groups()
+            return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+        errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        return rate, ms("50%"), ms("99%"), int(errors.group(1)) if errors else 0, "wrk"
+    return stdlib_load(url, connections, seconds) + ("stdlib load generator",)
+
+
+def stdlib_load(url, connections, seconds):
+    """A keep-alive load generator in threads (used when wrk is missing)."""
+    match = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
+    host, port, path = match.group(1), int(match.group(2)), match.group(3)
+    latencies, errors, stop = [], [0], time.monotonic() + seconds
+
+    def worker():
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            latencies.append(time.perf_counter() - started)
+            if response.status >= 400:
+                errors[0] += 1
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    latencies.sort()
+    return (len(latencies) / seconds, latencies[len(latencies) // 2] * 1000,
+            latencies[int(len(latencies) * 0.99)] * 1000, errors[0])
+
+
+def count_requests(url, total, connections=8):
+    """Send total GETs of url over keep-alive connections (for RSS after N requests)."""
+    match = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
+    host, port, path = match.group(1), int(match.group(2)), match.group(3)
+    left = [total]
+    lock = threading.Lock()
+
+    def worker():
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            conn.request("GET", path)
+            conn.getresponse().read()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+# -- our server ------------------------------------------------------------------
+
+class OurServer:
+    """invites_api serve on a free port with a throwaway database."""
+
+    def __init__(self, directory, db=None):
+        self.db = db or os.path.join(directory, "bench.db")
+        store = ia.Store(self.db)
+        self.key = ia.create_key(store, "example.com", "bench")
+        store.close()
+        self.port = free_port()
+        self.proc = subprocess.Popen([SERVER_PYTHON, SCRIPT, "--db", self.db, "serve", "--quiet",
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL)
+        wait_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}/invites_api?key={self.key}"
+
+    def rss_mb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def seed_invites(db, count):
+    """Store count invites straight through sqlite (fast), as if minted over months."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    now = int(time.time())
+    batch = []
+    for i in range(count):
+        token = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        batch.append((token, "example.com", "register", f"xmpp:example.com?register;preauth={token}", None,
+                      None, now - count + i, now + 7 * 86400, 1, 1, None, None, None, None, "builtin"))
+        if len(batch) == 50_000:
+            conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * 15)})", batch)
+            batch = []
+    if batch:
+        conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * 15)})", batch)
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def median_ms(argv, runs=30, env=None):
+    """Median wall time of running argv, in ms."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def row(what, value, how):
+    print(f"| {what} | {value} | {how} |", flush=True)
+
+
+# -- make bench ------------------------------------------------------------------
+
+def run_bench(args):
+    print(f"# invites_api benchmark: {os.cpu_count()} cores, server on {SERVER_PYTHON} "
+          f"({sys.version.split()[0] if SERVER_PYTHON == sys.executable else 'Debian'}), "
+          f"{DURATION:g} s per measure, durable commits (synchronous=FULL)\n")
+    print("| measure | result | how |")
+    print("| --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as directory:
+        server = OurServer(directory)
+        tool = "wrk" if shutil.which("wrk") else "stdlib load generator"
+        for connections in (1, 8, 64):
+            rate, p50, p99, errors, tool = load(server.url, connections, DURATION)
+            row(f"create, {connections} connection{'s' if connections > 1 else ''}",
+                f"{rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms" + (f", {errors} errors" if errors else ""),
+                f"{tool}, GET /invites_api?key=, keep-alive, built-in backend")
+        empty_rate = load(server.url, 8, DURATION)[0]
+        server.stop()
+
+        # Growth: the same server on a database holding 1,000,000 invites.
+        big = os.path.join(directory, "big.db")
+        store = ia.Store(big)
+        store.close()
+        started = time.monotonic()
+        seed_invites(big, args.seed)
+        seeded = time.monotonic() - started
+        server = OurServer(directory, db=big)
+        big_rate, p50, p99, errors, tool = load(server.url, 8, DURATION)
+        server.stop()
+        row(f"growth: create at 8 connections, {args.seed:,} stored vs empty",
+            f"{big_rate:,.0f} vs {empty_rate:,.0f} req/s = {big_rate / empty_rate:.2f}x (p99 {p99:.2f} ms)",
+            f"{tool}; invites seeded through sqlite in {seeded:.0f} s")
+
+        # CLI start-up.
+        db = os.path.join(directory, "cli.db")
+        env = dict(os.environ, INVITES_API_DB=db)
+        subprocess.run([sys.executable, SCRIPT, "create", "example.com"], env=env, stdout=subprocess.DEVNULL)
+        shebang = shutil.which("python3")
+        for label, python in (("shebang's python3 " + shebang, shebang), ("Debian /usr/bin/python3", "/usr/bin/python3")):
+            if not os.path.exists(python):
+                continue
+            figures = [f"{name} {median_ms([python, SCRIPT, *argv], env=env):.1f} ms"
+                       for name, argv in (("create", ["create", "example.com"]), ("list", ["list", "example.com"]),
+                                          ("--help", ["--help"]))]
+            row(f"CLI start-up, {label}", ", ".join(figures), "median of 30 runs, wall time")
+        if os.path.exists("/usr/bin/python3"):
+            floor = median_ms(["/usr/bin/python3", "-c", "pass"])
+            row("for scale: /usr/bin/python3 -c pass", f"{floor:.1f} ms", "median of 30 runs")
+
+        # Memory.
+        server = OurServer(directory, db=os.path.join(directory, "rss.db"))
+        rss_start = server.rss_mb()
+        count_requests(server.url, args.requests)
+        rss_100k = server.rss_mb()
+        count_requests(server.url, args.requests)
+        rss_200k = server.rss_mb()
+        server.stop()
+        row("server RSS", f"{rss_start:.1f} MB at start, {rss_100k:.1f} MB after {args.requests:,} requests, "
+                          f"{rss_200k:.1f} MB after {2 * args.requests:,}", "VmRSS, 8 keep-alive connections")
+
+
+# -- make bench-compare ----------------------------------------------------------
+
+PROSODY_CONFIG = """
+pidfile = "{home}/prosody.pid"
+data_path = "{home}/data"
+certificates = "{home}/certs"
+admin_socket = "{home}/prosody.sock"
+daemonize = false
+log = {{ warn = "{home}/prosody.log" }}
+modules_enabled = {{ "http", "invites", "invites_api" }}
+{storage}
+c2s_ports = {{}}
+s2s_ports = {{}}
+component_ports = {{}}
+http_ports = {{ {port} }}
+http_interfaces = {{ "127.0.0.1" }}
+https_ports = {{}}
+http_default_host = "example.com"
+VirtualHost "example.com"
+"""
+
+
+class Prosody:
+    """Debian's Prosody with mod_invites_api from prosody-modules, on loopback."""
+
+    def __init__(self, directory, storage):
+        self.home = os.path.join(directory, f"prosody-{storage}")
+        for sub in ("data", "certs"):
+            os.makedirs(os.path.join(self.home, sub))
+        self.port = free_port()
+        self.config = os.path.join(self.home, "prosody.cfg.lua")
+        sql = 'storage = "sql"\nsql = { driver = "SQLite3", database = "prosody.sqlite" }' if storage == "sql" else ""
+        with open(self.config, "w") as f:
+            f.write(PROSODY_CONFIG.format(home=self.home, port=self.port, storage=sql))
+        self.run_as = []
+        if os.geteuid() == 0:
+            os.chmod(directory, 0o755)
+            subprocess.run(["chown", "-R", "prosody:prosody", self.home], check=True)
+            self.run_as = ["runuser", "-u", "prosody", "--"]
+        self.proc = subprocess.Popen(self.run_as + ["prosody", "--config", self.config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        out = subprocess.run(self.run_as + ["prosodyctl", "--config", self.config, "mod_invites_api", "create",
+                                            "example.com", "bench"], capture_output=True, text=True).stdout
+        self.key = out.strip().splitlines()[-1]
+        self.url = f"http://127.0.0.1:{self.port}/invites_api?key={self.key}"
+
+    def rss_mb(self):
+        with open(os.path.join(self.home, "prosody.pid")) as f:  # not runuser's pid
+            pid = f.read().strip()
+        with open(f"/proc/{pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def run_compare(args):
+    for program in ("prosody", "prosodyctl"):
+        if not shutil.which(program):
+            raise SystemExit(f"{program} is not installed: apt-get install prosody prosody-modules lua-dbi-sqlite3")
+    rounds = 3
+    print(f"# invites_api vs Prosody 0.12 + mod_invites_api: {os.cpu_count()} cores, {rounds} alternating rounds "
+          f"of {DURATION:g} s at 8 connections, one invite per request\n")
+    print("| measure | result | how |")
+    print("| --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as directory:
+        ours, prosody = OurServer(directory), Prosody(directory, "sql")
+        results = {"ours": [], "prosody": []}
+        tool = "wrk"
+        for _ in range(rounds):
+            for name, server in (("prosody", prosody), ("ours", ours)):
+                rate, p50, p99, errors, tool = load(server.url, 8, DURATION)
+                results[name].append((rate, p99))
+        ratio = statistics.median(o[0] / p[0] for o, p in zip(results["ours"], results["prosody"]))
+        for name, label in (("ours", "invites_api (sqlite, durable)"), ("prosody", "Prosody + SQLite storage")):
+            rates = [r for r, _ in results[name]]
+            p99s = [p for _, p in results[name]]
+            row(label, f"{statistics.median(rates):,.0f} req/s median (rounds: "
+                       f"{', '.join(f'{r:,.0f}' for r in rates)}), p99 {statistics.median(p99s):.2f} ms",
+                f"{tool} -t1 -c8 -d{DURATION:g}s")
+        row("throughput ratio, invites_api / Prosody+SQLite", f"{ratio:.1f}x", "median of the per-round ratios")
+        row("RSS after the rounds", f"invites_api {ours.rss_mb():.1f} MB, Prosody {prosody.rss_mb():.1f} MB", "VmRSS")
+        ours.stop()
+        prosody.stop()
+
+        # Prosody's default file storage: every invite rewrites the whole store.
+        prosody = Prosody(directory, "file")
+        count_requests(prosody.url, 1000)
+        rate, p50, p99, errors, tool = load(prosody.url, 8, DURATION)
+        prosody.stop()
+        row("Prosody + file storage, after 1,000 stored invites", f"{rate:,.0f} req/s, p99 {p99:.1f} ms",
+            f"{tool} -t1 -c8 -d{DURATION:g}s")
+
+        # CLI: ours vs prosodyctl, in the same run.
+        db = os.path.join(directory, "cli.db")
+        env = dict(os.environ, INVITES_API_DB=db)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        ours_ms = median_ms([python, SCRIPT, "create", "example.com"], env=env)
+        home = os.path.join(directory, "prosody-sql")
+        theirs_ms = median_ms(prosody.run_as + ["prosodyctl", "--config", os.path.join(home, "prosody.cfg.lua"),
+                                                "mod_invites_api", "create", "example.com"])
+        row("CLI create", f"invites_api {ours_ms:.1f} ms, prosodyctl mod_invites_api {theirs_ms:.1f} ms "
+                          f"= {ours_ms / theirs_ms:.2f}x", f"median of 30 runs, {python}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--seed", type=int, default=1_000_000, help="stored invites for the growth measure")
+    run.add_argument("--requests", type=int, default=100_000, help="requests before the RSS reading")
+    sub.add_parser("compare")
+    args = parser.parse_args()
+    run_bench(args) if args.what == "run" else run_compare(args)
+
+
+if __name__ == "__main__":
+    main()
