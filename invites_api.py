@@ -21,6 +21,7 @@ Example:
 
 import argparse
 import base64
+import bisect
 import hashlib
 import hmac
 import os
@@ -1645,6 +1646,7 @@ CORS_HEADERS = (
     ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
     ("Access-Control-Max-Age", "7200"),
 )
+_CORS_LINES = "".join(f"\r\n{name}: {value}" for name, value in CORS_HEADERS)
 def page_headers(nonce):
     """Return the security headers of an HTML page whose inline style and script carry nonce."""
     return (
@@ -1669,6 +1671,24 @@ def http_date():
     if _date_cache[0] != second:
         _date_cache = (second, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)))
     return _date_cache[1]
+
+
+def parse_query(query):
+    """Return a query string's (name, value) pairs, decoded like urllib's parse_qsl; raise BadRequest
+    past 20 of them. (Here on the hot path: parse_qsl is several times slower.)"""
+    if not query:
+        return []
+    fields = [field for field in query.split("&") if field]
+    if len(fields) > 20:
+        raise BadRequest("too many query parameters")
+    pairs = []
+    for field in fields:
+        name, _, value = field.partition("=")
+        if "%" in field or "+" in field:
+            from urllib.parse import unquote_plus
+            name, value = unquote_plus(name), unquote_plus(value)
+        pairs.append((name, value))
+    return pairs
 
 
 class Headers(dict):
@@ -1741,10 +1761,7 @@ class Metrics:
                 self.rate_limited += 1
             elif status == 502:
                 self.backend_failures += 1
-            index = 0
-            while index < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[index]:
-                index += 1
-            self.latency_counts[index] += 1
+            self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self.latency_sum += seconds
 
     def count(self, what, key=None):
@@ -2055,13 +2072,8 @@ def _make_handler_class():
 
         def params(self, *allowed):
             """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
-            from urllib.parse import parse_qsl
-            try:
-                pairs = parse_qsl(self.query, keep_blank_values=True, max_num_fields=20)
-            except ValueError:
-                raise BadRequest("too many query parameters") from None
             params = {}
-            for name, value in pairs:
+            for name, value in parse_query(self.query):
                 if name not in allowed:
                     raise BadRequest(f"unknown parameter {name[:40]!r}")
                 if name in params:
@@ -2194,8 +2206,7 @@ def _make_handler_class():
                      f"Server: {self.server_version}"]
             lines += [f"{name}: {value}" for name, value in headers]
             if self._cors:
-                lines.append(f"Access-Control-Allow-Methods: {self._cors}")
-                lines += [f"{name}: {value}" for name, value in CORS_HEADERS]
+                lines.append(f"Access-Control-Allow-Methods: {self._cors}{_CORS_LINES}")
             if status != 204:
                 if body:
                     lines.append(f"Content-Type: {content_type}")

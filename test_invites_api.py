@@ -2066,6 +2066,14 @@ class CliTest(TempDirTestCase):
         self.assertEqual(self.cli("serve", "--invite-ttl", "soon")[0], 2)
         self.assertEqual(self.cli("serve", "--port", "70000")[0], 2)
 
+    def test_query_parsing_matches_urllib(self):
+        from urllib.parse import parse_qsl
+        for query in ("", "key=a/b", "key=a%2Fb&redirect=true", "a=1&&b=&c", "note=hello+world%21", "x=%zz&y=%C3%A9",
+                      "k%65y=v", "=v", "a==b"):
+            self.assertEqual(ia.parse_query(query), parse_qsl(query, keep_blank_values=True), query)
+        with self.assertRaises(ia.BadRequest):
+            ia.parse_query("&".join(f"p{i}=1" for i in range(21)))
+
     def test_durations(self):
         self.assertEqual(ia.parse_duration("90"), 90)
         self.assertEqual(ia.parse_duration("12h"), 12 * 3600)
