@@ -1858,8 +1858,11 @@ class FuzzTest(LiveServerTestCase):
         self.assertNotIn("Traceback", self.log.getvalue())
         self.app.auth_limiter = ia.RateLimiter(20)  # the fuzzing tripped it, as it should
         self.assertEqual(self.create()[0], 201)
+        other_before = len([n for n in before_names if not n.startswith(self.db)])
         print(f"\nfuzz: {len(cases)} requests sent, answers by status {dict(sorted(statuses.items()))}, "
-              f"threads {before_threads}->{threading.active_count()}, fds {before_fds}->{fds()}", file=sys.stderr)
+              f"threads {before_threads}->{threading.active_count()}, other fds {other_before}->"
+              f"{len(after_names) - len(database)}, database fds {before_fds - other_before}->{len(database)}",
+              file=sys.stderr)
 
 
 class ThousandConnectionsTest(ServerProcessMixin, TempDirTestCase):
