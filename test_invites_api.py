@@ -791,8 +791,8 @@ class QrTest(TempDirTestCase):
         for level in "LQH":
             cases.append((url[:ia.qr_capacity(10, level)], level, None, 10))
         for version in range(11, 41):  # every other version we support, at the largest payload it holds
-            cases.append((url[:ia.qr_capacity(version, "L" if version % 2 else "M")], "L" if version % 2 else "M",
-                           None, version))
+            level = "L" if version % 2 or version == 40 else "M"  # 40-L: the largest payload, 2,953 bytes
+            cases.append((url[:ia.qr_capacity(version, level)], level, None, version))
         return cases
 
     def test_a_real_decoder_reads_every_payload_exactly(self):
@@ -811,6 +811,7 @@ class QrTest(TempDirTestCase):
             paths.append(path)
         self.assertEqual(masks_seen, set(range(8)))
         self.assertEqual(versions_seen, set(range(1, 41)))
+        self.assertEqual(max(len(p.encode()) for p, *_ in cases), 2953)
         for (payload, *_), decoded in zip(cases, zbar(*paths)):
             self.assertEqual(decoded, payload)
 
