@@ -211,13 +211,18 @@ def parse_host(text):
     return host
 
 
-def parse_key_name(text):
-    """Return a key name; raise ValueError on control characters or over 100 characters."""
-    if len(text) > 100:
-        raise ValueError(f"key name is {len(text)} characters long; at most 100 are allowed")
+def _one_line(text, what, limit):
+    """Return text if it is one line of at most limit characters; raise ValueError otherwise."""
+    if len(text) > limit:
+        raise ValueError(f"{what} is {len(text)} characters long; at most {limit} are allowed")
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ValueError(f"key name {text!r} contains control characters (tabs, newlines...)")
+        raise ValueError(f"{what} {text[:40]!r} contains control characters (tabs, newlines...)")
     return text
+
+
+def parse_key_name(text):
+    """Return a key name (one line, at most 100 characters); raise ValueError."""
+    return _one_line(text, "key name", 100)
 
 
 def parse_duration(text):
@@ -292,12 +297,8 @@ def parse_username(text):
 
 
 def parse_note(text):
-    """Return a note of at most 200 characters without control characters."""
-    if len(text) > 200:
-        raise ValueError(f"note is {len(text)} characters long; at most 200 are allowed")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise ValueError("note contains control characters (tabs, newlines...)")
-    return text
+    """Return an invite's note (one line, at most 200 characters); raise ValueError."""
+    return _one_line(text, "note", 200)
 
 
 def parse_seconds(text):

@@ -1094,6 +1094,7 @@ class PurgeTest(TempDirTestCase):
             self.assertEqual(ia.purge_invites(store, grace=30 * day), 3)
         left = {row["token"] for row in store.read("SELECT token FROM invites")}
         self.assertEqual(left, {fresh, used_recently})
+        self.assertNotIn(expired_long_ago, left)
         self.assertEqual(store.key(key.split("/")[0])["invites_created"], 5)  # quotas still count them
 
 
