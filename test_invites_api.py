@@ -1209,9 +1209,11 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
 
     def test_excess_requests_wait_for_a_slot_then_get_503_with_retry_after(self):
         key = self.key()
-        slow = write_program(self.dir, "slow", 'sleep 0.6\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
+        # One slot; each run takes 1.5 s; a request waits at most 2 s for the slot. The second
+        # request gets it after 1.5 s; the third gives up at 2.2 s, before the second is done at 3 s.
+        slow = write_program(self.dir, "slow", 'sleep 1.5\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
         proc, port = self.start("--backend", "command", "--backend-command", f"{slow} {{host}}",
-                                "--backend-concurrency", "1", "--backend-timeout", "1")
+                                "--backend-concurrency", "1", "--backend-timeout", "2")
         results = []
 
         def create(delay):
@@ -1900,7 +1902,12 @@ class ThousandConnectionsTest(ServerProcessMixin, TempDirTestCase):
             answers[status] = answers.get(status, 0) + 1
             sock.close()
         elapsed = time.monotonic() - started
-        self.assertEqual(answers, {201: 200, 503: 800})
+        # 200 served at once; the rest refused at once, unless the server had not yet accepted
+        # them when slots freed up again (then they were served): nothing unanswered.
+        self.assertEqual(set(answers) - {201, 503}, set(), answers)
+        self.assertGreaterEqual(answers[201], 200)
+        self.assertGreater(answers.get(503, 0), 0)
+        self.assertEqual(answers[201] + answers[503], 1000)
         self.assertLess(elapsed, 30)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", f"/invites_api?key={key}")
