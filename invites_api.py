@@ -2215,10 +2215,11 @@ def _make_handler_class():
             if self.close_connection:
                 lines.append("Connection: close")
             head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            self.wfile.write(head if self.command == "HEAD" else head + body)
+            # Counted and logged before sending: whoever sees the answer can already see the line.
             if self._started is not None:
                 self.server.app.metrics.request(status, time.monotonic() - self._started)
             self.log_request(status, len(body))
+            self.wfile.write(head if self.command == "HEAD" else head + body)
 
         # -- logging ----------------------------------------------------------
 
