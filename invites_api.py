@@ -82,6 +82,8 @@ AUTH_FAILURES_PER_MINUTE = 20
 HEALTH_TIMEOUT = 1.0
 # Request latency histogram buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# How often `serve` folds the WAL back into the database, beside the writes.
+CHECKPOINT_INTERVAL = 0.5
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
 
@@ -552,15 +554,34 @@ class Store:
         return result
 
     def start_group_commit(self):
-        """Route writes through one thread that commits many at a time (for serve)."""
+        """Route writes through one thread that commits many at a time, and checkpoint
+        the WAL from another (for serve)."""
         if self._committer is None:
             self._committer = GroupCommitter(self)
+            self._checkpointing = threading.Event()
+            threading.Thread(target=self._checkpoint_forever, args=(self._checkpointing,), name="checkpoint",
+                             daemon=True).start()
 
     def stop_group_commit(self):
-        """Finish the queued writes and stop the committing thread."""
+        """Finish the queued writes and stop the committing and checkpointing threads."""
         committer, self._committer = self._committer, None
         if committer is not None:
+            self._checkpointing.set()
             committer.stop()
+
+    def _checkpoint_forever(self, stop):
+        # The committer's connection does not checkpoint (wal_autocheckpoint=0):
+        # a checkpoint there would hold up every answer in that batch. Here it
+        # runs beside the writes instead, and keeps the WAL small.
+        conn = None
+        while not stop.wait(CHECKPOINT_INTERVAL):
+            try:
+                conn = conn or self._open()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except (Error, sqlite3.Error):
+                pass  # deleted, locked, full: the writes report it; try again next time
+        if conn is not None:
+            conn.close()
 
     # -- keys -----------------------------------------------------------------
 
@@ -738,7 +759,8 @@ class GroupCommitter:
                 if conn is None:
                     try:
                         conn = self.store.connect()
-                    except StoreError as e:
+                        conn.execute("PRAGMA wal_autocheckpoint=0")  # see Store._checkpoint_forever
+                    except (StoreError, sqlite3.Error) as e:
                         for pending in batch:
                             pending.error = e
                             pending.done.release()

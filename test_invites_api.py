@@ -1930,6 +1930,22 @@ class DurabilityTest(TempDirTestCase):
                                              conn.execute("PRAGMA synchronous").fetchone()[0]))
         self.assertEqual(settings, ("wal", 2))  # 2 = FULL: the WAL is fsynced at each commit
 
+    def test_the_wal_is_checkpointed_beside_the_writes_not_in_them(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        # The committer never checkpoints (it would hold up a batch's answers)...
+        self.assertEqual(store.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]), 0)
+        key = ia.create_key(store, "example.com")
+        size_before = os.path.getsize(self.db)
+        for _ in range(300):
+            ia.create_invite(store, key, options={"note": "n" * 200})
+        # ...the checkpoint thread copies the WAL's pages into the database file meanwhile.
+        deadline = time.monotonic() + 10
+        while os.path.getsize(self.db) <= size_before + 50_000 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertGreater(os.path.getsize(self.db), size_before + 50_000)
+
     def test_a_write_is_answered_only_after_its_commit_returned(self):
         store = ia.Store(self.db)
         store.start_group_commit()
