@@ -82,8 +82,11 @@ AUTH_FAILURES_PER_MINUTE = 20
 HEALTH_TIMEOUT = 1.0
 # Request latency histogram buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-# How often `serve` folds the WAL back into the database, beside the writes.
+# How often `serve` folds the WAL back into the database, beside the writes,
+# and the WAL size past which the writer lets it start over (SQLite's own
+# automatic checkpoint is at about 4 MB too).
 CHECKPOINT_INTERVAL = 0.5
+WAL_RESTART_BYTES = 4 * 1024 * 1024
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
 
@@ -766,9 +769,21 @@ class GroupCommitter:
                             pending.done.release()
                         continue
                 self._commit(conn, batch)
+                self._fold_wal(conn)
             if stopping:
                 self.store.close()
                 return
+
+    def _fold_wal(self, conn):
+        # The checkpoint thread copies the WAL into the database beside the
+        # writes, but only a checkpoint with no write in between lets the next
+        # write start the WAL over: done here, after the batch was answered,
+        # when the WAL has grown (by then it has little left to copy).
+        try:
+            if os.path.getsize(self.store.path + "-wal") > WAL_RESTART_BYTES:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (OSError, sqlite3.Error):
+            pass  # gone or busy: the next write reports it
 
     def _commit(self, conn, batch):
         alone = len(batch) == 1  # then the transaction itself is the savepoint

@@ -1946,6 +1946,23 @@ class DurabilityTest(TempDirTestCase):
             time.sleep(0.1)
         self.assertGreater(os.path.getsize(self.db), size_before + 50_000)
 
+    def test_the_wal_stays_bounded_under_sustained_writes(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        key = ia.create_key(store, "example.com")
+        largest = [0]
+
+        def writer(_):
+            for _ in range(250):
+                ia.create_invite(store, key, options={"note": "n" * 200})
+                largest[0] = max(largest[0], os.path.getsize(self.db + "-wal"))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(writer, range(8)))
+        self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 2000)
+        # 2,000 invites are far more than 4 MB of WAL frames; it started over instead of growing.
+        self.assertLess(largest[0], 2 * ia.WAL_RESTART_BYTES)
+
     def test_a_write_is_answered_only_after_its_commit_returned(self):
         store = ia.Store(self.db)
         store.start_group_commit()
