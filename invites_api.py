@@ -83,10 +83,10 @@ HEALTH_TIMEOUT = 1.0
 # Request latency histogram buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # How often `serve` folds the WAL back into the database, beside the writes,
-# and the WAL size past which the writer lets it start over (SQLite's own
-# automatic checkpoint is at about 4 MB too).
-CHECKPOINT_INTERVAL = 0.5
-WAL_RESTART_BYTES = 4 * 1024 * 1024
+# and the WAL length (pages) past which the writer lets it start over
+# (SQLite's own automatic checkpoint is at 1000 pages too).
+CHECKPOINT_INTERVAL = 0.1
+WAL_RESTART_FRAMES = 1000
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
 
@@ -414,6 +414,7 @@ class Store:
         self._local = threading.local()
         self._committer = None
         self._identity = None  # (device, inode) of the file we opened
+        self.wal_restart_wanted = False  # set by the checkpoint thread, done by the committer
         if create_dir:
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -580,7 +581,9 @@ class Store:
         while not stop.wait(CHECKPOINT_INTERVAL):
             try:
                 conn = conn or self._open()
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                # Writes keep coming, so the WAL never starts over by itself: ask the writer.
+                self.wal_restart_wanted = frames > WAL_RESTART_FRAMES
             except (Error, sqlite3.Error):
                 pass  # deleted, locked, full: the writes report it; try again next time
         if conn is not None:
@@ -778,12 +781,13 @@ class GroupCommitter:
         # The checkpoint thread copies the WAL into the database beside the
         # writes, but only a checkpoint with no write in between lets the next
         # write start the WAL over: done here, after the batch was answered,
-        # when the WAL has grown (by then it has little left to copy).
-        try:
-            if os.path.getsize(self.store.path + "-wal") > WAL_RESTART_BYTES:
+        # when that thread saw the WAL grow (by then it has little left to copy).
+        if self.store.wal_restart_wanted:
+            self.store.wal_restart_wanted = False
+            try:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except (OSError, sqlite3.Error):
-            pass  # gone or busy: the next write reports it
+            except sqlite3.Error:
+                pass  # busy or gone: the next write reports it
 
     def _commit(self, conn, batch):
         alone = len(batch) == 1  # then the transaction itself is the savepoint
