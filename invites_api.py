@@ -9,7 +9,9 @@ Commands:
   serve                   run the HTTP API (loopback, port 5282 by default)
   create HOST [NAME]      make an API key for HOST; prints KEY_ID/SECRET once
   list HOST               list HOST's keys, one "KEY_ID<TAB>NAME" per line
+  update HOST KEY_ID      change a key's name or policy (expiry, quota, rate)
   delete HOST KEY_ID      revoke a key at once
+  invites ...             create, list, show, revoke or redeem invites directly
 
 Example:
   $ python3 invites_api.py create example.com "My test key"
