@@ -235,7 +235,7 @@ def parse_key_name(text):
 def parse_duration(text):
     """Return seconds for "90", "45m", "12h", "7d", "1w2d"...; raise ValueError otherwise."""
     text = text.strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         seconds = int(text)
     elif text and _DURATION_RE.sub("", text) == "":
         seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
@@ -254,7 +254,7 @@ _RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 
 def parse_rate(text):
     """Return (count, period seconds) for "10/hour", "100/day", "5/15m"...; raise ValueError."""
     count, slash, period = text.strip().lower().partition("/")
-    if not slash or not count.isdigit() or int(count) < 1:
+    if not slash or not (count.isascii() and count.isdigit()) or int(count) < 1:
         raise ValueError(f"invalid rate {text!r}: use N/PERIOD, like 10/hour or 100/day")
     seconds = _RATE_PERIODS.get(period.rstrip("s")) or _RATE_PERIODS.get(period)
     if seconds is None:
@@ -282,7 +282,7 @@ def parse_expiry(text):
 
 def parse_count(text, what="count"):
     """Return a whole number >= 1 from text (or an int); raise ValueError otherwise."""
-    if isinstance(text, bool) or not (isinstance(text, int) or str(text).strip().isdigit()):
+    if isinstance(text, bool) or not (isinstance(text, int) or re.fullmatch(r"[0-9]{1,10}", str(text).strip())):
         raise ValueError(f"invalid {what} {text!r}: expected a whole number of 1 or more")
     number = int(text)
     if not 1 <= number <= 1_000_000_000:
@@ -1942,11 +1942,11 @@ def _make_handler_class():
                 self.send_error(400)  # not 505: client input never causes a 5xx
                 return False
             headers = self.headers = Headers()
-            while True:
+            for count in range(MAX_HEADERS + 1):  # lines, not names: a repeated name counts each time
                 line = self.rfile.readline(MAX_HEADER_LINE + 1)
                 if line in (b"\r\n", b"\n"):
                     break
-                if not line.endswith(b"\n") or len(headers) >= MAX_HEADERS:
+                if not line.endswith(b"\n") or count == MAX_HEADERS:
                     self.send_error(431 if line else 400)  # too long, too many, or cut short
                     return False
                 name, colon, value = line.decode("latin-1").partition(":")
@@ -2191,8 +2191,9 @@ def _make_handler_class():
             if self.headers.get("Transfer-Encoding"):
                 self.close_connection = True
                 raise LengthRequired("send the body with Content-Length, not chunked")
-            length = self.headers.get("Content-Length", "0").strip() or "0"
-            if not length.isdigit():
+            lengths = {value.strip() for value in self.headers.get_all("Content-Length")} or {"0"}
+            length = lengths.pop() or "0"
+            if lengths or not re.fullmatch(r"[0-9]{1,12}", length):  # ASCII digits only; one value
                 self.close_connection = True
                 raise BadRequest(f"invalid Content-Length {length[:20]!r}")
             if int(length) > MAX_BODY:
