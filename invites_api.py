@@ -792,22 +792,21 @@ class GroupCommitter:
                 pass  # busy or gone: the next write reports it
 
     def _commit(self, conn, batch):
-        alone = len(batch) == 1  # then the transaction itself is the savepoint
+        # First the whole batch as one plain transaction: every statement is a
+        # trip through the GIL for this thread, and a savepoint per write
+        # would double them. A write that raises before changing anything
+        # (a bad key, a full quota) costs the others nothing; one that raises
+        # after changing rows spoils the transaction: it is rolled back and
+        # the rest run again, each in a savepoint (nobody was answered yet).
         try:
             self.store.check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for pending in batch:
-                    if not alone:
-                        conn.execute("SAVEPOINT op")
-                    try:
-                        pending.result = pending.fn(conn)
-                    except Exception as e:
-                        conn.execute("ROLLBACK" if alone else "ROLLBACK TO op")
-                        pending.error = (StoreError(f"database {self.store.path!r}: {e}")
-                                         if isinstance(e, sqlite3.Error) else e)
-                    if not alone:
-                        conn.execute("RELEASE op")
+                if not self._run_writes(conn, batch, savepoints=False):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    conn.execute("BEGIN IMMEDIATE")
+                    self._run_writes(conn, [p for p in batch if p.error is None], savepoints=True)
                 if conn.in_transaction:
                     conn.execute("COMMIT")
             except BaseException:
@@ -820,6 +819,25 @@ class GroupCommitter:
                 pending.error = pending.error or error
         for pending in batch:
             pending.done.release()
+
+    def _run_writes(self, conn, batch, savepoints):
+        """Run the writes; without savepoints, stop and return False at one that raised after changing rows."""
+        for pending in batch:
+            if savepoints:
+                conn.execute("SAVEPOINT op")
+            changes = conn.total_changes
+            try:
+                pending.result = pending.fn(conn)
+            except Exception as e:
+                pending.error = (StoreError(f"database {self.store.path!r}: {e}")
+                                 if isinstance(e, sqlite3.Error) else e)
+                if savepoints:
+                    conn.execute("ROLLBACK TO op")
+                elif conn.total_changes != changes or not conn.in_transaction:
+                    return False
+            if savepoints:
+                conn.execute("RELEASE op")
+        return True
 
 
 # ---------------------------------------------------------------------------

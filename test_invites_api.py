@@ -2022,6 +2022,50 @@ class DurabilityTest(TempDirTestCase):
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 2)
 
 
+    def test_a_write_refused_before_changing_anything_costs_the_batch_nothing(self):
+        store = ia.Store(self.db)
+        store.start_group_commit()
+        self.addCleanup(store.stop_group_commit)
+        gate = threading.Event()
+        calls, results, statements = [], [], []
+        conn = store.write(lambda conn: conn)
+        conn.set_trace_callback(statements.append)
+        blocker = threading.Thread(target=lambda: store.write(lambda conn: gate.wait(5)))
+        blocker.start()
+        time.sleep(0.1)
+
+        def insert(name):
+            def fn(conn):
+                calls.append(name)
+                conn.execute("INSERT INTO meta (name, value) VALUES (?, '')", (name,))
+                return name
+            return fn
+
+        def refused(conn):
+            calls.append("refused")
+            conn.execute("UPDATE meta SET value = 'x' WHERE name = 'nothing-matches'")
+            raise ia.Forbidden("invite quota used up")
+
+        def submit(fn):
+            try:
+                results.append(store.write(fn))
+            except ia.Error as e:
+                results.append(type(e).__name__)
+        workers = []
+        for fn in (insert("a"), refused, insert("b")):
+            workers.append(threading.Thread(target=submit, args=(fn,)))
+            workers[-1].start()
+            time.sleep(0.02)  # queued in this order
+        gate.set()
+        for w in workers + [blocker]:
+            w.join(5)
+        self.assertEqual(sorted(results), ["Forbidden", "a", "b"])
+        self.assertEqual(calls, ["a", "refused", "b"])  # each write ran once: no rollback, no second pass
+        batch = statements[statements.index("BEGIN IMMEDIATE", 1):]
+        self.assertFalse([s for s in batch if "SAVEPOINT" in s or "ROLLBACK" in s], batch)
+        self.assertEqual([row[0] for row in store.read("SELECT name FROM meta ORDER BY name")], ["a", "b"])
+
+
 # ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
