@@ -102,10 +102,12 @@ class LiveServerTestCase(TempDirTestCase):
             if own:
                 conn.close()
 
-    def raw(self, data, read_timeout=5):
-        """Send raw bytes; return everything the server answers before closing."""
+    def raw(self, data, read_timeout=5, shut=False):
+        """Send raw bytes (shut: and nothing more); return everything the server answers before closing."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=read_timeout) as sock:
             sock.sendall(data)
+            if shut:
+                sock.shutdown(socket.SHUT_WR)
             chunks = []
             while True:
                 chunk = sock.recv(65536)
@@ -389,6 +391,68 @@ class ApiTest(LiveServerTestCase):
         self.request("GET", f"/invite?{token}")
         self.request("GET", f"/invite/{token}")
         self.assertNotIn(token, self.log.getvalue())
+
+
+class ServingLoopTest(LiveServerTestCase):
+    """One thread serves all connections; each round's writes are committed before its answers go out."""
+
+    def test_the_answer_leaves_only_after_the_commit_returned(self):
+        self.assertEqual(self.create()[0], 201)  # opens the loop's write connection
+        committed = []
+
+        def trace(statement):
+            if statement == "COMMIT":
+                time.sleep(0.3)  # a slow disk: the answer must wait for it
+                committed.append(time.monotonic())
+        self.store._round.conn.set_trace_callback(trace)
+        self.addCleanup(self.store._round.conn.set_trace_callback, None)
+        status, _, _ = self.create()
+        answered = time.monotonic()
+        self.assertEqual(status, 201)
+        self.assertEqual(len(committed), 1)
+        self.assertGreaterEqual(answered, committed[0])
+
+    def test_a_failed_commit_turns_the_rounds_answers_into_503(self):
+        self.assertEqual(self.create()[0], 201)
+        conn = self.store._round.conn
+
+        def fail():  # as RoundWriter.commit when the COMMIT fails: all of the round is undone
+            if not conn.in_transaction:
+                return None
+            conn.execute("ROLLBACK")
+            return ia.StoreError(f"database {self.db!r}: disk I/O error")
+        with mock.patch.object(self.store, "commit_round", fail):
+            status, headers, body = self.create(headers={"Accept": "application/json"})
+            self.assertEqual(status, 503)
+            self.assertIn("disk I/O error", json.loads(body)["error"])
+            self.assertIn("retry-after", headers)
+            self.assertEqual(self.request("OPTIONS", "/invites_api")[0], 204)  # no write: not affected
+        self.assertEqual(self.invite_count(), 1)
+        self.assertEqual(self.store.key(self.key_id)["invites_created"], 1)
+        self.assertIn("StoreError on GET /invites_api?key=[redacted]", self.log.getvalue())
+        self.assertEqual(self.create()[0], 201)
+
+    def test_pipelined_requests_are_answered_in_order_even_around_a_slow_one(self):
+        create = f"GET /invites_api?key={self.key} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        requests = [create, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",  # /health runs in a thread
+                    b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\n\r\n",
+                    create.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")]
+        answer = self.raw(b"".join(requests))
+        self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), [b"201", b"200", b"204", b"201"])
+        self.assertEqual(self.invite_count(), 2)
+
+    def test_a_request_in_pieces_and_one_cut_short(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            body = b'{"uses": 1}'
+            for piece in (b"POST /invites_api HTTP/1.1\r\nAuthorization: Bearer ", self.key.encode(),
+                          b"\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n", body[:4], body[4:]):
+                sock.sendall(piece)
+                time.sleep(0.05)
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 201 "))
+        answer = self.raw(b"POST /invites_api HTTP/1.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 11\r\n\r\n{\"us", shut=True)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+        self.assertIn(b"shorter than Content-Length", answer)
 
 
 class ServerOptionsTest(LiveServerTestCase):
@@ -1714,7 +1778,10 @@ class FaultTest(LiveServerTestCase):
     def test_disk_full_is_503_half_writes_nothing_and_recovers(self):
         self.assertEqual(self.create()[0], 201)
         pages = self.store.write(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0])
-        self.store.write(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        # A limit of one connection: set it on both writers (the serving loop's, the group committer's).
+        writers = (self.store._round.conn, self.store.write(lambda conn: conn))
+        for conn in writers:
+            conn.execute(f"PRAGMA max_page_count = {pages}")
         statuses = []
         for i in range(300):  # fill the last pages, then the disk is "full"
             status, headers, _ = self.create(extra=f"&note={'n' * 190}{i}")
@@ -1726,7 +1793,8 @@ class FaultTest(LiveServerTestCase):
         count = self.invite_count()
         self.assertEqual(self.store.key(self.key_id)["invites_created"], count)  # nothing half-written
         self.assertEqual(self.create(extra=f"&note={'n' * 200}")[0], 503)
-        self.store.write(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))  # space returns
+        for conn in writers:
+            conn.execute("PRAGMA max_page_count = 1073741823")  # space returns
         self.assertEqual(self.create()[0], 201)
         self.assertEqual(self.invite_count(), count + 1)
         self.assertIn("StoreError", self.log.getvalue())
@@ -2185,6 +2253,20 @@ class CliTest(TempDirTestCase):
             self.assertEqual(ia.parse_query(query), parse_qsl(query, keep_blank_values=True), query)
         with self.assertRaises(ia.BadRequest):
             ia.parse_query("&".join(f"p{i}=1" for i in range(21)))
+
+    def test_tokens_made_in_one_second_share_a_prefix_and_differ_in_112_random_bits(self):
+        with mock.patch.object(ia, "now", return_value=T0):
+            tokens = {ia._new_token() for _ in range(1000)}
+        self.assertEqual(len(tokens), 1000)
+        self.assertEqual({len(t) for t in tokens}, {24})
+        self.assertTrue(all(ia.TOKEN_RE.match(t) for t in tokens))
+        self.assertEqual(len({t[:5] for t in tokens}), 1)  # 30 of the 32 time bits
+        self.assertEqual(len({t[6:] for t in tokens}), 1000)  # the random part
+        with mock.patch.object(ia, "now", return_value=T0 + 1):
+            self.assertNotEqual(ia._new_token()[:6], next(iter(tokens))[:6])
+        for seconds in (0, 2**31 - 1, 2**31, 2**32 - 1, T0):  # never "-": it would read as an option
+            with mock.patch.object(ia, "now", return_value=seconds):
+                self.assertFalse(ia._new_token().startswith("-"), seconds)
 
     def test_durations(self):
         self.assertEqual(ia.parse_duration("90"), 90)
