@@ -2440,6 +2440,9 @@ class TLS:
         self.context = self.load()
 
 
+_CONTENT_LENGTH_RE = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
+
+
 class _Connection:
     """One client connection of the serving loop: bytes in, bytes out, and its state."""
 
@@ -2474,13 +2477,12 @@ class _Connection:
         else:
             end = min(ends)
             size = end + (3 if buf[end + 1] == 13 else 2)
-            lengths = {value.strip() for name, _, value in (line.partition(b":") for line in
-                                                              bytes(buf[:size]).split(b"\n")[1:])
-                       if name.strip().lower() == b"content-length"}
+            head = bytes(buf[:size])
+            lengths = {value.strip() for value in _CONTENT_LENGTH_RE.findall(head)}
             length = lengths.pop() if len(lengths) == 1 else b"0"
             if length.isdigit() and length.isascii() and int(length) <= MAX_BODY:
                 if len(buf) < size + int(length) and not self.ended:
-                    if not self.continued and b"100-continue" in bytes(buf[:size]).lower():
+                    if not self.continued and b"100-continue" in head.lower():
                         self.continued = True
                         self.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
                     return None

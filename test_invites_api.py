@@ -441,6 +441,16 @@ class ServingLoopTest(LiveServerTestCase):
         self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), [b"201", b"200", b"204", b"201"])
         self.assertEqual(self.invite_count(), 2)
 
+    def test_expect_100_continue_is_answered_before_the_body_comes(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"POST /invites_api HTTP/1.1\r\nAuthorization: Bearer " + self.key.encode() +
+                         b"\r\nContent-Type: application/json\r\ncontent-LENGTH: 11\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            self.assertEqual(sock.recv(4096), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(b'{"uses": 1}')
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 201 "))
+        self.assertEqual(self.invite_count(), 1)
+
     def test_a_request_in_pieces_and_one_cut_short(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             body = b'{"uses": 1}'

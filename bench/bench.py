@@ -130,14 +130,18 @@ def count_requests(url, total, connections=8):
 class OurServer:
     """invites_api serve on a free port with a throwaway database."""
 
-    def __init__(self, directory, db=None):
+    def __init__(self, directory, db=None, module_dir=None):
         self.db = db or os.path.join(directory, "bench.db")
         store = ia.Store(self.db)
         self.key = ia.create_key(store, "example.com", "bench")
         store.close()
         self.port = free_port()
-        self.proc = subprocess.Popen([SERVER_PYTHON, SCRIPT, "--db", self.db, "serve", "--quiet",
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL)
+        # module_dir: run it as `python3 -m invites_api` from compiled bytecode there, not as a script.
+        argv, env = [SERVER_PYTHON, SCRIPT], None
+        if module_dir:
+            argv, env = [SERVER_PYTHON, "-m", "invites_api"], dict(os.environ, PYTHONPATH=module_dir)
+        self.proc = subprocess.Popen(argv + ["--db", self.db, "serve", "--quiet", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, env=env)
         wait_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}/invites_api?key={self.key}"
 
@@ -150,6 +154,15 @@ class OurServer:
         self.proc.wait(30)
 
 
+def compiled_copy(directory):
+    """Return a directory holding a copy of invites_api.py and its compiled bytecode (`python3 -m` runs that)."""
+    target = os.path.join(directory, "module")
+    os.makedirs(target)
+    shutil.copy(SCRIPT, target)
+    subprocess.run([SERVER_PYTHON, "-m", "compileall", "-q", target], check=True)
+    return target
+
+
 def seed_invites(db, count):
     """Store count invites straight through sqlite (fast), as if minted over months."""
     conn = sqlite3.connect(db, isolation_level=None)
@@ -158,9 +171,10 @@ def seed_invites(db, count):
     now = int(time.time())
     batch = []
     for i in range(count):
-        token = base64.urlsafe_b64encode(os.urandom(18)).decode()
+        created = now - count + i  # tokens as invites_api makes them: 4 bytes of time, 14 random
+        token = base64.urlsafe_b64encode((created % 2**31).to_bytes(4, "big") + os.urandom(14)).decode()
         batch.append((token, "example.com", "register", f"xmpp:example.com?register;preauth={token}", None,
-                      None, now - count + i, now + 7 * 86400, 1, 1, None, None, None, None, "builtin"))
+                      None, created, now + 7 * 86400, 1, 1, None, None, None, None, "builtin"))
         if len(batch) == 50_000:
             conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * 15)})", batch)
             batch = []
@@ -230,20 +244,28 @@ def run_bench(args):
                        for name, argv in (("create", ["create", "example.com"]), ("list", ["list", "example.com"]),
                                           ("--help", ["--help"]))]
             row(f"CLI start-up, {label}", ", ".join(figures), "median of 30 runs, wall time")
+        module_dir = compiled_copy(directory)
+        module_env = dict(env, PYTHONPATH=module_dir)
+        figures = [f"{name} {median_ms([SERVER_PYTHON, '-m', 'invites_api', *argv], env=module_env):.1f} ms"
+                   for name, argv in (("create", ["create", "example.com"]), ("list", ["list", "example.com"]),
+                                      ("--help", ["--help"]))]
+        row(f"CLI start-up, {SERVER_PYTHON} -m invites_api", ", ".join(figures),
+            "median of 30 runs; from compiled bytecode (a script is compiled on every run, a module is not)")
         if os.path.exists("/usr/bin/python3"):
             floor = median_ms(["/usr/bin/python3", "-c", "pass"])
             row("for scale: /usr/bin/python3 -c pass", f"{floor:.1f} ms", "median of 30 runs")
 
-        # Memory.
-        server = OurServer(directory, db=os.path.join(directory, "rss.db"))
-        rss_start = server.rss_mb()
-        count_requests(server.url, args.requests)
-        rss_100k = server.rss_mb()
-        count_requests(server.url, args.requests)
-        rss_200k = server.rss_mb()
-        server.stop()
-        row("server RSS", f"{rss_start:.1f} MB at start, {rss_100k:.1f} MB after {args.requests:,} requests, "
-                          f"{rss_200k:.1f} MB after {2 * args.requests:,}", "VmRSS, 8 keep-alive connections")
+        # Memory: run as a script, and as a module from compiled bytecode.
+        for label, mode in (("server RSS, as a script", None), ("server RSS, python3 -m invites_api", module_dir)):
+            server = OurServer(directory, db=os.path.join(directory, f"rss{bool(mode)}.db"), module_dir=mode)
+            rss_start = server.rss_mb()
+            count_requests(server.url, args.requests)
+            rss_100k = server.rss_mb()
+            count_requests(server.url, args.requests)
+            rss_200k = server.rss_mb()
+            server.stop()
+            row(label, f"{rss_start:.1f} MB at start, {rss_100k:.1f} MB after {args.requests:,} requests, "
+                       f"{rss_200k:.1f} MB after {2 * args.requests:,}", "VmRSS, 8 keep-alive connections")
 
 
 # -- make bench-compare ----------------------------------------------------------
@@ -345,12 +367,21 @@ def run_compare(args):
         db = os.path.join(directory, "cli.db")
         env = dict(os.environ, INVITES_API_DB=db)
         python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-        ours_ms = median_ms([python, SCRIPT, "create", "example.com"], env=env)
+        module_env = dict(env, PYTHONPATH=compiled_copy(directory))
         home = os.path.join(directory, "prosody-sql")
-        theirs_ms = median_ms(prosody.run_as + ["prosodyctl", "--config", os.path.join(home, "prosody.cfg.lua"),
-                                                "mod_invites_api", "create", "example.com"])
-        row("CLI create", f"invites_api {ours_ms:.1f} ms, prosodyctl mod_invites_api {theirs_ms:.1f} ms "
-                          f"= {ours_ms / theirs_ms:.2f}x", f"median of 30 runs, {python}")
+        ours_ms, module_ms, theirs_ms = [], [], []
+        for _ in range(3):  # alternating, 10 runs each time
+            ours_ms.append(median_ms([python, SCRIPT, "create", "example.com"], runs=10, env=env))
+            module_ms.append(median_ms([python, "-m", "invites_api", "create", "example.com"], runs=10,
+                                       env=module_env))
+            theirs_ms.append(median_ms(prosody.run_as + ["prosodyctl", "--config",
+                                                         os.path.join(home, "prosody.cfg.lua"),
+                                                         "mod_invites_api", "create", "example.com"], runs=10))
+        ours_ms, module_ms, theirs_ms = (statistics.median(x) for x in (ours_ms, module_ms, theirs_ms))
+        row("CLI create", f"invites_api.py {ours_ms:.1f} ms ({ours_ms / theirs_ms:.2f}x), "
+                          f"python3 -m invites_api {module_ms:.1f} ms ({module_ms / theirs_ms:.2f}x); "
+                          f"prosodyctl mod_invites_api {theirs_ms:.1f} ms",
+            f"3 alternating rounds of 10 runs, median; {python}; -m runs from compiled bytecode")
 
 
 def main():
