@@ -74,6 +74,12 @@ MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 # Largest request body we accept; an invite request needs a few hundred bytes.
 MAX_BODY = 8192
+# Bytes a connection may have waiting (requests not yet handled, answers not
+# yet taken); past this we stop reading it until the client catches up. More
+# than the longest request head (64 lines of 8 KiB), so one always fits.
+MAX_PENDING = 1024 * 1024
+# Pipelined requests of one connection handled per round of the serving loop.
+REQUESTS_PER_ROUND = 16
 # Seconds a connection may sit idle or stall mid-request before we drop it.
 DEFAULT_TIMEOUT = 20.0
 # Simultaneous connections served; more are refused with a fast 503.
@@ -2526,6 +2532,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
             self.stopping = False
             self.connections = {}  # socket -> _Connection
             self.lingering = {}  # refused sockets -> when to close them
+            self._carried = []  # connections with requests left for the next round
             self.handshakes = 0  # TLS handshakes under way (they count as connections)
             self.handler_class = _make_handler_class()
             self._stop = False
@@ -2559,7 +2566,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
             grace_until = None
             try:
                 while True:
-                    ready = []
+                    ready, self._carried = self._carried, []
                     if self._stop and grace_until is None:
                         # No new connections; answer what came (with Connection: close), then end.
                         grace_until = time.monotonic() + SHUTDOWN_GRACE
@@ -2568,7 +2575,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                     elif grace_until is not None and (time.monotonic() > grace_until or not any(
                             c.busy or c.outbuf or c.inbuf for c in self.connections.values())):
                         break
-                    for key, events in selector.select(min(poll_interval, self.idle_timeout / 4)):
+                    for key, events in selector.select(0 if ready else min(poll_interval, self.idle_timeout / 4)):
                         if key.fileobj is self.socket:
                             self._accept()
                         elif key.fileobj is self._wake_r:
@@ -2579,6 +2586,8 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                             conn = key.data
                             if events & selectors.EVENT_WRITE:
                                 self._send(conn)
+                                if conn.inbuf and not conn.busy:  # requests that waited for room
+                                    ready.append(conn)
                             if events & selectors.EVENT_READ and self._receive(conn):
                                 ready.append(conn)
                     try:
@@ -2638,7 +2647,11 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
             for _ in range(64):  # a burst at a time; the rest next round
                 try:
                     sock, address = self.socket.accept()
-                except OSError:  # none left (BlockingIOError), or the client gave up already
+                except (BlockingIOError, ConnectionAbortedError):  # none left, or the client gave up
+                    return
+                except OSError as e:  # out of file descriptors or memory: do not spin on it
+                    self._log(f"cannot accept connections: {e.strerror}")
+                    time.sleep(0.05)
                     return
                 if self.open_connections >= self.max_connections:
                     self._refuse(sock)
@@ -2739,8 +2752,9 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 self._close(conn)
                 return
             # Wait for room for the answers, for more requests, or (a request in a thread) for nothing.
-            events = ((selectors.EVENT_WRITE if conn.outbuf else 0)
-                      | (0 if conn.closing or conn.ended else selectors.EVENT_READ))
+            reading = not (conn.closing or conn.ended or len(conn.inbuf) > MAX_PENDING
+                           or len(conn.outbuf) > MAX_PENDING)
+            events = (selectors.EVENT_WRITE if conn.outbuf else 0) | (selectors.EVENT_READ if reading else 0)
             try:
                 watched = self._selector.get_key(conn.sock).events
             except KeyError:
@@ -2766,8 +2780,12 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
 
         def _handle_round(self, ready):
             round, writes = [], self.app.store._round
+            ready = list(dict.fromkeys(ready))
             for conn in ready:
-                while not conn.busy and not conn.closing and conn.sock in self.connections:
+                for _ in range(REQUESTS_PER_ROUND):  # pipelined beyond that: next round (fair to the others)
+                    if (conn.busy or conn.closing or conn.sock not in self.connections
+                            or len(conn.outbuf) > MAX_PENDING):  # a client that does not read waits
+                        break
                     request = conn.request()
                     if request is None:
                         break
@@ -2780,6 +2798,8 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                     round.append((conn, handler, writes.writes != before))
                     if handler.close_connection:
                         conn.closing = True
+                else:
+                    self._carried.append(conn)
             failed = self.app.store.commit_round()
             for conn, handler, wrote in round:
                 self._answer(conn, handler, failed if wrote else None)

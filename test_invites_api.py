@@ -441,6 +441,27 @@ class ServingLoopTest(LiveServerTestCase):
         self.assertEqual(re.findall(rb"HTTP/1\.1 (\d{3}) ", answer), [b"201", b"200", b"204", b"201"])
         self.assertEqual(self.invite_count(), 2)
 
+    def test_a_client_that_sends_but_does_not_read_is_held_back_not_buffered(self):
+        count = 40_000  # about 1.4 MB of requests and 14 MB of answers
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", self.port))
+        self.addCleanup(sock.close)
+        sender = threading.Thread(target=sock.sendall, args=(b"OPTIONS /invites_api HTTP/1.1\r\n\r\n" * count,),
+                                  daemon=True)
+        sender.start()
+        time.sleep(1)  # the server answers until the client's window and our bounds are full, then waits
+        conn = next(iter(self.server.connections.values()))
+        self.assertLessEqual(len(conn.outbuf), ia.MAX_PENDING + ia.REQUESTS_PER_ROUND * 1024)
+        self.assertLessEqual(len(conn.inbuf), ia.MAX_PENDING + 65536)
+        answers, data = 0, b""
+        while answers < count:
+            data += sock.recv(1 << 20)
+            answers += data.count(b"HTTP/1.1 204 ")
+            data = data[data.rfind(b"HTTP/1.1 204 ") + 1:] if b"HTTP/1.1 204 " in data else data
+        sender.join(10)
+        self.assertEqual(answers, count)
+
     def test_expect_100_continue_is_answered_before_the_body_comes(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(b"POST /invites_api HTTP/1.1\r\nAuthorization: Bearer " + self.key.encode() +
