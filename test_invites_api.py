@@ -1587,10 +1587,11 @@ class SystemdTest(TempDirTestCase):
         units = {}
         for name in ("invites-api.service", "invites-api.socket"):
             with open(os.path.join(HERE, "contrib", name)) as f:
-                units[name] = f.read().replace("/usr/local/bin/invites_api.py", SCRIPT)
+                units[name] = f.read()
             with open(os.path.join(self.dir, name), "w") as f:
                 f.write(units[name])
-        for needed in ("NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=", "DynamicUser=yes"):
+        for needed in ("NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=", "DynamicUser=yes",
+                       "ExecStart=/usr/bin/python3 -m invites_api serve", "PYTHONPATH=/usr/local/lib/invites_api"):
             self.assertIn(needed, units["invites-api.service"])
         result = subprocess.run([analyze, "verify", *(os.path.join(self.dir, n) for n in units)],
                                 capture_output=True, text=True, timeout=60)
@@ -1598,6 +1599,11 @@ class SystemdTest(TempDirTestCase):
         self.assertNotIn("Unknown", result.stderr)
 
     def test_serve_takes_a_listening_socket_the_way_systemd_passes_it(self):
+        # As the unit runs it (a module, from / with PYTHONPATH), and as a script.
+        self.serve_with_systemd_socket(["-m", "invites_api"], cwd="/", env={"PYTHONPATH": HERE})
+        self.serve_with_systemd_socket([SCRIPT])
+
+    def serve_with_systemd_socket(self, program, cwd=None, env=None):
         store = ia.Store(self.db)
         key = ia.create_key(store, "example.com")
         store.close()
@@ -1608,10 +1614,10 @@ class SystemdTest(TempDirTestCase):
         # Like systemd: fd 3, LISTEN_FDS=1, LISTEN_PID = the service's own pid (set after fork, kept by exec).
         launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
                     "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
-        proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno()), SCRIPT, "serve", "--quiet",
+        proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno()), *program, "serve", "--quiet",
                                  "--port", "1"],  # --port is ignored: the socket is given
-                                pass_fds=(listener.fileno(),), env=dict(os.environ, INVITES_API_DB=self.db),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                pass_fds=(listener.fileno(),), env=dict(os.environ, INVITES_API_DB=self.db, **env or {}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
         self.addCleanup(lambda: (proc.poll() is None and proc.kill(), proc.wait(), proc.stdout.close(),
                                  proc.stderr.close()))
         listener.close()  # only the service holds it now
