@@ -2563,7 +2563,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
             self.socket.setblocking(False)
             selector.register(self.socket, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            grace_until = None
+            grace_until, next_sweep = None, 0
             try:
                 while True:
                     ready, self._carried = self._carried, []
@@ -2576,29 +2576,31 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                             c.busy or c.outbuf or c.inbuf for c in self.connections.values())):
                         break
                     for key, events in selector.select(0 if ready else min(poll_interval, self.idle_timeout / 4)):
-                        if key.fileobj is self.socket:
-                            self._accept()
-                        elif key.fileobj is self._wake_r:
-                            self._drain_wake()
-                        elif key.data == "lingering":
-                            self._linger(key.fileobj)
-                        else:
-                            conn = key.data
-                            if events & selectors.EVENT_WRITE:
-                                self._send(conn)
-                                if conn.inbuf and not conn.busy:  # requests that waited for room
+                        try:
+                            if key.fileobj is self.socket:
+                                self._accept()
+                            elif key.fileobj is self._wake_r:
+                                self._drain_wake()
+                            elif key.data == "lingering":
+                                self._linger(key.fileobj)
+                            else:
+                                conn = key.data
+                                if events & selectors.EVENT_WRITE:
+                                    self._send(conn)
+                                    if conn.inbuf and not conn.busy:  # requests that waited for room
+                                        ready.append(conn)
+                                if events & selectors.EVENT_READ and self._receive(conn):
                                     ready.append(conn)
-                            if events & selectors.EVENT_READ and self._receive(conn):
-                                ready.append(conn)
+                        except Exception:
+                            self._internal_error([key.data] if isinstance(key.data, _Connection) else [])
                     try:
                         ready += self._take_arrivals()
                         self._handle_round(ready)
-                        self._close_idle()
-                    except Exception:  # a bug: keep serving the others, and say so
-                        import traceback
-                        self._log(f"internal error in the serving loop:\n{traceback.format_exc().rstrip()}")
-                        for conn in ready:
-                            self._close(conn)
+                        if time.monotonic() >= next_sweep:
+                            next_sweep = time.monotonic() + 0.1
+                            self._close_idle()
+                    except Exception:
+                        self._internal_error(ready)
             finally:
                 for conn in list(self.connections.values()):
                     self._close(conn)
@@ -2622,6 +2624,13 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
         def wait_idle(self, timeout):
             """Return whether no request is being handled (the loop waits for them before it ends)."""
             return not any(c.busy for c in self.connections.values())
+
+        def _internal_error(self, connections):
+            # A bug: say so, drop the connections involved, keep serving the others.
+            import traceback
+            self._log(f"internal error in the serving loop:\n{traceback.format_exc().rstrip()}")
+            for conn in connections:
+                self._close(conn)
 
         def _log(self, text):
             if self.app.log is not None:
@@ -2843,7 +2852,9 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 else:  # a TLS handshake ended
                     self.handshakes -= 1
                     if item is not None:
-                        ready.append(self._add(item, other))
+                        conn = self._add(item, other)
+                        self._receive(conn)  # a request sent right behind the handshake may be read already
+                        ready.append(conn)
             return [conn for conn in ready if conn.sock in self.connections]
 
         def _answer(self, conn, handler, failed):
