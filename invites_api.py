@@ -1991,6 +1991,12 @@ class App:
         self.log = log  # a text stream for the access log, or None for quiet
         self.check_limiter = RateLimiter(checks_per_minute)
 
+    def log_line(self, text):
+        """Write one timestamped line to the log (if there is one)."""
+        if self.log is not None:
+            self.log.write(f"{iso(now())} {text}\n")
+            self.log.flush()
+
 
 def _make_handler_class():
     # http.server is imported only here, so the key commands start fast.
@@ -2413,9 +2419,7 @@ def _make_handler_class():
             self.log_line(f"{self.client_ip().translate(_UNPRINTABLE)} {method} {self.redacted_path()} {code} {ms:.1f}ms")
 
         def log_line(self, text):
-            if self.server.app.log is not None:
-                self.server.app.log.write(f"{iso(now())} {text}\n")
-                self.server.app.log.flush()
+            self.server.app.log_line(text)
 
         def log_message(self, format, *args):  # http.server's hook; we log through log_line only
             pass
@@ -2483,12 +2487,11 @@ class _Connection:
         else:
             end = min(ends)
             size = end + (3 if buf[end + 1] == 13 else 2)
-            head = bytes(buf[:size])
-            lengths = {value.strip() for value in _CONTENT_LENGTH_RE.findall(head)}
+            lengths = {value.strip() for value in _CONTENT_LENGTH_RE.findall(buf, 0, size)}
             length = lengths.pop() if len(lengths) == 1 else b"0"
             if length.isdigit() and length.isascii() and int(length) <= MAX_BODY:
                 if len(buf) < size + int(length) and not self.ended:
-                    if not self.continued and b"100-continue" in head.lower():
+                    if not self.continued and b"100-continue" in buf[:size].lower():
                         self.continued = True
                         self.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
                     return None
@@ -2628,14 +2631,9 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
         def _internal_error(self, connections):
             # A bug: say so, drop the connections involved, keep serving the others.
             import traceback
-            self._log(f"internal error in the serving loop:\n{traceback.format_exc().rstrip()}")
+            self.app.log_line(f"internal error in the serving loop:\n{traceback.format_exc().rstrip()}")
             for conn in connections:
                 self._close(conn)
-
-        def _log(self, text):
-            if self.app.log is not None:
-                self.app.log.write(f"{iso(now())} {text}\n")
-                self.app.log.flush()
 
         def _wake(self):
             try:
@@ -2659,7 +2657,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 except (BlockingIOError, ConnectionAbortedError):  # none left, or the client gave up
                     return
                 except OSError as e:  # out of file descriptors or memory: do not spin on it
-                    self._log(f"cannot accept connections: {e.strerror}")
+                    self.app.log_line(f"cannot accept connections: {e.strerror}")
                     time.sleep(0.05)
                     return
                 if self.open_connections >= self.max_connections:
@@ -2885,11 +2883,11 @@ def start_purging(store, grace, app=None, every=3600):
         while True:
             try:
                 deleted = purge_invites(store, grace)
-                if deleted and app is not None and app.log is not None:
-                    app.log.write(f"{iso(now())} purged {deleted} old invites\n")
+                if deleted and app is not None:
+                    app.log_line(f"purged {deleted} old invites")
             except Error as e:  # the database is busy or gone: try again next time
-                if app is not None and app.log is not None:
-                    app.log.write(f"{iso(now())} purge failed: {e}\n")
+                if app is not None:
+                    app.log_line(f"purge failed: {e}")
             time.sleep(every)
     threading.Thread(target=purge_forever, name="purge", daemon=True).start()
 
@@ -2910,9 +2908,7 @@ def serve(server, banner=""):
             message = f"reloaded the TLS certificate {server.tls.cert}"
         except Error as e:
             message = f"kept the old TLS certificate: {e}"
-        if server.app.log is not None:
-            server.app.log.write(f"{iso(now())} {message}\n")
-            server.app.log.flush()
+        server.app.log_line(message)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
