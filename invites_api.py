@@ -549,7 +549,9 @@ class Store:
         """Run fn(conn) in one durable transaction and return its result.
 
         With timeout, raise StoreError if the commit has not returned by then
-        (the write may still happen later).
+        (the write may still happen later). In the serving loop's thread, fn
+        runs at once in the round's transaction, durable once commit_round()
+        returned, which the loop calls before it sends the round's answers.
         """
         if self._round is not None and self._round.thread == threading.get_ident():
             return self._round.run(fn)
