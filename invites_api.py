@@ -2816,10 +2816,18 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 self._send(conn)
 
         def _is_slow(self, request):
-            # Routes that wait on another program or on a second's database check.
-            path = request[:request.find(b"\n")].split(b" ")[1:2]
-            path = path[0].split(b"?")[0] if path else b""
-            return path == b"/health" or (path == b"/invites_api" and self.app.backend is not None)
+            """Whether a request is for a route that waits on another program (a backend minting),
+            on a database check (/health, up to a second), or computes for long (an invite page's
+            QR code, about 15 ms): handled in a thread, so the loop goes on serving the others."""
+            words = request[:request.find(b"\n")].decode("latin-1").split(" ")
+            if len(words) < 2:
+                return False
+            path = words[1].partition("?")[0]
+            for pattern, methods, _ in ROUTES:  # as the handler will route it
+                if pattern.match(path):
+                    name = methods.get(words[0])
+                    return name in ("invite_page", "health") or (name == "api_create" and self.app.backend is not None)
+            return False
 
         def _handle(self, conn, request):
             handler = self.handler_class(self, conn.address, request)

@@ -1325,6 +1325,20 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
         self.assertEqual(statuses, [201, 201, 503])
         self.assertIsNotNone([r for s, r in results if s == 503][0])
 
+    def test_a_slow_backend_does_not_hold_up_other_clients(self):
+        key = self.key()
+        slow = write_program(self.dir, "slow", 'sleep 1.5\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
+        proc, port = self.start("--backend", "command", "--backend-command", f"{slow} {{host}}")
+        results = []
+        creating = threading.Thread(target=lambda: results.append(self.get(port, f"/invites_api/?key={key}")[0]))
+        creating.start()
+        time.sleep(0.3)  # the program is running
+        self.assertEqual(self.get(port, "/invite/AAAAAAAAAAAAAAAAAAAAAAAA.json")[0], 200)  # {"valid": false...}
+        self.assertEqual(self.get(port, "/health")[0], 200)
+        self.assertTrue(creating.is_alive())  # answered while the backend was still minting
+        creating.join(30)
+        self.assertEqual(results, [201])
+
     def test_a_host_with_shell_syntax_is_refused_before_anything_runs(self):
         pwned = os.path.join(self.dir, "pwned")
         code, out, err = run_main("--db", self.db, "invites", "create", f"example.com;touch {pwned}",
