@@ -24,6 +24,7 @@ Example:
 import argparse
 import base64
 import bisect
+import functools
 import hashlib
 import hmac
 import os
@@ -1610,6 +1611,12 @@ def _qr_penalty(matrix):
     return score
 
 
+@functools.lru_cache(maxsize=128)  # about 4 KB each; a page seen again (a refresh) costs no QR work
+def _invite_qr(uri, host):
+    """Return an invite page's QR code of its xmpp: URI (about 15 ms of CPU to make)."""
+    return qr_svg(qr_matrix(uri), label=f"QR code of the invite for {host}; scan it with an XMPP app")
+
+
 def qr_svg(matrix, quiet=4, label="QR code"):
     """Return a QR matrix as an inline SVG element (dark on white, with a quiet zone)."""
     import html
@@ -1756,8 +1763,7 @@ def render_invite_page(invite, page_url, site_name, apps, nonce):
         platforms.setdefault(app["platform"], []).append(
             f'<a href="{esc(app["url"])}" rel="noreferrer">{esc(app["name"])}</a>')
     app_list = "".join(f"<li><strong>{esc(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
-    qr = qr_svg(qr_matrix(invite["uri"]), label=f"QR code of the invite for {invite['host']}; "
-                                                 "scan it with an XMPP app")
+    qr = _invite_qr(invite["uri"], invite["host"])
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>You have been invited to join {host}</h1>{note}"
         f'<p class="muted">{details}</p>'

@@ -462,6 +462,17 @@ class ServingLoopTest(LiveServerTestCase):
         sender.join(10)
         self.assertEqual(answers, count)
 
+    def test_an_invite_page_seen_again_reuses_its_qr_code(self):
+        location = self.create()[1]["location"]
+        path = location[location.index("/invite"):]
+        with mock.patch.object(ia, "qr_matrix", wraps=ia.qr_matrix) as qr_matrix:
+            first = self.request("GET", path)
+            second = self.request("GET", path)
+        self.assertEqual((first[0], second[0]), (200, 200))
+        self.assertEqual(qr_matrix.call_count, 1)
+        svg = re.search(rb"<svg.*?</svg>", first[2], re.S).group(0)
+        self.assertIn(svg, second[2])
+
     def test_expect_100_continue_is_answered_before_the_body_comes(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(b"POST /invites_api HTTP/1.1\r\nAuthorization: Bearer " + self.key.encode() +
