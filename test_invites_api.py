@@ -1338,7 +1338,7 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
 
     def test_a_slow_backend_does_not_hold_up_other_clients(self):
         key = self.key()
-        slow = write_program(self.dir, "slow", 'sleep 1.5\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
+        slow = write_program(self.dir, "slow", 'sleep 3\necho "https://$1/invite?$(date +%s%N)abcdefghijklmnop"\n')
         proc, port = self.start("--backend", "command", "--backend-command", f"{slow} {{host}}")
         results = []
         creating = threading.Thread(target=lambda: results.append(self.get(port, f"/invites_api/?key={key}")[0]))
