@@ -581,6 +581,21 @@ class Store:
             threading.Thread(target=self._checkpoint_forever, args=(self._checkpointing,), name="checkpoint",
                              daemon=True).start()
 
+    def fold_wal(self, conn):
+        """After a writer's commit: let the WAL start over, if the checkpoint thread saw it grow.
+
+        That thread copies the WAL into the database beside the writes, but
+        only a checkpoint with no write in between lets the next write start
+        the WAL over: done by the writer, after its batch was answered (by
+        then there is little left to copy).
+        """
+        if self.wal_restart_wanted:
+            self.wal_restart_wanted = False
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass  # busy or gone: the next write reports it
+
     def start_round(self):
         """Run this thread's writes at once, in one transaction until commit_round() (the serving loop)."""
         self._round = RoundWriter(self)
@@ -588,6 +603,11 @@ class Store:
     def commit_round(self):
         """Commit the writes since the last call; return None, or the StoreError that undid them."""
         return self._round.commit()
+
+    def round_answered(self):
+        """The loop sent the round's answers: now is the time to let the WAL start over."""
+        if self._round.conn is not None:
+            self.fold_wal(self._round.conn)
 
     def stop_round(self):
         round, self._round = self._round, None
@@ -800,22 +820,10 @@ class GroupCommitter:
                             pending.done.release()
                         continue
                 self._commit(conn, batch)
-                self._fold_wal(conn)
+                self.store.fold_wal(conn)
             if stopping:
                 self.store.close()
                 return
-
-    def _fold_wal(self, conn):
-        # The checkpoint thread copies the WAL into the database beside the
-        # writes, but only a checkpoint with no write in between lets the next
-        # write start the WAL over: done here, after the batch was answered,
-        # when that thread saw the WAL grow (by then it has little left to copy).
-        if self.store.wal_restart_wanted:
-            self.store.wal_restart_wanted = False
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass  # busy or gone: the next write reports it
 
     def _commit(self, conn, batch):
         # First the whole batch as one plain transaction: every statement is a
@@ -914,12 +922,6 @@ class RoundWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return StoreError(f"database {self.store.path!r}: {e}")
-        if self.store.wal_restart_wanted:  # as GroupCommitter._fold_wal
-            self.store.wal_restart_wanted = False
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass
         return None
 
     def close(self):
@@ -2820,6 +2822,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
                 self._answer(conn, handler, failed if wrote else None)
             for conn in ready:
                 self._send(conn)
+            self.app.store.round_answered()
 
         def _is_slow(self, request):
             """Whether a request is for a route that waits on another program (a backend minting),
