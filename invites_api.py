@@ -27,6 +27,7 @@ import bisect
 import functools
 import hashlib
 import hmac
+import io
 import os
 import re
 import sqlite3
@@ -75,14 +76,14 @@ MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
 # Largest request body we accept; an invite request needs a few hundred bytes.
 MAX_BODY = 8192
-# Bytes a connection may have waiting (requests not yet handled, answers not
-# yet taken); past this we stop reading it until the client catches up. More
-# than the longest request head (64 lines of 8 KiB), so one always fits.
-MAX_PENDING = 1024 * 1024
-# Pipelined requests of one connection handled per round of the serving loop.
-REQUESTS_PER_ROUND = 16
-# Seconds a connection may sit idle or stall mid-request before we drop it.
+# Seconds a connection may sit idle between requests before we close it.
 DEFAULT_TIMEOUT = 20.0
+# Seconds from a request's first byte to its last (head and body, and a TLS
+# handshake): a client cannot hold a connection by sending a byte at a time.
+DEFAULT_REQUEST_TIMEOUT = 5.0
+# When every connection is taken, a new one replaces the connection that has
+# waited longest for its request, if that is longer than this; else 503.
+EVICT_AFTER = 0.25
 # Simultaneous connections served; more are refused with a fast 503.
 DEFAULT_MAX_CONNECTIONS = 128
 # Failed authentications one client address may make per minute, then 429:
@@ -92,11 +93,6 @@ AUTH_FAILURES_PER_MINUTE = 20
 HEALTH_TIMEOUT = 1.0
 # Request latency histogram buckets, in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-# How often `serve` folds the WAL back into the database, beside the writes,
-# and the WAL length (pages) past which the writer lets it start over
-# (SQLite's own automatic checkpoint is at 1000 pages too).
-CHECKPOINT_INTERVAL = 0.1
-WAL_RESTART_FRAMES = 1000
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
 
@@ -232,7 +228,14 @@ def _one_line(text, what, limit):
         raise ValueError(f"{what} is {len(text)} characters long; at most {limit} are allowed")
     if any(ord(c) < 32 or ord(c) == 127 for c in text):
         raise ValueError(f"{what} {text[:40]!r} contains control characters (tabs, newlines...)")
+    _check_unicode(text, what)
     return text
+
+
+def _check_unicode(text, what):
+    """Raise ValueError if text holds a lone surrogate (JSON "\\ud800", or bytes that were not UTF-8)."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise ValueError(f"{what} {text[:40]!r} is not valid Unicode text")
 
 
 def parse_key_name(text):
@@ -308,6 +311,7 @@ def parse_username(text):
     if (not name or len(name.encode("utf-8")) > 1023
             or any(c in _LOCALPART_FORBIDDEN or c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name)):
         raise ValueError(f"invalid username {text!r}: an XMPP username has no spaces or any of \" & ' / : < > @")
+    _check_unicode(name, "username")
     return name
 
 
@@ -395,10 +399,15 @@ MIGRATIONS = [
     (  # 4: small facts, e.g. when /health last wrote
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    (  # 5: a decoy key (an id no request can present): an unknown id is checked against its random hash
+        "INSERT INTO keys (id, host, secret_hash, created_at) VALUES ('', '', randomblob(32), 0)",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
                 "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses")
+# An unknown id finds the decoy row by the same two index lookups a known one takes.
+_KEY_OR_DECOY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = coalesce((SELECT id FROM keys WHERE id = ?), '')"
 # Settable with `create` and `update`.
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
@@ -422,10 +431,8 @@ class Store:
         self.path = os.path.abspath(path)
         self.busy_timeout = busy_timeout
         self._local = threading.local()
-        self._committer = None
-        self._round = None  # the serving loop's RoundWriter, while it runs
         self._identity = None  # (device, inode) of the file we opened
-        self.wal_restart_wanted = False  # set by the checkpoint thread, done by the committer
+        self.committer = GroupCommitter(self)
         if create_dir:
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -547,95 +554,20 @@ class Store:
             raise StoreError(f"database {self.path!r}: {e}") from None
 
     def write(self, fn, timeout=None):
-        """Run fn(conn) in one durable transaction and return its result.
+        """Run fn(conn) in a durable transaction (through the group committer) and return its result.
 
         With timeout, raise StoreError if the commit has not returned by then
-        (the write may still happen later). In the serving loop's thread, fn
-        runs at once in the round's transaction, durable once commit_round()
-        returned, which the loop calls before it sends the round's answers.
+        (the write may still happen later).
         """
-        if self._round is not None and self._round.thread == threading.get_ident():
-            return self._round.run(fn)
-        if self._committer is not None:
-            return self._committer.submit(fn, timeout)
-        self.check_file()
-        conn = self.connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            raise StoreError(f"database {self.path!r}: {e}") from None
-        return result
+        return self.committer.submit(fn, timeout)
 
     def start_group_commit(self):
-        """Route writes through one thread that commits many at a time, and checkpoint
-        the WAL from another (for serve)."""
-        if self._committer is None:
-            self._committer = GroupCommitter(self)
-            self._checkpointing = threading.Event()
-            threading.Thread(target=self._checkpoint_forever, args=(self._checkpointing,), name="checkpoint",
-                             daemon=True).start()
-
-    def fold_wal(self, conn):
-        """After a writer's commit: let the WAL start over, if the checkpoint thread saw it grow.
-
-        That thread copies the WAL into the database beside the writes, but
-        only a checkpoint with no write in between lets the next write start
-        the WAL over: done by the writer, after its batch was answered (by
-        then there is little left to copy).
-        """
-        if self.wal_restart_wanted:
-            self.wal_restart_wanted = False
-            try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass  # busy or gone: the next write reports it
-
-    def start_round(self):
-        """Run this thread's writes at once, in one transaction until commit_round() (the serving loop)."""
-        self._round = RoundWriter(self)
-
-    def commit_round(self):
-        """Commit the writes since the last call; return None, or the StoreError that undid them."""
-        return self._round.commit()
-
-    def round_answered(self):
-        """The loop sent the round's answers: now is the time to let the WAL start over."""
-        if self._round.conn is not None:
-            self.fold_wal(self._round.conn)
-
-    def stop_round(self):
-        round, self._round = self._round, None
-        if round is not None:
-            round.close()
+        """Commit writes from one thread, many to a transaction (for serve)."""
+        self.committer.start()
 
     def stop_group_commit(self):
-        """Finish the queued writes and stop the committing and checkpointing threads."""
-        committer, self._committer = self._committer, None
-        if committer is not None:
-            self._checkpointing.set()
-            committer.stop()
-
-    def _checkpoint_forever(self, stop):
-        # The committer's connection does not checkpoint (wal_autocheckpoint=0):
-        # a checkpoint there would hold up every answer in that batch. Here it
-        # runs beside the writes instead, and keeps the WAL small.
-        conn = None
-        while not stop.wait(CHECKPOINT_INTERVAL):
-            try:
-                conn = conn or self._open()
-                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                # Writes keep coming, so the WAL never starts over by itself: ask the writer.
-                self.wal_restart_wanted = frames > WAL_RESTART_FRAMES
-            except (Error, sqlite3.Error):
-                pass  # deleted, locked, full: the writes report it; try again next time
-        if conn is not None:
-            conn.close()
+        """Finish the queued writes and stop the committing thread."""
+        self.committer.stop()
 
     # -- keys -----------------------------------------------------------------
 
@@ -645,11 +577,13 @@ class Store:
         sql = f"INSERT INTO keys ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
         self.write(lambda conn: conn.execute(sql, [key[c] for c in columns]))
 
-    def key(self, key_id, conn=None):
-        """Return the key row with this id, or None; within a write transaction if conn is given."""
-        if conn is not None:
-            return conn.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
-        rows = self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+    def key(self, key_id, conn=None, decoy=False):
+        """Return the key row with this id, or None; within a write transaction if conn is given.
+
+        decoy: return the decoy row (id '') for an unknown id, found by the same work.
+        """
+        sql = _KEY_OR_DECOY if decoy else f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?"
+        rows = conn.execute(sql, (key_id,)).fetchall() if conn is not None else self.read(sql, (key_id,))
         return rows[0] if rows else None
 
     def keys_for_host(self, host):
@@ -760,7 +694,7 @@ class Store:
 
 
 class _Pending:
-    """One write waiting for its group commit: `done` is held until the commit returned."""
+    """One write waiting for its commit: `done` is held until the COMMIT holding it returned."""
 
     __slots__ = ("fn", "done", "result", "error")
 
@@ -772,77 +706,82 @@ class _Pending:
 
 
 class GroupCommitter:
-    """One thread that runs queued writes, many to a transaction, one fsync each.
+    """The one write path: each write runs in a savepoint of a transaction shared with the
+    writes queued beside it, and its caller is answered only after that COMMIT returned.
 
-    A write's caller is answered only after the COMMIT holding it returned,
-    i.e. after it is on disk; writes that raise are undone by their savepoint
-    alone and do not disturb the others in the batch.
+    While serving, one thread commits every write (a batch per transaction, one fsync);
+    otherwise (a command) the caller's thread runs the same commit for its one write.
+    A write that raises is undone by its savepoint alone; a failed COMMIT fails
+    every write of the batch with StoreError.
     """
 
     def __init__(self, store):
-        import queue
         self.store = store
-        self.queue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-        self.thread.start()
+        self.queue = self.thread = None
+
+    def start(self):
+        import queue
+        if self.thread is None:
+            self.queue = queue.SimpleQueue()
+            self.thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
+            self.thread.start()
 
     def submit(self, fn, timeout=None):
-        """Queue fn(conn), wait until it is committed, and return its result."""
+        """Run fn(conn) in the next commit, wait until that returned, and return fn's result or raise."""
         pending = _Pending(fn)
-        self.queue.put(pending)
-        if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
-            raise StoreError(f"database {self.store.path!r} did not answer within {timeout:g} s")
+        if self.thread is None:
+            self._commit(self.store.connect(), [pending])
+        else:
+            self.queue.put(pending)
+            if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
+                raise StoreError(f"database {self.store.path!r} did not answer within {timeout:g} s")
         if pending.error is not None:
             raise pending.error
         return pending.result
 
     def stop(self):
-        """Commit what is queued, then end the thread."""
-        self.queue.put(None)
-        self.thread.join()
+        """Commit what is queued, then end the thread (later writes run in their callers' threads)."""
+        thread = self.thread
+        if thread is not None:
+            self.queue.put(None)
+            thread.join()
+            self.thread = None
 
     def _run(self):
-        conn = None
         while True:
             batch = [self.queue.get()]
-            while not self.queue.empty() and batch[-1] is not None:
+            while batch[-1] is not None and not self.queue.empty():
                 batch.append(self.queue.get())
             stopping = batch[-1] is None
-            batch = [p for p in batch if p is not None]
+            batch = [pending for pending in batch if pending is not None]
             if batch:
-                if conn is None:
-                    try:
-                        conn = self.store.connect()
-                        conn.execute("PRAGMA wal_autocheckpoint=0")  # see Store._checkpoint_forever
-                    except (StoreError, sqlite3.Error) as e:
-                        for pending in batch:
-                            pending.error = e
-                            pending.done.release()
-                        continue
-                self._commit(conn, batch)
-                self.store.fold_wal(conn)
+                try:
+                    conn = self.store.connect()
+                except StoreError as e:  # cannot open the file: every write of the batch fails alike
+                    for pending in batch:
+                        pending.error = e
+                        pending.done.release()
+                else:
+                    self._commit(conn, batch)
             if stopping:
                 self.store.close()
                 return
 
     def _commit(self, conn, batch):
-        # First the whole batch as one plain transaction: every statement is a
-        # trip through the GIL for this thread, and a savepoint per write
-        # would double them. A write that raises before changing anything
-        # (a bad key, a full quota) costs the others nothing; one that raises
-        # after changing rows spoils the transaction: it is rolled back and
-        # the rest run again, each in a savepoint (nobody was answered yet).
         try:
             self.store.check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                if not self._run_writes(conn, batch, savepoints=False):
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    conn.execute("BEGIN IMMEDIATE")
-                    self._run_writes(conn, [p for p in batch if p.error is None], savepoints=True)
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
+                for pending in batch:
+                    conn.execute("SAVEPOINT write")
+                    try:
+                        pending.result = pending.fn(conn)
+                    except Exception as e:
+                        pending.error = (StoreError(f"database {self.store.path!r}: {e}")
+                                         if isinstance(e, sqlite3.Error) else e)
+                        conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -851,84 +790,9 @@ class GroupCommitter:
             error = e if isinstance(e, Error) else StoreError(f"database {self.store.path!r}: {e}")
             for pending in batch:
                 pending.error = pending.error or error
-        for pending in batch:
-            pending.done.release()
-
-    def _run_writes(self, conn, batch, savepoints):
-        """Run the writes; without savepoints, stop and return False at one that raised after changing rows."""
-        for pending in batch:
-            if savepoints:
-                conn.execute("SAVEPOINT op")
-            changes = conn.total_changes
-            try:
-                pending.result = pending.fn(conn)
-            except Exception as e:
-                pending.error = (StoreError(f"database {self.store.path!r}: {e}")
-                                 if isinstance(e, sqlite3.Error) else e)
-                if savepoints:
-                    conn.execute("ROLLBACK TO op")
-                elif conn.total_changes != changes or not conn.in_transaction:
-                    return False
-            if savepoints:
-                conn.execute("RELEASE op")
-        return True
-
-
-class RoundWriter:
-    """The serving loop's writes: each runs at once, in a savepoint of the round's
-    transaction; the loop commits the round (one fsync) before it sends any of
-    the round's answers, so here too an answer follows its commit."""
-
-    def __init__(self, store):
-        self.store = store
-        self.thread = threading.get_ident()
-        self.conn = None
-        self.writes = 0  # writes that succeeded so far: the loop tells which requests wrote
-
-    def run(self, fn):
-        try:
-            if self.conn is None:
-                self.conn = self.store._open()
-                self.conn.execute("PRAGMA wal_autocheckpoint=0")  # see Store._checkpoint_forever
-            if not self.conn.in_transaction:
-                self.store.check_file()
-                self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("SAVEPOINT op")
-        except sqlite3.Error as e:
-            raise StoreError(f"database {self.store.path!r}: {e}") from None
-        try:
-            result = fn(self.conn)
-        except BaseException as e:
-            try:
-                if self.conn.in_transaction:  # (an I/O error may have ended it already)
-                    self.conn.execute("ROLLBACK TO op")
-                    self.conn.execute("RELEASE op")
-            except sqlite3.Error:
-                pass  # the COMMIT will report it
-            if isinstance(e, sqlite3.Error):
-                raise StoreError(f"database {self.store.path!r}: {e}") from None
-            raise
-        self.conn.execute("RELEASE op")
-        self.writes += 1
-        return result
-
-    def commit(self):
-        conn = self.conn
-        if conn is None or not conn.in_transaction:
-            return None
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return StoreError(f"database {self.store.path!r}: {e}")
-        return None
-
-    def close(self):
-        if self.conn is not None:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            self.conn.close()
+        finally:
+            for pending in batch:
+                pending.done.release()
 
 
 # ---------------------------------------------------------------------------
@@ -959,10 +823,6 @@ def _new_token():
 def hash_secret(secret):
     """Return the digest stored for a key secret."""
     return hashlib.sha256(secret.encode("utf-8")).digest()
-
-
-# Compared against when the key id is unknown, so both failures take as long.
-_NO_SUCH_KEY_HASH = hash_secret(_random_id(SECRET_BYTES))
 
 
 def create_key(store, host, name="", **policy):
@@ -1015,10 +875,9 @@ def authenticate(store, presented, conn=None):
     key_id, slash, secret = presented.partition("/")
     if not slash or not secret or not KEY_ID_RE.match(key_id):
         raise BadCredentials("malformed API key")
-    key = store.key(key_id, conn)
-    expected = key["secret_hash"] if key is not None else _NO_SUCH_KEY_HASH
-    # Constant-time: the comparison does not reveal how much of a guess matched.
-    if not hmac.compare_digest(hash_secret(secret), expected) or key is None:
+    key = store.key(key_id, conn, decoy=True)
+    # Constant-time, and the same work for an unknown id (the decoy's hash) as for a wrong secret.
+    if key is None or not hmac.compare_digest(hash_secret(secret), key["secret_hash"]) or key["id"] != key_id:
         raise BadCredentials("invalid API key")
     if key["expires_at"] is not None and key["expires_at"] <= now():
         raise Forbidden("key expired")
@@ -1165,7 +1024,11 @@ def redeem_invite(store, token, host, username=None):
     invite = get_invite(store, token, host)
     if invite["backend"] != "builtin":
         raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
-    if username is not None and invite["username"] and parse_username(username) != invite["username"]:
+    try:
+        username = None if username is None else parse_username(username)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    if username is not None and invite["username"] and username != invite["username"]:
         raise Conflict("this invite is for another username")
     used = store.use_invite(token, now())
     if used is None:
@@ -1199,11 +1062,11 @@ def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
 _URL_RE = re.compile(r"https?://\S+")
 _URI_RE = re.compile(r"xmpp:\S+")
 _PREAUTH_RE = re.compile(r"preauth=([A-Za-z0-9_-]+)")
-_SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{16,}")
+_SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{12,64}/[A-Za-z0-9_-]{16,}|[A-Za-z0-9_-]{16,}")
 
 
 def redact(text):
-    """Return text with anything token-like (16+ URL-safe characters) replaced."""
+    """Return text with anything key-like (KEY_ID/SECRET) or token-like (16+ URL-safe characters) replaced."""
     return _SECRET_LOOKING_RE.sub("[redacted]", text)
 
 
@@ -1817,7 +1680,8 @@ CORS_HEADERS = (
     ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
     ("Access-Control-Max-Age", "7200"),
 )
-_CORS_LINES = "".join(f"\r\n{name}: {value}" for name, value in CORS_HEADERS)
+
+
 def page_headers(nonce):
     """Return the security headers of an HTML page whose inline style and script carry nonce."""
     return (
@@ -1828,56 +1692,36 @@ def page_headers(nonce):
         ("X-Content-Type-Options", "nosniff"),
         ("Cache-Control", "no-store"),
     )
+
+
+# RFC 9112's request line (origin form; HTTP/1.0 or 1.1) and field lines (a
+# token, a colon, and no NUL, CR or LF; no obsolete folding): else 400.
+_REQUEST_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ /[!-~]* HTTP/1\.[01]\r?\n\Z")
+_HEADER_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*\r?\n\Z")
 _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
+_FORWARDED_PAIR_RE = re.compile(r'(?i)\b(for|proto|host)=("[^"]*"|[^;,\s]*)')
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 
 
-_date_cache = (0, "")
+def iri_to_uri(text):
+    """Return text with non-ASCII and control characters percent-encoded as UTF-8 (RFC 3987, 3.1)."""
+    from urllib.parse import quote
+    return quote(text, safe="".join(map(chr, range(0x20, 0x7f))))
 
 
-def http_date():
-    """Return the current time as an HTTP date, formatted once a second (it is on every response)."""
-    global _date_cache
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache = (second, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second)))
-    return _date_cache[1]
-
-
-def parse_query(query):
-    """Return a query string's (name, value) pairs, decoded like urllib's parse_qsl; raise BadRequest
-    past 20 of them. (Here on the hot path: parse_qsl is several times slower.)"""
-    if not query:
-        return []
-    fields = [field for field in query.split("&") if field]
-    if len(fields) > 20:
-        raise BadRequest("too many query parameters")
-    pairs = []
-    for field in fields:
-        name, _, value = field.partition("=")
-        if "%" in field or "+" in field:
-            from urllib.parse import unquote_plus
-            name, value = unquote_plus(name), unquote_plus(value)
-        pairs.append((name, value))
-    return pairs
-
-
-class Headers(dict):
-    """A request's headers by lower-case name; a repeated header keeps every value."""
-
-    def add(self, name, value):
-        self.setdefault(name.lower(), []).append(value)
-
-    def get(self, name, default=None):
-        values = dict.get(self, name.lower())
-        return values[0] if values else default
-
-    def get_all(self, name):
-        return dict.get(self, name.lower(), [])
+def address_key(address):
+    """Return what per-address limits count: the IPv4 address, or the /64 of an IPv6 address."""
+    if ":" not in address:
+        return address
+    import ipaddress
+    try:
+        return str(ipaddress.IPv6Network((address.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return address
 
 
 class RateLimiter:
-    """Counts events per client address in one-minute windows, in memory."""
+    """Counts events per client address (IPv6: per /64) in one-minute windows, in memory."""
 
     def __init__(self, per_minute):
         self.per_minute = per_minute
@@ -1888,7 +1732,7 @@ class RateLimiter:
 
     def hit(self, address):
         """Count one event; return 0 if allowed, else the seconds until the next window."""
-        clock = time.monotonic()
+        clock, address = time.monotonic(), address_key(address)
         with self._lock:
             window = int(clock // 60)
             if window != self._window:  # a new minute: forget the old one (bounded memory)
@@ -1898,6 +1742,7 @@ class RateLimiter:
 
     def first_time_over(self, address):
         """Return True the first time in this minute that it is asked about an address."""
+        address = address_key(address)
         with self._lock:
             if address in self._noted:
                 return False
@@ -1906,13 +1751,11 @@ class RateLimiter:
 
     def over(self, address):
         """Return 0 if the address is within its limit this minute, else the seconds until the next."""
-        clock = time.monotonic()
+        clock, address = time.monotonic(), address_key(address)
         with self._lock:
             if int(clock // 60) != self._window or self._counts.get(address, 0) < self.per_minute:
                 return 0
         return 60 - clock % 60
-
-
 class Metrics:
     """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
 
@@ -1985,10 +1828,11 @@ class App:
 
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=False, metrics_token=None,
+                 backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
                  auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE):
         self.store = store
-        self.trust_proxy = trust_proxy  # take client address and scheme from X-Forwarded-*/Forwarded
+        # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
+        self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
         self.metrics_token = metrics_token
         self.metrics = Metrics()
         self.auth_limiter = RateLimiter(auth_failures_per_minute)
@@ -2000,6 +1844,8 @@ class App:
         self.invite_ttl = invite_ttl
         self.log = log  # a text stream for the access log, or None for quiet
         self.check_limiter = RateLimiter(checks_per_minute)
+        self._problems = {}  # cause -> [when last logged, times since]
+        self._lock = threading.Lock()
 
     def log_line(self, text):
         """Write one timestamped line to the log (if there is one)."""
@@ -2007,434 +1853,673 @@ class App:
             self.log.write(f"{iso(now())} {text}\n")
             self.log.flush()
 
-
-def _make_handler_class():
-    # http.server is imported only here, so the key commands start fast.
-    import io
-    from http.server import BaseHTTPRequestHandler
-
-    class Handler(BaseHTTPRequestHandler):
-        """Reads a request, calls one operation, writes one response."""
-
-        protocol_version = "HTTP/1.1"
-        server_version = f"invites_api/{__version__}"
-        sys_version = ""
-        disable_nagle_algorithm = True
-
-        def __init__(self, server, client_address, request):
-            # Not socketserver's __init__, which would read and write the socket
-            # itself: the serving loop hands us one whole request, and sends the
-            # answers we collect once the writes they report are committed.
-            self.server, self.client_address = server, client_address
-            self.rfile, self.wfile = io.BytesIO(request), None
-            self.close_connection = True
-            self.answers = []  # (status, body size, bytes)
-
-        # -- one request --------------------------------------------------------
-
-        def handle_one_request(self):
-            self.command = self.path = None
-            self.request_version = "HTTP/1.1"
-            self._started = None
-            self._body = None
-            self._cors = None
-            self.headers = None
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            self._started = time.monotonic()
-            if len(self.raw_requestline) > MAX_REQUEST_LINE:
-                self.close_connection = True
-                self.respond(414, "request line too long\n")
-            elif self.parse_request():  # on failure it answered through send_error
-                if self.server.stopping:
-                    self.close_connection = True
-                self.dispatch()
-
-        def parse_request(self):
-            """Read the request line's parts and the headers; answer 400/431 and return False if bad.
-
-            Our own, stricter and faster than http.server's (which goes through the email package).
-            """
-            words = self.raw_requestline.decode("latin-1").rstrip("\r\n").split(" ")
-            self.requestline = " ".join(words)
-            if len(words) != 3 or not words[1].startswith("/"):
-                self.send_error(400)
-                return False
-            self.command, self.path, self.request_version = words
-            if self.request_version not in ("HTTP/1.1", "HTTP/1.0"):
-                self.request_version = "HTTP/1.1"
-                self.send_error(400)  # not 505: client input never causes a 5xx
-                return False
-            headers = self.headers = Headers()
-            for count in range(MAX_HEADERS + 1):  # lines, not names: a repeated name counts each time
-                line = self.rfile.readline(MAX_HEADER_LINE + 1)
-                if line in (b"\r\n", b"\n"):
-                    break
-                if not line.endswith(b"\n") or count == MAX_HEADERS:
-                    self.send_error(431 if line else 400)  # too long, too many, or cut short
-                    return False
-                name, colon, value = line.decode("latin-1").partition(":")
-                if not colon or not name or name != name.strip() or " " in name:
-                    self.send_error(400)  # no colon, or obsolete line folding
-                    return False
-                headers.add(name, value.strip())
-            connection = headers.get("Connection", "").lower()
-            self.close_connection = "close" in connection or (self.request_version == "HTTP/1.0"
-                                                              and "keep-alive" not in connection)
-            return True  # (an Expect: 100-continue was answered by the loop, see _Connection.request)
-
-        def dispatch(self):
-            """Route the request, and turn errors into responses."""
-            path, _, query = self.path.partition("?")
-            try:
-                for pattern, methods, cors in ROUTES:
-                    match = pattern.match(path)
-                    if match:
-                        break
-                else:
-                    raise NotFound(f"no such page: {path[:100]!r}")
-                allowed = tuple(methods) + (("OPTIONS",) if cors else ())
-                self._cors = ", ".join(allowed) if cors else None
-                if self.command == "OPTIONS" and cors:
-                    return self.respond(204)
-                if self.command not in methods:
-                    raise MethodNotAllowed(self.command, allowed)
-                self.query = query
-                self.read_body()
-                getattr(self, methods[self.command])(match.group("token") if "token" in pattern.groupindex
-                                                     else None)
-            except Error as e:
-                if self._body is None and self.headers.get("Content-Length", "0").strip() != "0":
-                    self.close_connection = True  # an unread body would spoil keep-alive
-                if isinstance(e, BadCredentials):
-                    self.count_auth_failure()
-                elif isinstance(e, (StoreError, BackendError)):
-                    self.log_line(f"{type(e).__name__} on {self.command} {self.redacted_path()}: {e}")
-                self.respond_error(e)
-            except Exception:
-                import traceback
-                self.close_connection = True
-                self.log_line(f"internal error on {self.command} {self.redacted_path()}:\n"
-                              + traceback.format_exc().rstrip())
-                self.respond(500, "internal error\n")
-
-        # -- routes -----------------------------------------------------------
-
-        def count_auth_failure(self):
-            """Count a failed authentication; log once when an address passes its limit this minute."""
-            self.server.app.metrics.count("auth_failure")
-            limiter = self.server.app.auth_limiter
-            limiter.hit(self.client_ip())
-            if limiter.over(self.client_ip()) and limiter.first_time_over(self.client_ip()):
-                self.log_line(f"{self.client_ip()} passed {limiter.per_minute} failed authentications "
-                              "this minute; refusing it with 429 until the minute ends")
-
-        def refuse_if_guessing(self):
-            """Answer 429 to an address that failed authentication too often this minute."""
-            wait = self.server.app.auth_limiter.over(self.client_ip())
-            if wait:
-                raise TooManyRequests("too many failed authentications from your address", wait)
-
-        def health(self, _):
-            """Say whether the database answers a read and a write: GET /health."""
-            self.params()
-            try:
-                self.server.app.store.health()
-            except Error as e:
-                return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
-                                         [("Retry-After", "5")])
-            self.respond_json(200, {"status": "ok"})
-
-        def metrics(self, _):
-            """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
-            self.params()
-            app = self.server.app
-            if app.metrics_token is not None:
-                given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
-                if not hmac.compare_digest(given.encode(), app.metrics_token.encode()):
-                    raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
-            text = app.metrics.render(self.server.open_connections, app.store.size())
-            self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
-
-        def api_create(self, _):
-            """Create an invite: GET or POST /invites_api."""
-            app = self.server.app
-            params = self.params("key", "redirect", "ttl", "uses", "username", "note")
-            for name, value in self.json_body().items():
-                if name in params:
-                    raise BadRequest(f"option {name!r} given in both the query and the body")
-                params[name] = str(value).lower() if isinstance(value, bool) else value
-            redirect = parse_bool("redirect", str(params.pop("redirect", "")))
-            credentials = self.presented_key(params.pop("key", ""))
-            self.refuse_if_guessing()
-            invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
-                                   backend=app.backend)
-            app.metrics.count("invite", (invite["host"], invite["backend"]))
-            url = self.invite_url(invite)
-            status = 303 if redirect else 201
-            if self.wants_json():
-                return self.respond_json(status, invite_info(invite, url), [("Location", url)])
-            self.respond(status, b"", [("Location", url)])
-
-        def api_list(self, _):
-            """List the key's invites: GET /invites_api/invites[?all=true]."""
-            params = self.params("key", "all")
-            key = self.authenticate(params.get("key", ""))
-            invites = list_invites(self.server.app.store, key["host"], key["id"],
-                                   include_all=parse_bool("all", params.get("all", "")))
-            self.respond_json(200, [invite_info(i, self.invite_url(i)) for i in invites])
-
-        def api_show(self, token):
-            """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
-            key = self.authenticate(self.params("key").get("key", ""))
-            invite = get_invite(self.server.app.store, token, key["host"], key["id"])
-            self.respond_json(200, invite_info(invite, self.invite_url(invite)))
-
-        def api_revoke(self, token):
-            """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
-            key = self.authenticate(self.params("key").get("key", ""))
-            revoke_invite(self.server.app.store, token, key["host"], key["id"])
-            self.respond(204)
-
-        def api_redeem(self, token):
-            """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
-            params = self.params("key", "username")
-            params.update(self.json_body())
-            key = self.authenticate(params.pop("key", ""))
-            username = params.pop("username", None)
-            if params:
-                raise BadRequest(f"unknown option {sorted(params)[0]!r}")
-            if username is not None and not isinstance(username, str):
-                raise BadRequest("username must be a string")
-            invite = redeem_invite(self.server.app.store, token, key["host"], username)
-            self.respond_json(200, invite_info(invite, self.invite_url(invite)))
-
-        def invite_check(self, token):
-            """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
-            self.params()
-            wait = self.server.app.check_limiter.hit(self.client_ip())
-            if wait:
-                raise TooManyRequests("too many invite checks from your address", wait)
-            self.respond_json(200, check_invite(self.server.app.store, token))
-
-        def invite_page(self, token):
-            """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
-            app = self.server.app
-            token = self.query if token is None else token
-            invite, status = find_invite(app.store, token)
-            nonce = _random_id(12)
-            html_type = "text/html; charset=utf-8"
-            site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
-            if status != "valid":  # unknown: 404; used, revoked, expired: 410
-                return self.respond(404 if invite is None else 410,
-                                    render_unavailable_page(status, site_name, nonce),
-                                    page_headers(nonce), content_type=html_type)
-            page_url = f"{self.public_base(invite['host'])}/invite?{invite['token']}"
-            headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
-            self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce), headers,
-                         content_type=html_type)
-
-        # -- reading requests -------------------------------------------------
-
-        def params(self, *allowed):
-            """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
-            params = {}
-            for name, value in parse_query(self.query):
-                if name not in allowed:
-                    raise BadRequest(f"unknown parameter {name[:40]!r}")
-                if name in params:
-                    raise BadRequest(f"parameter {name!r} given more than once")
-                params[name] = value
-            return params
-
-        def json_body(self):
-            """Return the request body's JSON object ({} for no body); raise BadRequest."""
-            if not self._body:
-                return {}
-            import json
-            try:
-                data = json.loads(self._body)
-            except ValueError:  # also bad UTF-8
-                raise BadRequest("request body is not valid JSON") from None
-            if not isinstance(data, dict):
-                raise BadRequest("request body must be a JSON object")
-            return data
-
-        def authenticate(self, query_key):
-            """Return the key row for this request's credentials (Authorization wins over ?key=)."""
-            self.refuse_if_guessing()
-            return authenticate(self.server.app.store, self.presented_key(query_key))
-
-        def client_ip(self):
-            """Return the client's address: the socket's, or with --trust-proxy what the proxy says."""
-            if self.server.app.trust_proxy and self.headers is not None:
-                forwarded = self.headers.get("Forwarded")
-                if forwarded:
-                    match = re.search(r'(?i)for="?\[?([0-9A-Fa-f.:]+)', forwarded.split(",")[-1])
-                    if match:
-                        return match.group(1)
-                chain = self.headers.get("X-Forwarded-For")
-                if chain and chain.split(",")[-1].strip():
-                    return chain.split(",")[-1].strip()[:64]  # the hop our proxy added
-            return self.client_address[0]
-
-        def scheme(self):
-            """Return "http" or "https" as the client sees this server."""
-            if self.server.app.trust_proxy:
-                forwarded = self.headers.get("Forwarded") or ""
-                match = re.search(r"(?i)proto=(https?)", forwarded)
-                proto = match.group(1) if match else self.headers.get("X-Forwarded-Proto", "")
-                if proto.strip().lower() in ("http", "https"):
-                    return proto.strip().lower()
-            return "https" if self.server.tls is not None else "http"
-
-        def invite_url(self, invite):
-            app = self.server.app
-            return invite_url(invite, self.public_base(invite["host"]), app.invite_url_template)
-
-        def presented_key(self, query_key):
-            """Return the key from Authorization (which wins) or ?key=, or "" if none."""
-            values = self.headers.get_all("Authorization") or []
-            if len(values) > 1:
-                raise BadRequest("more than one Authorization header")
-            if values:
-                scheme, _, credentials = values[0].strip().partition(" ")
-                if scheme.lower() != "bearer":
-                    raise BadCredentials(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
-                from urllib.parse import unquote
-                credentials = unquote(credentials.strip())
-                if not credentials:
-                    raise BadCredentials("malformed API key")
-                return credentials
-            return query_key if isinstance(query_key, str) else ""
-
-        def read_body(self):
-            """Read the request body (at most MAX_BODY bytes) and return it."""
-            if self.headers.get("Transfer-Encoding"):
-                self.close_connection = True
-                raise LengthRequired("send the body with Content-Length, not chunked")
-            lengths = {value.strip() for value in self.headers.get_all("Content-Length")} or {"0"}
-            length = lengths.pop() or "0"
-            if lengths or not re.fullmatch(r"[0-9]{1,12}", length):  # ASCII digits only; one value
-                self.close_connection = True
-                raise BadRequest(f"invalid Content-Length {length[:20]!r}")
-            if int(length) > MAX_BODY:
-                self.close_connection = True
-                raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
-            self._body = self.rfile.read(int(length)) if int(length) else b""
-            if len(self._body) < int(length):
-                self.close_connection = True
-                raise BadRequest("request body shorter than Content-Length")
-            if self._body:
-                ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-                if ctype != "application/json":
-                    raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
-            return self._body
-
-        def wants_json(self):
-            return self.headers is not None and "application/json" in self.headers.get("Accept", "").lower()
-
-        def public_base(self, host):
-            """Return the scheme and authority invite URLs start with."""
-            app = self.server.app
-            if app.public_url:
-                return app.public_url.replace("{host}", host)
-            authority = self.headers.get("Host", "").strip()
-            if app.trust_proxy and self.headers.get("X-Forwarded-Host"):
-                authority = self.headers.get("X-Forwarded-Host").split(",")[0].strip()
-            if not _HOST_HEADER_RE.match(authority):
-                if authority:
-                    raise BadRequest(f"invalid Host header {authority[:100]!r}")
-                authority = "%s:%d" % self.server.server_address[:2]
-            return f"{self.scheme()}://{authority}"
-
-        # -- writing responses ------------------------------------------------
-
-        def send_error(self, code, message=None, explain=None):
-            """Answer the errors http.server finds while parsing (400, 431...)."""
-            self.close_connection = True
-            self.respond(code, self.responses.get(code, ("error",))[0].lower() + "\n")
-
-        def respond_error(self, error):
-            if self.wants_json():
-                return self.respond_json(error.status, {"error": str(error)}, error.headers)
-            self.respond(error.status, f"{error}\n", error.headers)
-
-        def respond_json(self, status, data, headers=()):
-            import json
-            self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
-
-        def respond(self, status, body=b"", headers=(), content_type="text/plain; charset=utf-8"):
-            """Send one complete response; every response goes through here."""
-            if isinstance(body, str):
-                body = body.encode("utf-8")
-            reason = self.responses.get(status, ("",))[0]
-            lines = [f"HTTP/1.1 {status} {reason}", f"Date: {http_date()}",
-                     f"Server: {self.server_version}"]
-            lines += [f"{name}: {value}" for name, value in headers]
-            if self._cors:
-                lines.append(f"Access-Control-Allow-Methods: {self._cors}{_CORS_LINES}")
-            if status != 204:
-                if body:
-                    lines.append(f"Content-Type: {content_type}")
-                lines.append(f"Content-Length: {len(body)}")
-            if self.close_connection:
-                lines.append("Connection: close")
-            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-            self.answers.append((status, len(body), head if self.command == "HEAD" else head + body))
-
-        def deliver(self, failed=None):
-            """Count, log and return the answer's bytes, to be sent now that its writes are committed.
-
-            failed: the StoreError of a commit that undid this request's writes;
-            the answer that relied on them becomes a 503 saying so.
-            """
-            if failed is not None:
-                self.answers.clear()
-                self.close_connection = True
-                self.log_line(f"StoreError on {self.command} {self.redacted_path()}: {failed}")
-                self.respond_error(failed)
-            # Counted and logged before sending: whoever sees the answer can already see the line.
-            for status, size, _ in self.answers:
-                if self._started is not None:
-                    self.server.app.metrics.request(status, time.monotonic() - self._started)
-                self.log_request(status, size)
-            return b"".join(data for _, _, data in self.answers)
-
-        # -- logging ----------------------------------------------------------
-
-        def redacted_path(self):
-            """Return the request path fit for a log: no key, no invite token."""
-            if not self.path:
-                return "-"
-            path, sep, query = self.path.partition("?")
-            if path.startswith("/invite/"):
-                path = "/invite/[token]"
-            if sep and path == "/invite":
-                query = "[token]"
-            elif sep:
-                from urllib.parse import parse_qsl, quote
-                try:
-                    pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=20)
-                    query = "&".join(f"{quote(n)}=[redacted]" if n.lower() == "key" else
-                                     f"{quote(n)}={quote(v)}" for n, v in pairs)
-                except ValueError:
-                    query = "[unparsable]"
-            return (path[:200] + sep + query[:200]).translate(_UNPRINTABLE)
-
-        def log_request(self, code="-", size="-"):
-            if self._started is None or self.server.app.log is None:
+    def log_problem(self, text, cause):
+        """Log a failure that may recur on every request (the database is read-only, a backend
+        is down) once per cause and minute, saying how often it happened meanwhile."""
+        clock = time.monotonic()
+        with self._lock:
+            seen = self._problems.get(cause)
+            if seen is not None and clock - seen[0] < 60:
+                seen[1] += 1
                 return
-            ms = (time.monotonic() - self._started) * 1000
-            method = (self.command or "-")[:20].translate(_UNPRINTABLE)
-            self.log_line(f"{self.client_ip().translate(_UNPRINTABLE)} {method} {self.redacted_path()} {code} {ms:.1f}ms")
+            if len(self._problems) > 100:
+                self._problems.clear()
+            self._problems[cause] = [clock, 0]
+        if seen is not None and seen[1]:
+            text += f" (and {seen[1]} more times since it was last logged)"
+        self.log_line(text)
 
-        def log_line(self, text):
-            self.server.app.log_line(text)
 
-        def log_message(self, format, *args):  # http.server's hook; we log through log_line only
+class InviteRequests:
+    """The request handler: reads a request, calls one operation, writes one response.
+
+    make_server mixes it into http.server.BaseHTTPRequestHandler, whose loop,
+    header parsing, status lines and dates it keeps. What it adds or
+    changes, in the order a request meets it:
+
+      setup()               the TLS handshake, in this connection's thread and
+                            within the request deadline; reads that stop there
+      handle_one_request()  one request; a connection taken back when the server is full
+      parse_request()       framing by RFC 9112: strict request and header lines and
+                            their limits (414, 431), one Host, Content-Length only
+                            (411 for Transfer-Encoding), the body read in full
+      do_GET() ...          dispatch(): through ROUTES to one method per operation;
+                            the one boundary that turns errors into responses
+      respond()             every response: Content-Length, ASCII headers, CORS;
+                            the connection closes if the body was not read in full
+      log_request()         the access log line and the metrics of each answer
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"invites_api/{__version__}"
+    disable_nagle_algorithm = True
+    wbufsize = 65536  # a response leaves in one write, at respond()'s flush
+
+    # -- one request ----------------------------------------------------------
+
+    def setup(self):
+        server = self.server
+        self.tracked = server.tracked(self.request)
+        self.deadline = None
+        if server.tls is not None:  # ssl counts the timeout for the whole handshake
+            self.request.settimeout(server.request_timeout)
+            self.request = self.tracked.sock = server.tls.context.wrap_socket(self.request, server_side=True)
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self))
+
+    def handle_one_request(self):
+        """Read, check and answer one request (http.server's handle() calls this until close_connection)."""
+        self.command = self.path = self.headers = self.body = self.cors = self.started = None
+        self.requestline, self.request_version, self.close_connection = "", "HTTP/1.1", True
+        self.client = self.client_address[0]
+        if self.client.startswith("::ffff:") and "." in self.client:  # IPv4 on a dual-stack socket
+            self.client = self.client[7:]
+        self.deadline = None
+        self.server.waiting(self.tracked)
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            self.started = time.monotonic()
+            if not self.raw_requestline:  # the client is done (or taken back before it sent a byte)
+                if self.tracked.evicted and not self.tracked.served:
+                    self.refuse(503, "busy")
+                return
+            if not self.parse_request():
+                return  # answered; the connection closes
+            if not self.server.handling(self.tracked):
+                return self.refuse(503, "busy")
+            getattr(self, "do_" + self.command, self.dispatch)()
+            self.tracked.served += 1
+        except OSError:  # the client went away or missed the deadline: no one to answer
+            self.close_connection = True
+
+    def parse_request(self):
+        """Check the request line and header lines, read the body; return True, or answer 4xx and
+        return False (the connection then closes: where a next request would start is not known)."""
+        line = self.raw_requestline
+        self.requestline = line.decode("latin-1").rstrip("\r\n")
+        if len(line) > MAX_REQUEST_LINE:
+            return self.refuse(414, "request line too long")
+        if not _REQUEST_LINE_RE.match(line):
+            return self.refuse(400, "malformed request line" if line.endswith(b"\n") else "request cut short")
+        fields = []
+        while True:
+            field = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if field in (b"\r\n", b"\n"):
+                break
+            if len(field) > MAX_HEADER_LINE or len(fields) == MAX_HEADERS:
+                return self.refuse(431, "request header fields too large")
+            if not _HEADER_LINE_RE.match(field):
+                return self.refuse(400, "malformed header line" if field.endswith(b"\n") else "request cut short")
+            fields.append(field)
+        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(fields) + b"\r\n")
+        self.expects_100 = False
+        try:  # http.server: command, path, request_version, self.headers (an email.message.Message)
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        headers = self.headers
+        tokens = {t.strip().lower() for t in ",".join(headers.get_all("Connection") or ()).split(",")}
+        self.close_connection = ("close" in tokens or self.server.stopping
+                                 or self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
+        hosts = headers.get_all("Host") or []
+        if len(hosts) > 1 or not hosts and self.request_version == "HTTP/1.1":
+            return self.refuse(400, "exactly one Host header is required")
+        if headers.get("Transfer-Encoding") is not None:
+            return self.refuse(411, "send the body with Content-Length, not Transfer-Encoding")
+        lengths = {value.strip() for value in ",".join(headers.get_all("Content-Length") or ["0"]).split(",")}
+        length = lengths.pop()
+        if lengths or not re.fullmatch(r"[0-9]{1,12}", length):  # one value, ASCII digits
+            return self.refuse(400, f"invalid Content-Length {length[:20]!r}")
+        if int(length) > MAX_BODY:
+            return self.refuse(413, f"request body over {MAX_BODY} bytes")
+        try:
+            self.client, self.scheme, self.authority = self.proxy_view(hosts[0].strip() if hosts else "")
+        except BadRequest as e:
+            return self.refuse(400, str(e))
+        if self.expects_100 and int(length):
+            self.send_response_only(100)
+            self.end_headers()
+            self.wfile.flush()
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            return self.refuse(400, "request body shorter than Content-Length")
+        self.body = body
+        return True
+
+    def handle_expect_100(self):
+        self.expects_100 = True  # answered once the framing is known to be right (parse_request)
+        return True
+
+    def proxy_view(self, host):
+        """Return (client address, scheme, authority) as the client sees them; raise BadRequest.
+
+        With --trust-proxy they come from the one header the proxy sets
+        (X-Forwarded-For's last hop, -Proto, -Host), never from a Forwarded
+        header that a client may send through it, unless the proxy sets
+        Forwarded (--trust-proxy=forwarded).
+        """
+        client, scheme = self.client, "https" if self.server.tls is not None else "http"
+        mode, get = self.server.app.trust_proxy, self.headers.get_all
+        if mode == "x-forwarded-for":
+            hop = ",".join(get("X-Forwarded-For") or ()).split(",")[-1].strip()
+            proto = ",".join(get("X-Forwarded-Proto") or ()).split(",")[-1].strip().lower()
+            forwarded_host = ",".join(get("X-Forwarded-Host") or ()).split(",")[-1].strip()
+        elif mode == "forwarded":
+            pairs = {name.lower(): value.strip('"') for name, value in
+                     _FORWARDED_PAIR_RE.findall(",".join(get("Forwarded") or ()).split(",")[-1])}
+            hop, proto, forwarded_host = pairs.get("for", ""), pairs.get("proto", "").lower(), pairs.get("host", "")
+            hop = hop[1:hop.find("]")] if hop.startswith("[") else hop.partition(":")[0] if hop.count(":") == 1 else hop
+        if mode:
+            client = hop[:64] or client
+            scheme = proto if proto in ("http", "https") else scheme
+            host = forwarded_host or host
+        if host and not _HOST_HEADER_RE.match(host):
+            raise BadRequest(f"invalid Host header {host[:100]!r}")
+        return client, scheme, host
+
+    def dispatch(self):
+        """Route the request to its operation; turn an Error into its answer and anything else
+        into a logged 500 (the one boundary)."""
+        path, _, self.query = self.path.partition("?")
+        try:
+            for pattern, methods, cors in ROUTES:
+                match = pattern.match(path)
+                if match:
+                    break
+            else:
+                raise NotFound(f"no such page: {path[:100]!r}")
+            allowed = tuple(methods) + (("OPTIONS",) if cors else ())
+            self.cors = ", ".join(allowed) if cors else None
+            if self.command == "OPTIONS" and cors:
+                return self.respond(204)
+            if self.command not in methods:
+                raise MethodNotAllowed(self.command, allowed)
+            getattr(self, methods[self.command])(match.groupdict().get("token"))
+        except Error as e:
+            if isinstance(e, BadCredentials):
+                self.count_auth_failure()
+            elif isinstance(e, (StoreError, BackendError)):
+                self.server.app.log_problem(f"{type(e).__name__} on {self.command} {self.redacted_path()}: {e}",
+                                            cause=str(e))
+            self.respond_error(e)
+        except Exception:
+            import traceback
+            self.close_connection = True
+            self.log_message("internal error on %s %s:\n%s", self.command, self.redacted_path(),
+                             traceback.format_exc().rstrip())
+            self.respond(500, "internal error\n")
+
+    # http.server's entry points; any other method is routed too (to a 405 or 404).
+    do_GET = do_HEAD = do_POST = do_DELETE = do_OPTIONS = dispatch
+
+    # -- routes -----------------------------------------------------------
+
+    def count_auth_failure(self):
+        """Count a failed authentication; log once when an address passes its limit this minute."""
+        self.server.app.metrics.count("auth_failure")
+        limiter = self.server.app.auth_limiter
+        limiter.hit(self.client)
+        if limiter.over(self.client) and limiter.first_time_over(self.client):
+            self.log_message("%s passed %d failed authentications this minute; refusing it with 429 until "
+                             "the minute ends", self.client.translate(_UNPRINTABLE), limiter.per_minute)
+
+    def refuse_if_guessing(self):
+        """Answer 429 to an address that failed authentication too often this minute."""
+        wait = self.server.app.auth_limiter.over(self.client)
+        if wait:
+            raise TooManyRequests("too many failed authentications from your address", wait)
+
+    def health(self, _):
+        """Say whether the database answers a read and a write: GET /health."""
+        self.params()
+        try:
+            self.server.app.store.health()
+        except Error as e:
+            return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
+                                     [("Retry-After", "5")])
+        self.respond_json(200, {"status": "ok"})
+
+    def metrics(self, _):
+        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
+        self.params()
+        app = self.server.app
+        if app.metrics_token is not None:
+            given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
+            if not hmac.compare_digest(given.encode(), app.metrics_token.encode()):
+                raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
+        text = app.metrics.render(self.server.open_connections, app.store.size())
+        self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
+
+    def api_create(self, _):
+        """Create an invite: GET or POST /invites_api."""
+        app = self.server.app
+        params = self.params("key", "redirect", "ttl", "uses", "username", "note")
+        for name, value in self.json_body().items():
+            if name in params:
+                raise BadRequest(f"option {name!r} given in both the query and the body")
+            params[name] = str(value).lower() if isinstance(value, bool) else value
+        redirect = parse_bool("redirect", str(params.pop("redirect", "")))
+        credentials = self.presented_key(params.pop("key", ""))
+        self.refuse_if_guessing()
+        invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
+                               backend=app.backend)
+        app.metrics.count("invite", (invite["host"], invite["backend"]))
+        url = self.invite_url(invite)
+        status = 303 if redirect else 201
+        if self.wants_json():
+            return self.respond_json(status, invite_info(invite, url), [("Location", url)])
+        self.respond(status, b"", [("Location", url)])
+
+    def api_list(self, _):
+        """List the key's invites: GET /invites_api/invites[?all=true]."""
+        params = self.params("key", "all")
+        key = self.authenticate(params.get("key", ""))
+        invites = list_invites(self.server.app.store, key["host"], key["id"],
+                               include_all=parse_bool("all", params.get("all", "")))
+        self.respond_json(200, [invite_info(i, self.invite_url(i)) for i in invites])
+
+    def api_show(self, token):
+        """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        invite = get_invite(self.server.app.store, token, key["host"], key["id"])
+        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+    def api_revoke(self, token):
+        """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        revoke_invite(self.server.app.store, token, key["host"], key["id"])
+        self.respond(204)
+
+    def api_redeem(self, token):
+        """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
+        params = self.params("key", "username")
+        params.update(self.json_body())
+        key = self.authenticate(params.pop("key", ""))
+        username = params.pop("username", None)
+        if params:
+            raise BadRequest(f"unknown option {sorted(params)[0]!r}")
+        if username is not None and not isinstance(username, str):
+            raise BadRequest("username must be a string")
+        invite = redeem_invite(self.server.app.store, token, key["host"], username)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+    def invite_check(self, token):
+        """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
+        self.params()
+        wait = self.server.app.check_limiter.hit(self.client)
+        if wait:
+            raise TooManyRequests("too many invite checks from your address", wait)
+        self.respond_json(200, check_invite(self.server.app.store, token))
+
+    def invite_page(self, token):
+        """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
+        app = self.server.app
+        token = self.query if token is None else token
+        invite, status = find_invite(app.store, token)
+        nonce = _random_id(12)
+        html_type = "text/html; charset=utf-8"
+        site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
+        if status != "valid":  # unknown: 404; used, revoked, expired: 410
+            return self.respond(404 if invite is None else 410,
+                                render_unavailable_page(status, site_name, nonce),
+                                page_headers(nonce), content_type=html_type)
+        page_url = f"{self.public_base(invite['host'])}/invite?{invite['token']}"
+        headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
+        self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce), headers,
+                     content_type=html_type)
+
+    # -- reading requests -------------------------------------------------
+
+    def params(self, *allowed):
+        """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
+        from urllib.parse import parse_qsl
+        try:
+            pairs = parse_qsl(self.query, keep_blank_values=True, max_num_fields=20, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("the query string is not valid UTF-8") from None
+        except ValueError:
+            raise BadRequest("too many query parameters") from None
+        params = {}
+        for name, value in pairs:
+            if name not in allowed:
+                raise BadRequest(f"unknown parameter {name[:40]!r}")
+            if name in params:
+                raise BadRequest(f"parameter {name!r} given more than once")
+            params[name] = value
+        return params
+
+    def json_body(self):
+        """Return the request body's JSON object of plain values ({} for no body); raise BadRequest."""
+        if not self.body:
+            return {}
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
+        import json
+        try:
+            data = json.loads(self.body)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+            raise BadRequest("request body must be a JSON object of strings, numbers and booleans")
+        return data
+
+    def authenticate(self, query_key):
+        """Return the key row for this request's credentials (Authorization wins over ?key=)."""
+        self.refuse_if_guessing()
+        return authenticate(self.server.app.store, self.presented_key(query_key))
+
+    def invite_url(self, invite):
+        return invite_url(invite, self.public_base(invite["host"]), self.server.app.invite_url_template)
+
+    def presented_key(self, query_key):
+        """Return the key from Authorization (which wins) or ?key=, or "" if none."""
+        values = self.headers.get_all("Authorization") or []
+        if len(values) > 1:
+            raise BadRequest("more than one Authorization header")
+        if values:
+            scheme, _, credentials = values[0].strip().partition(" ")
+            if scheme.lower() != "bearer":
+                raise BadCredentials(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
+            from urllib.parse import unquote
+            credentials = unquote(credentials.strip())
+            if not credentials:
+                raise BadCredentials("malformed API key")
+            return credentials
+        return query_key if isinstance(query_key, str) else ""
+
+    def wants_json(self):
+        return self.headers is not None and "application/json" in (self.headers.get("Accept") or "").lower()
+
+    def public_base(self, host):
+        """Return the scheme and authority invite URLs start with (checked before anything is made)."""
+        app = self.server.app
+        if app.public_url:
+            return app.public_url.replace("{host}", host)
+        address, port = self.server.server_address[:2]
+        authority = self.authority or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        return f"{self.scheme}://{authority}"
+
+    # -- writing responses ------------------------------------------------
+
+    def refuse(self, status, reason):
+        """Answer a request that cannot be served and close the connection; return False.
+
+        A connection taken back for a newer one (the server was full) is told 503 instead.
+        """
+        if self.tracked.evicted:
+            status, reason = 503, "too many connections; try again"
+        self.close_connection = True
+        self.respond(status, reason + "\n", [("Retry-After", "1")] if status == 503 else ())
+        return False
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's error answer, as ours: short plain text, and the connection closes."""
+        self.refuse(code, message or self.responses.get(code, ("error",))[0].lower())
+
+    def respond_error(self, error):
+        if self.wants_json():
+            return self.respond_json(error.status, {"error": str(error)}, error.headers)
+        self.respond(error.status, f"{error}\n", error.headers)
+
+    def respond_json(self, status, data, headers=()):
+        import json
+        self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
+
+    def respond(self, status, body=b"", headers=(), content_type="text/plain; charset=utf-8"):
+        """Send one complete response; every response goes through here (Content-Length always)."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if self.body is None or self.server.stopping:
+            self.close_connection = True  # a body not read in full: the next request's start is unknown
+        self.connection.settimeout(self.server.idle_timeout)  # for a client that reads slowly
+        self.send_response(status)  # logs it, then Server and Date
+        for name, value in headers:
+            self.send_header(name, value if value.isascii() and value.isprintable() else iri_to_uri(value))
+        if self.cors:
+            self.send_header("Access-Control-Allow-Methods", self.cors)
+            for name, value in CORS_HEADERS:
+                self.send_header(name, value)
+        if status != 204:
+            if body:
+                self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.wfile.flush()
+
+    def version_string(self):
+        return self.server_version
+
+    # -- logging ----------------------------------------------------------
+
+    def redacted_path(self):
+        """Return the request target fit for a log: decoded, anything key- or token-like redacted,
+        under whatever parameter name."""
+        if not self.path:
+            return "-"
+        from urllib.parse import unquote_plus
+        return redact(unquote_plus(self.path[:400], errors="replace")).translate(_UNPRINTABLE)
+
+    def log_request(self, code="-", size="-"):
+        """Count and log one answer (http.server calls this from send_response, before it is sent)."""
+        app = self.server.app
+        seconds = time.monotonic() - self.started if self.started is not None else 0.0
+        app.metrics.request(int(code), seconds)
+        if app.log is not None:
+            self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
+                             (self.command or "-")[:20].translate(_UNPRINTABLE), self.redacted_path(),
+                             int(code), seconds * 1000)
+
+    def log_message(self, format, *args):
+        """http.server's logging hook: every line goes to the app's log."""
+        self.server.app.log_line(format % args)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket as the raw stream under its rfile: between requests a read waits
+    up to the idle timeout; from a request's first byte, only until that request's deadline,
+    however the client spreads its bytes."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        handler = self.handler
+        server = handler.server
+        wait = server.idle_timeout if handler.deadline is None else handler.deadline - time.monotonic()
+        if wait <= 0:
+            raise TimeoutError("the request took longer than --request-timeout")
+        handler.connection.settimeout(wait)
+        count = handler.connection.recv_into(buffer)
+        if handler.deadline is None:
+            handler.deadline = time.monotonic() + server.request_timeout
+            server.reading(handler.tracked)
+        return count
+
+
+class _Connection:
+    """What the server knows of one connection: whether it waits for a request, and since when."""
+
+    __slots__ = ("sock", "waiting_since", "reading", "evicted", "served")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.waiting_since = time.monotonic()
+        self.reading = self.evicted = False
+        self.served = 0
+
+
+class InviteServing:
+    """The server: http.server.ThreadingHTTPServer (a thread per connection) with a cap on
+    connections, slow clients taken back when it is full, IPv6, and a clean stop.
+
+    make_server mixes it into ThreadingHTTPServer. Its additions: process_request()
+    (the cap), process_request_thread() (what a connection's thread leaves
+    behind), service_actions() (refused sockets), stop_connections() (a stop).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # a burst is accepted and answered (or refused) fast, not dropped
+
+    def __init__(self, app, handler_class, bind, port, max_connections=DEFAULT_MAX_CONNECTIONS,
+                 timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+        import socket
+        self.app, self.tls, self.max_connections = app, tls, max_connections
+        self.idle_timeout, self.request_timeout = timeout, request_timeout
+        self.stopping = False
+        self.connections = {}  # socket -> _Connection, under _lock
+        self.lingering = []  # (when to close, socket) of refused connections
+        self._lock = threading.Lock()
+        if listen_socket is None:
+            self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+            super().__init__((bind, port), handler_class)
+        else:
+            self.address_family = listen_socket.family
+            super().__init__(listen_socket.getsockname()[:2], handler_class, bind_and_activate=False)
+            self.socket = listen_socket
+            self.server_address = listen_socket.getsockname()
+
+    def server_bind(self):
+        import socket
+        import socketserver
+        if self.address_family == socket.AF_INET6:  # "::" takes IPv4 too, where the system allows
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's, which asks DNS for our name
+        self.server_name, self.server_port = self.server_address[:2]
+
+    @property
+    def open_connections(self):
+        return len(self.connections)
+
+    # -- connections ----------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        """Serve a new connection in a thread of its own; when full, in place of the connection
+        that has waited longest for a request (over EVICT_AFTER), else refuse it with 503 at once."""
+        with self._lock:
+            room = len(self.connections) < self.max_connections or self._evict()
+            if room:
+                self.connections[request] = _Connection(request)
+        if not room:
+            return self._refuse(request)
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self.connections.pop(request, None)
+            self.app.store.close()  # this thread's database connection, if it opened one
+
+    def handle_error(self, request, client_address):
+        """A connection's thread failed outside a request: a failed handshake or a client gone is no
+        news; anything else is a bug, logged."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            import traceback
+            self.app.log_line(f"internal error serving a connection:\n{traceback.format_exc().rstrip()}")
+
+    def tracked(self, request):
+        """Return the _Connection of a socket (a fresh one, marked evicted, if it was taken back already)."""
+        with self._lock:
+            tracked = self.connections.get(request)
+        if tracked is None:
+            tracked = _Connection(request)
+            tracked.evicted = True
+        return tracked
+
+    def waiting(self, tracked):
+        """The connection waits for its next request."""
+        with self._lock:
+            tracked.waiting_since, tracked.reading = time.monotonic(), False
+
+    def reading(self, tracked):
+        """The connection's next request has begun to arrive."""
+        tracked.reading = True
+
+    def handling(self, tracked):
+        """The connection's request was read: return False if it was taken back meanwhile."""
+        with self._lock:
+            tracked.waiting_since = None
+            return not tracked.evicted
+
+    def _evict(self):
+        # Under _lock. Take back the connection that has waited longest for a
+        # request (idle, or sending it slowly); its thread answers and ends.
+        import socket
+        waiting = [(t.waiting_since, sock, t) for sock, t in self.connections.items() if t.waiting_since is not None]
+        if not waiting or min(waiting)[0] > time.monotonic() - EVICT_AFTER:
+            return False
+        _, sock, tracked = min(waiting, key=lambda w: w[0])
+        del self.connections[sock]
+        tracked.evicted = True
+        try:  # (socket's own shutdown: on a TLS socket, ssl's would drop the TLS layer first)
+            socket.socket.shutdown(tracked.sock, socket.SHUT_RD)
+        except OSError:
             pass
+        return True
 
-    return Handler
+    def _refuse(self, sock):
+        # Refuse fast rather than queue behind a full house. Then linger: a
+        # close with the client's request unread would reset the connection,
+        # and the reset can destroy the 503 before the client reads it.
+        import socket
+        try:
+            sock.setblocking(False)
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
+                      b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return sock.close()
+        self.lingering.append((time.monotonic() + 1, sock))
+
+    def service_actions(self):
+        """Close refused connections once their 503 had time to arrive (serve_forever calls this)."""
+        while self.lingering and (self.lingering[0][0] < time.monotonic() or self.stopping):
+            sock = self.lingering.pop(0)[1]
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            sock.close()
+
+    def stop_connections(self, grace=SHUTDOWN_GRACE):
+        """Stop serving: close the connections waiting for a request at once, let the requests under
+        way finish (answered with Connection: close) for up to grace seconds."""
+        import socket
+        self.stopping = True
+        until = time.monotonic() + grace
+        while True:
+            with self._lock:
+                for tracked in self.connections.values():
+                    if tracked.waiting_since is not None and not tracked.reading:
+                        try:
+                            socket.socket.shutdown(tracked.sock, socket.SHUT_RD)
+                        except OSError:
+                            pass
+                if not self.connections or time.monotonic() > until:
+                    break
+            time.sleep(0.02)
+        self.service_actions()
+
+    def server_close(self):
+        self.stop_connections(grace=0)
+        super().server_close()
+        self.app.store.stop_group_commit()
 
 
 class TLS:
@@ -2460,440 +2545,28 @@ class TLS:
         self.context = self.load()
 
 
-_CONTENT_LENGTH_RE = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
-
-
-class _Connection:
-    """One client connection of the serving loop: bytes in, bytes out, and its state."""
-
-    __slots__ = ("sock", "address", "inbuf", "outbuf", "last_active", "busy", "closing", "continued", "ended")
-
-    def __init__(self, sock, address):
-        self.sock, self.address = sock, address
-        self.inbuf, self.outbuf = bytearray(), bytearray()
-        self.last_active = time.monotonic()
-        self.busy = False  # a request of it is being handled in a thread
-        self.closing = False  # close once the answers are out
-        self.continued = False  # "100 Continue" sent for the request being received
-        self.ended = False  # the client sent all it will (it may still read)
-
-    def request(self):
-        """Return the first complete request in inbuf (and remove it), or None if more must come.
-
-        Complete: the header lines and as many body bytes as a sane
-        Content-Length says. Anything the handler must refuse (too long,
-        conflicting or invalid lengths, chunked, cut short by the client's
-        end) is handed over as it is, to be answered with a 4xx and the
-        connection closed.
-        """
-        buf = self.inbuf
-        ends = [i for i in (buf.find(b"\n\r\n"), buf.find(b"\n\n")) if i >= 0]
-        if not buf:
-            return None
-        if not ends:
-            if len(buf) <= MAX_REQUEST_LINE + (MAX_HEADERS + 1) * (MAX_HEADER_LINE + 1) and not self.ended:
-                return None
-            size = len(buf)  # far too long for a head (414, 431), or all there will be (400)
-        else:
-            end = min(ends)
-            size = end + (3 if buf[end + 1] == 13 else 2)
-            lengths = {value.strip() for value in _CONTENT_LENGTH_RE.findall(buf, 0, size)}
-            length = lengths.pop() if len(lengths) == 1 else b"0"
-            if length.isdigit() and length.isascii() and int(length) <= MAX_BODY:
-                if len(buf) < size + int(length) and not self.ended:
-                    if not self.continued and b"100-continue" in buf[:size].lower():
-                        self.continued = True
-                        self.outbuf += b"HTTP/1.1 100 Continue\r\n\r\n"
-                    return None
-                size = min(len(buf), size + int(length))
-        request = bytes(buf[:size])
-        del buf[:size]
-        self.continued = False
-        return request
-
-
 def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None):
-    """Return a listening (not yet serving) HTTP server for app.
+                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    """Return a listening (not yet serving) HTTP server for app; raise Error if it cannot listen.
 
     tls: a TLS for HTTPS. listen_socket: an already listening socket (from
     systemd) to serve instead of binding bind:port.
     """
-    import selectors
-    import socket
-    from http.server import HTTPServer
+    # http.server is imported only here, so that the key commands start fast.
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Server(HTTPServer):
-        """One thread serves every connection (a selector loop, no thread per connection).
+    class Handler(InviteRequests, BaseHTTPRequestHandler):
+        pass
 
-        Each round of the loop reads what arrived, handles every complete
-        request, commits the round's writes in one transaction (one fsync) and
-        only then sends the answers. A request that may take long (a backend
-        mints the invite, /health) is handled in a thread of its own; its
-        writes go through the group committer. TLS handshakes happen in
-        threads too, then the connection joins the loop.
-        """
-
-        allow_reuse_address = True
-        request_queue_size = 1024  # a burst is accepted and answered (or refused) fast, not dropped
-
-        def __init__(self):
-            self.app = app
-            self.idle_timeout = timeout
-            self.tls = tls
-            self.max_connections = max_connections
-            self.stopping = False
-            self.connections = {}  # socket -> _Connection
-            self.lingering = {}  # refused sockets -> when to close them
-            self._carried = []  # connections with requests left for the next round
-            self.handshakes = 0  # TLS handshakes under way (they count as connections)
-            self.handler_class = _make_handler_class()
-            self._stop = False
-            self._stopped = threading.Event()
-            self._stopped.set()
-            self._lock = threading.Lock()
-            self._arrived = []  # (connection, handler or None) back from threads, under _lock
-            self._wake_r, self._wake_w = socket.socketpair()
-            self._wake_r.setblocking(False)
-            self._wake_w.setblocking(False)
-            if listen_socket is None:
-                super().__init__((bind, port), self.handler_class)
-            else:
-                super().__init__(listen_socket.getsockname()[:2], self.handler_class, bind_and_activate=False)
-                self.socket = listen_socket
-                self.server_address = listen_socket.getsockname()
-
-        @property
-        def open_connections(self):
-            return len(self.connections) + self.handshakes
-
-        # -- the loop ---------------------------------------------------------
-
-        def serve_forever(self, poll_interval=0.5):
-            self._stopped.clear()
-            self.app.store.start_round()
-            selector = self._selector = selectors.DefaultSelector()
-            self.socket.setblocking(False)
-            selector.register(self.socket, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            grace_until, next_sweep = None, 0
-            try:
-                while True:
-                    ready, self._carried = self._carried, []
-                    if self._stop and grace_until is None:
-                        # No new connections; answer what came (with Connection: close), then end.
-                        grace_until = time.monotonic() + SHUTDOWN_GRACE
-                        selector.unregister(self.socket)
-                        ready = [c for c in self.connections.values() if c.inbuf]
-                    elif grace_until is not None and (time.monotonic() > grace_until or not any(
-                            c.busy or c.outbuf or c.inbuf for c in self.connections.values())):
-                        break
-                    for key, events in selector.select(0 if ready else min(poll_interval, self.idle_timeout / 4)):
-                        try:
-                            if key.fileobj is self.socket:
-                                self._accept()
-                            elif key.fileobj is self._wake_r:
-                                self._drain_wake()
-                            elif key.data == "lingering":
-                                self._linger(key.fileobj)
-                            else:
-                                conn = key.data
-                                if events & selectors.EVENT_WRITE:
-                                    self._send(conn)
-                                    if conn.inbuf and not conn.busy:  # requests that waited for room
-                                        ready.append(conn)
-                                if events & selectors.EVENT_READ and self._receive(conn):
-                                    ready.append(conn)
-                        except Exception:
-                            self._internal_error([key.data] if isinstance(key.data, _Connection) else [])
-                    try:
-                        ready += self._take_arrivals()
-                        self._handle_round(ready)
-                        if time.monotonic() >= next_sweep:
-                            next_sweep = time.monotonic() + 0.1
-                            self._close_idle()
-                    except Exception:
-                        self._internal_error(ready)
-            finally:
-                for conn in list(self.connections.values()):
-                    self._close(conn)
-                for sock in list(self.lingering):
-                    self._linger(sock, at_end=True)
-                selector.close()
-                self.app.store.stop_round()
-                self._stopped.set()
-
-        def shutdown(self):
-            self.stopping = self._stop = True
-            self._wake()
-            self._stopped.wait()
-
-        def server_close(self):
-            super().server_close()
-            self._wake_r.close()
-            self._wake_w.close()
-            self.app.store.stop_group_commit()
-
-        def wait_idle(self, timeout):
-            """Return whether no request is being handled (the loop waits for them before it ends)."""
-            return not any(c.busy for c in self.connections.values())
-
-        def _internal_error(self, connections):
-            # A bug: say so, drop the connections involved, keep serving the others.
-            import traceback
-            self.app.log_line(f"internal error in the serving loop:\n{traceback.format_exc().rstrip()}")
-            for conn in connections:
-                self._close(conn)
-
-        def _wake(self):
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass  # already full: the loop wakes anyway
-
-        def _drain_wake(self):
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except OSError:
-                pass
-
-        # -- connections --------------------------------------------------------
-
-        def _accept(self):
-            for _ in range(64):  # a burst at a time; the rest next round
-                try:
-                    sock, address = self.socket.accept()
-                except (BlockingIOError, ConnectionAbortedError):  # none left, or the client gave up
-                    return
-                except OSError as e:  # out of file descriptors or memory: do not spin on it
-                    self.app.log_line(f"cannot accept connections: {e.strerror}")
-                    time.sleep(0.05)
-                    return
-                if self.open_connections >= self.max_connections:
-                    self._refuse(sock)
-                    continue
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.tls is not None:
-                    self.handshakes += 1
-                    threading.Thread(target=self._handshake, args=(sock, address), daemon=True).start()
-                else:
-                    self._add(sock, address)
-
-        def _refuse(self, sock):
-            # Refuse fast rather than queue behind a full house. Then linger: a
-            # close with the client's request unread would reset the connection,
-            # and the reset can destroy the 503 before the client reads it.
-            try:
-                sock.setblocking(False)
-                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                          b"Content-Type: text/plain\r\nContent-Length: 21\r\n"
-                          b"Connection: close\r\n\r\ntoo many connections\n")
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                sock.close()
-                return
-            self.lingering[sock] = time.monotonic() + 2
-            self._selector.register(sock, selectors.EVENT_READ, "lingering")
-
-        def _linger(self, sock, at_end=False):
-            """Discard what a refused client sends; close on its end, an error, or after 2 s."""
-            try:
-                done = at_end or not sock.recv(65536)
-            except OSError as e:
-                done = not _would_block(e)
-            if done:
-                self.lingering.pop(sock, None)
-                self._selector.unregister(sock)
-                sock.close()
-
-        def _handshake(self, sock, address):
-            # In a thread: a slow or silent client must not hold up the loop.
-            try:
-                sock.settimeout(self.idle_timeout)
-                sock = self.tls.context.wrap_socket(sock, server_side=True)
-            except OSError:  # a failed handshake (ssl.SSLError is an OSError) is no news
-                sock.close()
-                sock = None
-            with self._lock:
-                self._arrived.append((sock, address))
-            self._wake()
-
-        def _add(self, sock, address):
-            sock.setblocking(False)
-            conn = self.connections[sock] = _Connection(sock, address)
-            self._selector.register(sock, selectors.EVENT_READ, conn)
-            return conn
-
-        def _close(self, conn):
-            if self.connections.pop(conn.sock, None) is not None:
-                try:
-                    self._selector.unregister(conn.sock)
-                except (KeyError, ValueError):
-                    pass
-                conn.sock.close()
-
-        def _receive(self, conn):
-            """Read what the client sent; return whether it may hold a complete request."""
-            try:
-                data = conn.sock.recv(65536)
-                while data and self.tls is not None and conn.sock.pending():  # decrypted, not yet read
-                    data += conn.sock.recv(65536)
-            except OSError as e:
-                if _would_block(e):
-                    return False
-                data = b""
-            if not data:  # the client is done sending: answer what it sent, then close
-                conn.ended = True
-                self._send(conn)
-                return bool(conn.inbuf) and not conn.busy
-            conn.last_active = time.monotonic()
-            if conn.closing:
-                return False  # answering the last request it will get
-            conn.inbuf += data
-            return not conn.busy
-
-        def _send(self, conn):
-            if conn.outbuf:
-                try:
-                    sent = conn.sock.send(conn.outbuf)
-                    del conn.outbuf[:sent]
-                    conn.last_active = time.monotonic()
-                except OSError as e:
-                    if not _would_block(e):
-                        self._close(conn)
-                        return
-            if conn.sock not in self.connections:
-                return
-            if not conn.outbuf and not conn.busy and (conn.closing or conn.ended and not conn.inbuf):
-                self._close(conn)
-                return
-            # Wait for room for the answers, for more requests, or (a request in a thread) for nothing.
-            reading = not (conn.closing or conn.ended or len(conn.inbuf) > MAX_PENDING
-                           or len(conn.outbuf) > MAX_PENDING)
-            events = (selectors.EVENT_WRITE if conn.outbuf else 0) | (selectors.EVENT_READ if reading else 0)
-            try:
-                watched = self._selector.get_key(conn.sock).events
-            except KeyError:
-                watched = 0
-            if events != watched:
-                if not events:
-                    self._selector.unregister(conn.sock)
-                elif watched:
-                    self._selector.modify(conn.sock, events, conn)
-                else:
-                    self._selector.register(conn.sock, events, conn)
-
-        def _close_idle(self):
-            # Idle or stalled (a request or an answer stuck half-way) for too long.
-            now = time.monotonic()
-            for conn in [c for c in self.connections.values() if c.last_active < now - self.idle_timeout
-                         and not c.busy]:
-                self._close(conn)
-            for sock in [s for s, until in self.lingering.items() if until < now]:
-                self._linger(sock, at_end=True)
-
-        # -- requests -----------------------------------------------------------
-
-        def _handle_round(self, ready):
-            round, writes = [], self.app.store._round
-            ready = list(dict.fromkeys(ready))
-            for conn in ready:
-                for _ in range(REQUESTS_PER_ROUND):  # pipelined beyond that: next round (fair to the others)
-                    if (conn.busy or conn.closing or conn.sock not in self.connections
-                            or len(conn.outbuf) > MAX_PENDING):  # a client that does not read waits
-                        break
-                    request = conn.request()
-                    if request is None:
-                        break
-                    if self._is_slow(request):
-                        conn.busy = True
-                        threading.Thread(target=self._handle_in_thread, args=(conn, request), daemon=True).start()
-                        break
-                    before = writes.writes
-                    handler = self._handle(conn, request)
-                    round.append((conn, handler, writes.writes != before))
-                    if handler.close_connection:
-                        conn.closing = True
-                else:
-                    self._carried.append(conn)
-            failed = self.app.store.commit_round()
-            for conn, handler, wrote in round:
-                self._answer(conn, handler, failed if wrote else None)
-            for conn in ready:
-                self._send(conn)
-            self.app.store.round_answered()
-
-        def _is_slow(self, request):
-            """Whether a request is for a route that waits on another program (a backend minting),
-            on a database check (/health, up to a second), or computes for long (an invite page's
-            QR code, about 15 ms): handled in a thread, so the loop goes on serving the others."""
-            words = request[:request.find(b"\n")].decode("latin-1").split(" ")
-            if len(words) < 2:
-                return False
-            path = words[1].partition("?")[0]
-            for pattern, methods, _ in ROUTES:  # as the handler will route it
-                if pattern.match(path):
-                    name = methods.get(words[0])
-                    return name in ("invite_page", "health") or (name == "api_create" and self.app.backend is not None)
-            return False
-
-        def _handle(self, conn, request):
-            handler = self.handler_class(self, conn.address, request)
-            try:
-                handler.handle_one_request()
-            except Exception:  # the handler answers its own errors; this is a bug
-                import traceback
-                handler.close_connection = True
-                handler.log_line("internal error:\n" + traceback.format_exc().rstrip())
-                if not handler.answers:
-                    handler.respond(500, "internal error\n")
-            return handler
-
-        def _handle_in_thread(self, conn, request):
-            handler = self._handle(conn, request)
-            self.app.store.close()  # this thread's connection, if it opened one: no fds left behind
-            with self._lock:
-                self._arrived.append((conn, handler))
-            self._wake()
-
-        def _take_arrivals(self):
-            with self._lock:
-                arrived, self._arrived = self._arrived, []
-            ready = []
-            for item, other in arrived:
-                if isinstance(item, _Connection):  # a slow request was handled (and its writes committed)
-                    item.busy = False
-                    self._answer(item, other, None)
-                    ready.append(item)  # requests that came meanwhile
-                else:  # a TLS handshake ended
-                    self.handshakes -= 1
-                    if item is not None:
-                        conn = self._add(item, other)
-                        self._receive(conn)  # a request sent right behind the handshake may be read already
-                        ready.append(conn)
-            return [conn for conn in ready if conn.sock in self.connections]
-
-        def _answer(self, conn, handler, failed):
-            if handler.close_connection:
-                conn.closing = True
-            if conn.sock not in self.connections:
-                return  # the client went away; the request was still handled and logged
-            conn.outbuf += handler.deliver(failed)
-            if not handler.answers:  # (cannot happen: every path answers; never leave a client waiting)
-                conn.closing = True
+    class Server(InviteServing, ThreadingHTTPServer):
+        pass
 
     try:
-        server = Server()
+        server = Server(app, Handler, bind, port, max_connections, timeout, tls, listen_socket, request_timeout)
     except OSError as e:
         raise Error(f"cannot listen on {bind}:{port}: {e.strerror}") from None
     app.store.start_group_commit()
     return server
-
-
-def _would_block(error):
-    """Whether a non-blocking socket call only found nothing to do yet (plain or TLS)."""
-    return isinstance(error, BlockingIOError) or type(error).__name__ in ("SSLWantReadError", "SSLWantWriteError")
 
 
 def start_purging(store, grace, app=None, every=3600):
@@ -2936,7 +2609,7 @@ def serve(server, banner=""):
         print(banner, flush=True)
     server.serve_forever(poll_interval=0.2)
     server.socket.close()  # refuse new connections at once
-    server.wait_idle(SHUTDOWN_GRACE)
+    server.stop_connections(SHUTDOWN_GRACE)
     server.server_close()
 
 
@@ -3103,7 +2776,7 @@ def cmd_serve(args):
               invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
               trust_proxy=args.trust_proxy, metrics_token=args.metrics_token)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
-                         systemd_socket())
+                         systemd_socket(), args.request_timeout)
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
@@ -3275,17 +2948,21 @@ def build_parser(argv=None):
                                               "were used up or revoked (default 30d)")
     sub.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
-    sub.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                     help=f"drop idle or stalled connections after this (default {DEFAULT_TIMEOUT:g})")
+    sub.add_argument("--timeout", type=_arg(parse_seconds), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help=f"close connections idle this long (default {DEFAULT_TIMEOUT:g})")
+    sub.add_argument("--request-timeout", type=_arg(parse_seconds), default=DEFAULT_REQUEST_TIMEOUT,
+                     metavar="SECONDS", help="a request (and a TLS handshake) must arrive whole within this "
+                                             f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
     sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite pages (default: the host)")
     sub.add_argument("--apps", metavar="FILE.json",
                      help='the "No app yet?" list on invite pages: [{"platform", "name", "url"}, ...]')
     sub.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS (TLS 1.2+) with this certificate chain; "
                                                          "SIGHUP reloads it")
     sub.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
-    sub.add_argument("--trust-proxy", action="store_true",
-                     help="behind a reverse proxy: take the client address and scheme from "
-                          "X-Forwarded-For/-Proto/-Host or Forwarded (off: they could be forged)")
+    sub.add_argument("--trust-proxy", nargs="?", const="x-forwarded-for", choices=("x-forwarded-for", "forwarded"),
+                     help="behind a reverse proxy: take the client address, scheme and host from the header "
+                          "it sets: X-Forwarded-For (its last hop), -Proto, -Host; or with =forwarded, "
+                          "Forwarded (off: they could be forged)")
     sub.add_argument("--metrics-token", metavar="TOKEN", default=os.environ.get("INVITES_API_METRICS_TOKEN"),
                      help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
     sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
@@ -3375,8 +3052,6 @@ def main(argv=None):
         for name, value in (("--port", args.port), ("--max-connections", args.max_connections)):
             if not (0 <= value <= 65535 if name == "--port" else value >= 1):
                 parser.error(f"argument {name}: invalid value {value}")
-        if args.timeout <= 0:
-            parser.error(f"argument --timeout: must be more than zero, not {args.timeout:g}")
     try:
         args.func(args)
         sys.stdout.flush()  # inside the try, so a closed pipe is handled below
