@@ -81,9 +81,6 @@ DEFAULT_TIMEOUT = 20.0
 # Seconds from a request's first byte to its last (head and body, and a TLS
 # handshake): a client cannot hold a connection by sending a byte at a time.
 DEFAULT_REQUEST_TIMEOUT = 5.0
-# When every connection is taken, a new one replaces the connection that has
-# waited longest for its request, if that is longer than this; else 503.
-EVICT_AFTER = 0.25
 # Simultaneous connections served; more are refused with a fast 503.
 DEFAULT_MAX_CONNECTIONS = 128
 # Failed authentications one client address may make per minute, then 429:
@@ -1903,10 +1900,27 @@ class InviteRequests:
         self.deadline = None
         if server.tls is not None:  # ssl counts the timeout for the whole handshake
             self.request.settimeout(server.request_timeout)
-            self.request = self.tracked.sock = server.tls.context.wrap_socket(self.request, server_side=True)
+            self.request = self.tracked.sock = server.tls.context.wrap_socket(
+                self.request, server_side=True, do_handshake_on_connect=False)
+            self.request.do_handshake()
         super().setup()
         self.rfile.close()
         self.rfile = io.BufferedReader(_DeadlineReader(self))
+
+    def finish(self):
+        super().finish()
+        # A lingering close (RFC 9112, 9.6): what the client still sends would
+        # turn the close into a reset, which can destroy our last answer
+        # before the client has read it.
+        import socket
+        try:
+            socket.socket.shutdown(self.connection, socket.SHUT_WR)
+            self.connection.settimeout(1)
+            for _ in range(16):
+                if not self.connection.recv(65536):
+                    break
+        except OSError:
+            pass
 
     def handle_one_request(self):
         """Read, check and answer one request (http.server's handle() calls this until close_connection)."""
@@ -2408,7 +2422,8 @@ class InviteServing:
 
     def process_request(self, request, client_address):
         """Serve a new connection in a thread of its own; when full, in place of the connection
-        that has waited longest for a request (over EVICT_AFTER), else refuse it with 503 at once."""
+        that has waited longest for a request (idle, or sending it slowly); when every one is
+        busy answering, refuse it with 503 at once."""
         with self._lock:
             room = len(self.connections) < self.max_connections or self._evict()
             if room:
@@ -2461,7 +2476,7 @@ class InviteServing:
         # request (idle, or sending it slowly); its thread answers and ends.
         import socket
         waiting = [(t.waiting_since, sock, t) for sock, t in self.connections.items() if t.waiting_since is not None]
-        if not waiting or min(waiting)[0] > time.monotonic() - EVICT_AFTER:
+        if not waiting:
             return False
         _, sock, tracked = min(waiting, key=lambda w: w[0])
         del self.connections[sock]

@@ -512,6 +512,143 @@ class ServingTest(LiveServerTestCase):
         self.assertIn(b"shorter than Content-Length", answer)
 
 
+class AttackTest(LiveServerTestCase):
+    """What an attack run found on the old selector loop, each pinned: framing, 500s, the log."""
+
+    def statuses(self, answer):
+        return re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+
+    def test_a_body_is_never_run_as_a_request(self):
+        smuggled = f"GET /invites_api?key={self.key}&note=smuggled HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        after = b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for method, path in (("OPTIONS", "/invites_api"), ("GET", "/nope"), ("PUT", "/invites_api"),
+                             ("GET", "/health"), ("DELETE", "/invites_api/invites/x")):
+            # Within the limit, the body is read (and dropped); the next request follows it.
+            head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(smuggled)}\r\n\r\n".encode()
+            answer = self.raw(head + smuggled + after)
+            self.assertEqual(len(self.statuses(answer)), 2, answer)
+            self.assertNotIn(b"201", self.statuses(answer))
+            # Over it: 413, and the connection closes: nothing after it is read as a request.
+            head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 9000\r\n\r\n".encode()
+            answer = self.raw(head + smuggled + after)
+            self.assertEqual(self.statuses(answer), [b"413"], answer)
+            self.assertIn(b"Connection: close", answer)
+        self.assertEqual(self.invite_count(), 0)
+
+    def test_framing_errors_get_4xx_and_close_the_connection(self):
+        smuggled = f"GET /invites_api?key={self.key} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        cases = {
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n": b"411",
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 0\r\n\r\n": b"411",
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 0\r\n\r\n": b"400",
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 5\r\n\r\n": b"400",
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n": b"400",
+            b"POST /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length: \xc2\xb2\r\n\r\n": b"400",
+            b"GET /invites_api HTTP/1.1\r\nHost: x\r\nContent-Length : 0\r\n\r\n": b"400",
+            b"GET /invites_api HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n folded\r\n\r\n": b"400",
+            b"GET /invites_api HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n": b"400",
+            b"GET /invites_api HTTP/1.1\r\n\r\n": b"400",  # no Host
+            b"GET /invites_api HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n": b"400",
+            b"GET /invites_api HTTP/2.0\r\nHost: x\r\n\r\n": b"400",  # not 505: client input is never a 5xx
+            b"GET /invites_api HTTP/1.2\r\nHost: x\r\n\r\n": b"400",
+            b"GET /invites_api\r\n\r\n": b"400",  # HTTP/0.9
+            b"GET /invites_api  HTTP/1.1\r\nHost: x\r\n\r\n": b"400",
+            b"GET /inv\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n": b"400",
+            b"GET http://x/invites_api HTTP/1.1\r\nHost: x\r\n\r\n": b"400",
+        }
+        for request, status in cases.items():
+            answer = self.raw(request + smuggled)
+            self.assertEqual(self.statuses(answer), [status], request)
+            self.assertIn(b"Connection: close", answer, request)
+        self.assertEqual(self.invite_count(), 0)
+        self.assertEqual(self.request("GET", "/health")[0], 200)  # HTTP/1.0 needs no Host
+        self.assertEqual(self.raw(b"GET /health HTTP/1.0\r\n\r\n")[:12], b"HTTP/1.1 200")
+
+    def test_a_bad_host_header_mints_nothing(self):
+        for host in ("my_host:5282", "a b", "x:99999999", "[::1"):
+            status, _, _ = self.create(headers={"Host": host})
+            self.assertEqual(status, 400, host)
+        self.app.trust_proxy = "x-forwarded-for"
+        self.assertEqual(self.create(headers={"X-Forwarded-Host": "bad_host"})[0], 400)
+        self.assertEqual(self.invite_count(), 0)
+        self.assertEqual(self.store.key(self.key_id)["invites_created"], 0)
+
+    def test_input_that_once_gave_500_gets_400(self):
+        json_headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        for body in (b"[" * 8000, b'{"note": "x"}', b'{"note": "\\ud800"}',
+                     b'{"username": "\\udc80"}', b'{"note": "a\\u0000b"}', b'{"note": ["x"]}',
+                     b'{"uses": ' + b"[" * 900 + b"]" * 900 + b"}", b'{"uses": 1e400}', b"\xff\xfe"):
+            status, _, answer = self.request("POST", "/invites_api", json_headers, body)
+            self.assertIn(status, (201, 400), body[:40])
+            if status == 201:  # (the plain note)
+                self.assertEqual(body, b'{"note": "x"}')
+        for query in ("&note=%ED%A0%80", "&note=%FF", "&username=%00", "&note=a%0Ab"):
+            self.assertEqual(self.create(extra=query)[0], 400, query)
+        # A non-Latin username: the page's Link header carries it percent-encoded (IRI to URI).
+        location = self.create(extra="&username=%D0%B0%D0%BB%D0%B8%D1%81%D0%B0")[1]["location"]
+        status, headers, _ = self.request("GET", location[location.index("/invite"):])
+        self.assertEqual(status, 200)
+        self.assertIn("<xmpp:%D0%B0%D0%BB%D0%B8%D1%81%D0%B0@example.com?register;preauth=", headers["link"])
+        token = self.token_of(self.create()[1]["location"])
+        for body in (b'{"username": "a b"}', b'{"username": "\\ud800"}', b'{"username": 5}'):
+            status, _, _ = self.request("POST", f"/invites_api/invites/{token}/redeem", json_headers, body)
+            self.assertEqual(status, 400, body)
+        self.assertEqual(ia.check_invite(self.store, token)["valid"], True)
+        self.assertNotIn("internal error", self.log.getvalue())
+        code, _, err = run_main("--db", self.db, "create", "example.com", "bad \udcff name")  # argv not UTF-8
+        self.assertEqual(code, 2)
+        self.assertIn("not valid Unicode text", err)
+
+    def test_a_key_is_redacted_from_the_log_under_any_name(self):
+        secret = self.key.split("/")[1]
+        for query in (f"api_key={self.key}", f"+key={self.key}", f"key%20={self.key}", f"k%00ey={self.key}",
+                      f"x={quote(self.key, safe='')}", f"key={self.key}&note=hi"):
+            self.request("GET", f"/invites_api?{query}")
+        self.request("GET", f"/invites_api/{self.key}")
+        self.request("GET", f"/invites_api/invites/{self.key}")
+        log = self.log.getvalue()
+        self.assertEqual(log.count("\n"), 8, log)
+        self.assertNotIn(secret, log)
+        self.assertNotIn(secret[:16], log)
+        self.assertIn("note=hi", log)
+
+    def test_unknown_key_ids_and_wrong_secrets_do_the_same_work(self):
+        statements = []
+        conn = self.store.write(lambda conn: conn)
+        conn.set_trace_callback(statements.append)
+        self.addCleanup(conn.set_trace_callback, None)
+        runs = []
+        for presented in (self.key_id + "/" + "x" * 32, "A" * 12 + "/" + "x" * 32):
+            del statements[:]
+            self.assertEqual(self.create(key=presented)[0], 403)
+            runs.append([re.sub(r"'[^']*'", "?", s) for s in statements])
+        self.assertEqual(runs[0], runs[1])
+        self.assertTrue(any("coalesce" in s for s in runs[0]), runs[0])
+
+    def test_a_recurring_database_error_is_logged_once_a_minute_with_a_count(self):
+        self.assertEqual(self.create()[0], 201)
+        os.chmod(self.db, 0o400)
+        self.addCleanup(os.chmod, self.db, 0o600)
+        for _ in range(30):
+            self.assertEqual(self.create()[0], 503)
+        errors = [line for line in self.log.getvalue().splitlines() if "StoreError" in line]
+        self.assertEqual(len(errors), 1, errors)
+        os.chmod(self.db, 0o600)
+        self.assertEqual(self.create()[0], 201)
+        with mock.patch.object(time, "monotonic", lambda: 10 ** 9):  # a minute (and more) later
+            self.app.log_problem("StoreError again", cause=next(iter(self.app._problems)))
+        self.assertIn("StoreError again (and 29 more times since it was last logged)", self.log.getvalue())
+
+    def test_ipv6_clients_are_limited_per_64(self):
+        limiter = ia.RateLimiter(2)
+        for address in ("2001:db8::1", "2001:db8::2", "2001:db8::ffff:1"):
+            limiter.hit(address)
+        self.assertGreater(limiter.over("2001:db8::9"), 0)  # the same /64
+        self.assertEqual(limiter.over("2001:db8:0:1::1"), 0)  # another /64
+        self.assertEqual(limiter.over("192.0.2.1"), 0)
+        self.assertEqual(ia.address_key("2001:db8::1%eth0"), "2001:db8::/64")
+
+
 class ServerOptionsTest(LiveServerTestCase):
     app_options = {"public_url": "https://{host}:5281/", "invite_ttl": 3600}
 
@@ -668,17 +805,37 @@ class ConnectionLimitsTest(LiveServerTestCase):
             sock.sendall(b"GET /invites_api HTTP/1.1\r\n")
             self.assertEqual(sock.recv(100), b"")  # closed by the server after --timeout
 
-    def test_connections_over_the_cap_are_refused_fast_with_503(self):
-        held = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(30)]
-        self.addCleanup(lambda: [s.close() for s in held])
-        # The server accepts in order: make sure all 30 are being served.
-        for sock in held:
+    def test_when_full_a_new_connection_replaces_the_longest_waiting_one(self):
+        idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(30)]
+        self.addCleanup(lambda: [s.close() for s in idle])
+        for sock in idle:
             sock.sendall(b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 204"))
+        # All 30 wait for a next request: the oldest makes room, closed without a word (it had been answered).
+        self.assertEqual(self.create()[0], 201)
+        self.assertEqual(idle[0].recv(100), b"")
+        for sock in idle[1:]:  # the others are still served
+            sock.sendall(b"OPTIONS /invites_api HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(sock.recv(4096).startswith(b"HTTP/1.1 204"))
+
+    def test_connections_over_the_cap_are_refused_fast_with_503_when_all_are_busy(self):
+        gate = threading.Event()
+        holder = threading.Thread(target=self.store.write, args=(lambda conn: gate.wait(10),))
+        holder.start()  # the committer waits: every create below is busy until the gate opens
+        pool = ThreadPoolExecutor(30)
+        self.addCleanup(pool.shutdown)
+        creates = [pool.submit(self.create) for _ in range(30)]
+        deadline = time.monotonic() + 5
+        while self.server.open_connections < 30 or any(t.waiting_since is not None for t in
+                                                       list(self.server.connections.values())):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.01)
         answer = self.raw(b"GET /invites_api HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=1.5)
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer[:80])
-        held.pop().close()
-        time.sleep(0.2)
+        self.assertIn(b"Retry-After: 1", answer)
+        gate.set()
+        holder.join(5)
+        self.assertEqual([c.result()[0] for c in creates], [201] * 30)
         self.assertEqual(self.create()[0], 201)
 
 
@@ -1668,6 +1825,150 @@ class SystemdTest(TempDirTestCase):
         conn.close()
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
+
+
+class LockTest(ServerProcessMixin, TempDirTestCase):
+    """Another process holds the database's write lock: only writes wait."""
+
+    def test_only_writes_wait_for_a_lock_held_elsewhere(self):
+        key = self.make_key()
+        proc, port = self.start("--busy-timeout", "3")
+
+        def get(path, timeout=10):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                return response.status
+            finally:
+                conn.close()
+        location = None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", f"/invites_api?key={key}")
+        location = conn.getresponse().getheader("Location")
+        conn.close()
+        holder = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(30)"), self.db],
+            stdout=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (holder.kill(), holder.wait(), holder.stdout.close()))
+        self.assertEqual(wait_for_line(holder.stdout).strip(), "locked")
+        writes = []
+        writer = threading.Thread(target=lambda: writes.append(get(f"/invites_api?key={key}")))
+        started = time.monotonic()
+        writer.start()
+        time.sleep(0.2)  # the write waits for the lock meanwhile
+        for path in ("/nope", "/metrics", location[location.index("/invite"):], f"/invites_api/invites?key={key}"):
+            before = time.monotonic()
+            self.assertIn(get(path), (200, 404), path)
+            self.assertLess(time.monotonic() - before, 1.5, path)  # not held up by the waiting write
+        writer.join(10)
+        self.assertEqual(writes, [503])
+        self.assertGreater(time.monotonic() - started, 2.5)  # the write waited its busy timeout
+        holder.kill()
+        holder.wait()
+        self.assertEqual(get(f"/invites_api?key={key}"), 201)
+
+
+class IPv6Test(ServerProcessMixin, TempDirTestCase):
+
+    def test_serve_on_ipv6_loopback_and_on_all_addresses(self):
+        key = self.make_key()
+        for bind, client in (("::1", "::1"), ("::", "::1"), ("::", "127.0.0.1")):
+            env = dict(os.environ, INVITES_API_DB=self.db)
+            proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", "--bind", bind],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+            self.addCleanup(self.reap, proc)
+            line = wait_for_line(proc.stdout)
+            port = int(re.search(r"http://\[[0-9a-f:]+\]:(\d+)/invites_api", line).group(1))
+            conn = http.client.HTTPConnection(client, port, timeout=10)
+            conn.request("GET", f"/invites_api?key={key}")
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            self.assertEqual(response.status, 201, (bind, client))
+            shown = f"[{client}]" if ":" in client else client
+            self.assertTrue(response.getheader("Location").startswith(f"http://{shown}:{port}/invite?"))
+            proc.terminate()
+            self.assertEqual(proc.wait(10), 0)
+            self.assertRegex(proc.stderr.read(), rf"Z {re.escape(client)} GET /invites_api\?key=\[redacted\] 201 ")
+
+
+class SlowClientsTest(ServerProcessMixin, TempDirTestCase):
+    """300 slow clients (that reconnect when dropped) do not starve a create every 100 ms."""
+
+    seconds = float(os.environ.get("INVITES_API_SLOW_SECONDS", "8"))
+
+    def attack(self, port, key, tls_context=None):
+        stop = threading.Event()
+
+        def connect():
+            sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+            if tls_context is None:  # a slow header; a TLS client just never sends its hello
+                sock.sendall(b"GET /invites_api HTTP/1.1\r\nHost: x\r\n")
+            return sock
+
+        def slow_clients():
+            socks = []
+            while not stop.is_set():
+                for i in range(300):
+                    try:
+                        if i >= len(socks):
+                            socks.append(connect())
+                        elif tls_context is None:
+                            socks[i].sendall(b"X-Slow: 1\r\n")
+                        else:
+                            socks[i].setblocking(False)
+                            if socks[i].recv(1) == b"":
+                                raise OSError("closed")
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        if i < len(socks):
+                            socks[i].close()
+                            try:
+                                socks[i] = connect()
+                            except OSError:
+                                pass
+                stop.wait(2)
+            for sock in socks:
+                sock.close()
+        attacker = threading.Thread(target=slow_clients, daemon=True)
+        attacker.start()
+        time.sleep(1)
+        statuses = []
+        until = time.monotonic() + self.seconds
+        while time.monotonic() < until:
+            try:
+                if tls_context is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                else:
+                    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=tls_context)
+                conn.request("GET", f"/invites_api?key={key}")
+                statuses.append(conn.getresponse().status)
+                conn.close()
+            except OSError as e:
+                statuses.append(type(e).__name__)
+            time.sleep(0.1)
+        stop.set()
+        attacker.join(10)
+        ok = statuses.count(201)
+        print(f"\n{'TLS handshake' if tls_context else 'slow header'} clients: {ok} of {len(statuses)} creates "
+              f"answered 201 in {self.seconds:g} s", file=sys.stderr)
+        self.assertGreaterEqual(ok, 0.95 * len(statuses), statuses)
+
+    def test_slow_header_clients(self):
+        key = self.make_key()
+        _, port = self.start("--quiet", "--request-timeout", "3")
+        self.attack(port, key)
+
+    def test_silent_tls_clients(self):
+        import ssl
+        key = self.make_key()
+        cert, tls_key = make_certificate(self.dir, "slow")
+        _, port = self.start("--quiet", "--request-timeout", "3", "--tls-cert", cert, "--tls-key", tls_key)
+        self.attack(port, key, ssl.create_default_context(cafile=cert))
 
 
 class ProxyTest(LiveServerTestCase):
