@@ -126,8 +126,14 @@ class Error(Exception):
     headers = ()
 
 
-class BadRequest(Error):
-    status = 400
+# One class per status a user meets; a message quotes the bad value.
+class BadRequest(Error): status = 400
+class Forbidden(Error): status = 403
+class NotFound(Error): status = 404
+class Conflict(Error): status = 409
+class Gone(Error): status = 410
+class UnsupportedMediaType(Error): status = 415
+class BackendError(Error): status = 502  # the program that mints invites failed
 
 
 class Unauthorized(Error):
@@ -135,16 +141,8 @@ class Unauthorized(Error):
     headers = (("WWW-Authenticate", 'Bearer realm="invites_api"'),)
 
 
-class Forbidden(Error):
-    status = 403
-
-
 class BadCredentials(Forbidden):
     """A wrong, unknown, deleted or malformed key: counted per client address."""
-
-
-class NotFound(Error):
-    status = 404
 
 
 class MethodNotAllowed(Error):
@@ -155,33 +153,12 @@ class MethodNotAllowed(Error):
         self.headers = (("Allow", ", ".join(allowed)),)
 
 
-class Conflict(Error):
-    status = 409
-
-
-class Gone(Error):
-    status = 410
-
-
-class LengthRequired(Error):
-    status = 411
-
-
-class PayloadTooLarge(Error):
-    status = 413
-
-
-class UnsupportedMediaType(Error):
-    status = 415
-
-
 class TooManyRequests(Error):
     status = 429
 
     def __init__(self, message, retry_after):
         super().__init__(message)
-        self.retry_after = max(1, int(retry_after))
-        self.headers = (("Retry-After", str(self.retry_after)),)
+        self.headers = (("Retry-After", str(max(1, int(retry_after)))),)
 
 
 class Unavailable(Error):
@@ -193,12 +170,6 @@ class Unavailable(Error):
 
 class StoreError(Unavailable):
     """The database cannot be opened, read or written."""
-
-
-class BackendError(Error):
-    """The program that mints invites failed, timed out or answered nonsense."""
-
-    status = 502
 
 
 # ---------------------------------------------------------------------------
@@ -769,16 +740,18 @@ class GroupCommitter:
             self.store.check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
+                alone = len(batch) == 1  # its failure may undo the whole transaction: no savepoint
                 for pending in batch:
-                    conn.execute("SAVEPOINT write")
+                    alone or conn.execute("SAVEPOINT write")
                     try:
                         pending.result = pending.fn(conn)
                     except Exception as e:
                         pending.error = (StoreError(f"database {self.store.path!r}: {e}")
                                          if isinstance(e, sqlite3.Error) else e)
-                        conn.execute("ROLLBACK TO write")
-                    conn.execute("RELEASE write")
-                conn.execute("COMMIT")
+                        conn.execute("ROLLBACK" if alone else "ROLLBACK TO write")
+                    alone or conn.execute("RELEASE write")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -1693,11 +1666,12 @@ def page_headers(nonce):
 
 # RFC 9112's request line (origin form; HTTP/1.0 or 1.1) and field lines (a
 # token, a colon, and no NUL, CR or LF; no obsolete folding): else 400.
-_REQUEST_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ /[!-~]* HTTP/1\.[01]\r?\n\Z")
+_REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[!-~]*) (HTTP/1\.[01])\r?\n\Z")
 _HEADER_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*\r?\n\Z")
 _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
 _FORWARDED_PAIR_RE = re.compile(r'(?i)\b(for|proto|host)=("[^"]*"|[^;,\s]*)')
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
+_date_cache = [0, ""]  # (second, Date header)
 
 
 def iri_to_uri(text):
@@ -1954,25 +1928,23 @@ class InviteRequests:
         self.requestline = line.decode("latin-1").rstrip("\r\n")
         if len(line) > MAX_REQUEST_LINE:
             return self.refuse(414, "request line too long")
-        if not _REQUEST_LINE_RE.match(line):
+        match = _REQUEST_LINE_RE.match(line)
+        if not match:
             return self.refuse(400, "malformed request line" if line.endswith(b"\n") else "request cut short")
-        fields = []
+        self.command, self.path, self.request_version = (part.decode("ascii") for part in match.groups())
+        if self.path.startswith("//"):  # (as http.server: a path that a client would take for a host)
+            self.path = "/" + self.path.lstrip("/")
+        headers = self.headers = self.MessageClass()  # http.client.HTTPMessage, as http.server makes it
         while True:
             field = self.rfile.readline(MAX_HEADER_LINE + 1)
             if field in (b"\r\n", b"\n"):
                 break
-            if len(field) > MAX_HEADER_LINE or len(fields) == MAX_HEADERS:
+            if len(field) > MAX_HEADER_LINE or len(headers) == MAX_HEADERS:
                 return self.refuse(431, "request header fields too large")
             if not _HEADER_LINE_RE.match(field):
                 return self.refuse(400, "malformed header line" if field.endswith(b"\n") else "request cut short")
-            fields.append(field)
-        rfile, self.rfile = self.rfile, io.BytesIO(b"".join(fields) + b"\r\n")
-        self.expects_100 = False
-        try:  # http.server: command, path, request_version, self.headers (an email.message.Message)
-            if not super().parse_request():
-                return False
-        finally:
-            self.rfile = rfile
+            name, _, value = field.decode("latin-1").partition(":")
+            headers[name] = value.strip()
         headers = self.headers
         tokens = {t.strip().lower() for t in ",".join(headers.get_all("Connection") or ()).split(",")}
         self.close_connection = ("close" in tokens or self.server.stopping
@@ -1992,7 +1964,7 @@ class InviteRequests:
             self.client, self.scheme, self.authority = self.proxy_view(hosts[0].strip() if hosts else "")
         except BadRequest as e:
             return self.refuse(400, str(e))
-        if self.expects_100 and int(length):
+        if int(length) and "100-continue" in (headers.get("Expect") or "").lower():
             self.send_response_only(100)
             self.end_headers()
             self.wfile.flush()
@@ -2000,10 +1972,6 @@ class InviteRequests:
         if len(body) < int(length):
             return self.refuse(400, "request body shorter than Content-Length")
         self.body = body
-        return True
-
-    def handle_expect_100(self):
-        self.expects_100 = True  # answered once the framing is known to be right (parse_request)
         return True
 
     def proxy_view(self, host):
@@ -2309,6 +2277,13 @@ class InviteRequests:
 
     def version_string(self):
         return self.server_version
+
+    def date_time_string(self, timestamp=None):
+        """http.server's Date, formatted once a second (it is on every response)."""
+        second = int(time.time() if timestamp is None else timestamp)
+        if _date_cache[0] != second:
+            _date_cache[:] = second, super().date_time_string(second)
+        return _date_cache[1]
 
     # -- logging ----------------------------------------------------------
 

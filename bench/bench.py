@@ -149,9 +149,30 @@ class OurServer:
         with open(f"/proc/{self.proc.pid}/status") as f:
             return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
 
+    def cpu_seconds(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def pipeline(port, total, batch):
+    """Send total OPTIONS requests on one connection, batch at a time, reading each batch's answers."""
+    request = b"OPTIONS /invites_api HTTP/1.1\r\nHost: bench\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        for start in range(0, total, batch):
+            count = min(batch, total - start)
+            sender = threading.Thread(target=sock.sendall, args=(request * count,))
+            sender.start()
+            seen, data = 0, b""
+            while seen < count:
+                data += sock.recv(1 << 20)
+                seen += data.count(b"HTTP/1.1 204 ")
+                data = data[data.rfind(b"HTTP/1.1 204 ") + 1:] if b"HTTP/1.1 204 " in data else data
+            sender.join()
 
 
 def compiled_copy(directory):
@@ -217,6 +238,19 @@ def run_bench(args):
                 f"{rate:,.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms" + (f", {errors} errors" if errors else ""),
                 f"{tool}, GET /invites_api?key=, keep-alive, built-in backend")
         server.stop()
+
+        # Pipelining: server CPU per request for a flood (all requests sent at once, on one
+        # connection) against the same requests sent in batches of 16 (each batch read back).
+        cpu = {}
+        for mode in ("batches", "flood"):
+            server = OurServer(directory, db=os.path.join(directory, f"pipe-{mode}.db"))
+            before = server.cpu_seconds()
+            pipeline(server.port, args.pipelined, 16 if mode == "batches" else args.pipelined)
+            cpu[mode] = (server.cpu_seconds() - before) / args.pipelined * 1e6
+            server.stop()
+        row("pipelined OPTIONS, server CPU per request", f"flood {cpu['flood']:.0f} us, batches of 16 "
+            f"{cpu['batches']:.0f} us: {cpu['flood'] / cpu['batches']:.2f}x",
+            f"{args.pipelined:,} requests on one connection; utime+stime of the server process")
 
         # Growth: a server on a database holding 1,000,000 invites against one on an
         # empty database, in alternating rounds (the machine's noise hits both alike).
@@ -339,7 +373,7 @@ def run_compare(args):
     for program in ("prosody", "prosodyctl"):
         if not shutil.which(program):
             raise SystemExit(f"{program} is not installed: apt-get install prosody prosody-modules lua-dbi-sqlite3")
-    rounds = 3
+    rounds = 5
     print(f"# invites_api vs Prosody 0.12 + mod_invites_api: {os.cpu_count()} cores, {rounds} alternating rounds "
           f"of {DURATION:g} s at 8 connections, one invite per request\n")
     print("| measure | result | how |")
@@ -399,6 +433,7 @@ def main():
     run = sub.add_parser("run")
     run.add_argument("--seed", type=int, default=1_000_000, help="stored invites for the growth measure")
     run.add_argument("--requests", type=int, default=100_000, help="requests before the RSS reading")
+    run.add_argument("--pipelined", type=int, default=20_000, help="requests for the pipelining measure")
     sub.add_parser("compare")
     args = parser.parse_args()
     run_bench(args) if args.what == "run" else run_compare(args)
