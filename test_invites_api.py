@@ -2028,11 +2028,13 @@ http {{
   access_log off;
   client_body_temp_path {self.dir}/body; proxy_temp_path {self.dir}/proxy;
   fastcgi_temp_path {self.dir}/fcgi; uwsgi_temp_path {self.dir}/uwsgi; scgi_temp_path {self.dir}/scgi;
+  upstream invites_api {{ server 127.0.0.1:{port}; keepalive 4; }}
   server {{
     listen 127.0.0.2:{front};
     location / {{
-      proxy_pass http://127.0.0.1:{port};
+      proxy_pass http://invites_api;
       proxy_http_version 1.1;
+      proxy_set_header Connection "";
       proxy_set_header Host $host;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme;
@@ -2059,6 +2061,33 @@ http {{
         conn.close()
         self.assertEqual(response.status, 201)
         self.assertTrue(response.getheader("Location").startswith("http://invites.example.com/invite?"))
+
+        def through_nginx(method, path, headers=None, body=None, source="127.0.0.3"):
+            conn = http.client.HTTPConnection("127.0.0.2", front, timeout=10, source_address=(source, 0))
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            data = response.read()
+            conn.close()
+            return response.status, response.getheader("Location"), data
+        # Smuggling through nginx's kept-alive upstream connections: a body that holds the start of a
+        # request, then another client's request. Each client gets its own answer; nothing is minted
+        # from the body.
+        smuggled = b"GET /invites_api?note=smuggled HTTP/1.1\r\nHost: evil.example\r\nX-Ignore: "
+        for padding in (0, 9000):
+            for _ in range(10):
+                status = through_nginx("OPTIONS", "/invites_api", body=smuggled + b"x" * padding)[0]
+                self.assertEqual(status, 413 if padding else 204)
+                status, location, _ = through_nginx("GET", "/invites_api", {"Authorization": f"Bearer {key}",
+                                                                            "Accept": "application/json"})
+                self.assertEqual(status, 201)
+        self.assertEqual(ia.Store(self.db).read("SELECT count(*) FROM invites WHERE note IS NOT NULL "
+                                                "OR uri LIKE '%evil%'")[0][0], 0)
+        self.assertEqual(ia.Store(self.db).read("SELECT count(*) FROM invites")[0][0], 21)
+        # A client's own Forwarded header does not hide it from the failed-authentication limit.
+        statuses = [through_nginx("GET", f"/invites_api?key=AAAAAAAAAAAA/{i:032d}",
+                                  {"Forwarded": f"for=10.9.0.{i}"}, source="127.0.0.4")[0] for i in range(25)]
+        self.assertEqual(statuses[:20], [403] * 20)
+        self.assertEqual(statuses[20:], [429] * 5)
         proc.terminate()
         proc.wait(10)
         self.assertRegex(proc.stderr.read(), r"Z 127\.0\.0\.3 GET /invites_api\?key=\[redacted\] 201 ")
