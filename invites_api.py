@@ -2270,10 +2270,13 @@ class InviteRequests:
             self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.wfile.flush()
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:  # the client went away (or stopped reading): nothing more to say to it
+            self.close_connection = True
 
     def version_string(self):
         return self.server_version
