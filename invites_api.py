@@ -1082,7 +1082,7 @@ class Backend:
             valid = False
         if not valid:  # it reaches the program only as a checked domain name, one argv element
             raise BadRequest(f"invalid host {host!r}")
-        uri, url = self.parse(self.run(self.argv(host, ttl, uses, username)))
+        uri, url = self.parse(self.fetch(host, ttl, uses, username))
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
@@ -1090,6 +1090,14 @@ class Backend:
         if uri is None and token:  # what an account invite's URI is, by XEP-0401
             uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
         return {"token": token, "uri": uri, "url": url}
+
+    def fetch(self, host, ttl, uses, username):
+        """Return what the program printed for one invite."""
+        return self.run(self.argv(host, ttl, uses, username))
+
+    def describe(self):
+        """Return how invites are minted, for serve's start-up line."""
+        return f"{self.name} backend, running {self.template[0]!r}"
 
     def run(self, argv):
         """Run argv with the timeout and concurrency limits; return its stdout or raise."""
@@ -1135,15 +1143,134 @@ class Backend:
         return None
 
 
+def lua_string(text):
+    """Return text as a Lua string literal: anything but printable ASCII (and \\ and ") as a \\ddd escape."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}"
+                         for b in text.encode("utf-8")) + '"'
+
+
+def prosody_socket(config=None):
+    """Return the path of Prosody's admin socket, as its config sets it: admin_socket, else
+    data_path/prosody.sock (Debian's defaults when the config says neither)."""
+    try:
+        with open(config or "/etc/prosody/prosody.cfg.lua", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, ValueError):
+        text = ""
+
+    def option(name, default):
+        match = re.search(rf"""(?m)^\s*{name}\s*=\s*["']([^"']+)["']""", text)
+        return match.group(1) if match else default
+    return os.path.join(option("data_path", "/var/lib/prosody"), option("admin_socket", "prosody.sock"))
+
+
+# What prosodyctl shell sends first: a stream in Prosody's admin namespace.
+_ADMIN_STREAM = (b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                 b"xmlns='xmpp:prosody.im/admin' xml:lang='en' id=''>")
+
+
+class ProsodyAdmin:
+    """A client of Prosody's admin socket (mod_admin_socket with mod_admin_shell), as
+    `prosodyctl shell` is: each command is <repl-input>LINE</repl-input>, answered by
+    <repl-output>s and one <repl-result> (type='error' on failure). It keeps up to
+    `concurrency` connections open, one command at a time on each; a connection that
+    fails (Prosody restarted) is opened again, once, for the same command."""
+
+    def __init__(self, path, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY):
+        import queue
+        self.path, self.timeout = path, timeout
+        self.idle = queue.LifoQueue()
+        for _ in range(concurrency):
+            self.idle.put(None)  # a free slot, not connected yet
+
+    def run(self, line):
+        """Run one line of Lua in Prosody's admin shell and return its answer's text; raise
+        BackendError if Prosody answered an error or could not be reached, Unavailable if busy."""
+        import queue
+        from xml.etree.ElementTree import ParseError
+        try:
+            conn = self.idle.get(timeout=self.timeout)
+        except queue.Empty:
+            raise Unavailable("every connection to Prosody is busy; try again") from None
+        try:
+            for attempt in (1, 2):
+                try:
+                    conn = conn or self._connect()
+                    ok, text = self._exchange(conn, line)
+                    break
+                except (OSError, ParseError) as e:
+                    conn = conn and conn["sock"].close()
+                    if attempt == 2:
+                        raise BackendError(f"cannot use Prosody's admin socket {self.path!r}: {e}") from None
+        finally:
+            self.idle.put(conn)
+        if not ok:
+            raise BackendError(f"Prosody refused: {text.strip()[:300]}")
+        return text
+
+    def close(self):
+        """Close the open connections."""
+        for _ in range(self.idle.qsize()):
+            conn = self.idle.get_nowait()
+            if conn is not None:
+                conn["sock"].close()
+            self.idle.put(None)
+
+    def _connect(self):
+        import socket
+        from xml.etree.ElementTree import XMLPullParser
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+            sock.sendall(_ADMIN_STREAM)
+        except OSError:
+            sock.close()
+            raise
+        return {"sock": sock, "parser": XMLPullParser(("start", "end")), "depth": 0, "stream": None}
+
+    def _exchange(self, conn, line):
+        from xml.sax.saxutils import escape
+        conn["sock"].sendall(f"<repl-input>{escape(line)}</repl-input>".encode("utf-8"))
+        texts = []
+        while True:
+            for event, element in conn["parser"].read_events():
+                conn["depth"] += 1 if event == "start" else -1
+                if event == "start" and conn["stream"] is None:
+                    conn["stream"] = element
+                elif event == "end" and conn["depth"] == 1:  # a whole stanza of the stream
+                    conn["stream"].remove(element)  # (the stream would keep every one)
+                    texts.append(element.text or "")
+                    if element.tag.endswith("}repl-result"):
+                        return element.get("type") != "error", "\n".join(texts)
+            data = conn["sock"].recv(65536)
+            if not data:
+                raise OSError("Prosody closed the connection")
+            conn["parser"].feed(data)
+
+
 class ProsodyBackend(Backend):
-    """Prosody 0.12+ with mod_admin_shell and mod_invites: `prosodyctl shell invite create_account HOST`."""
+    """Prosody 0.12+ with mod_admin_shell and mod_invites: invite:create_account(JID) in its admin
+    shell, through the admin socket; through `prosodyctl shell` only where the socket cannot be used."""
 
     name = "prosody"
 
-    def __init__(self, prosodyctl="prosodyctl", config=None, **kwargs):
+    def __init__(self, prosodyctl="prosodyctl", config=None, socket=None, **kwargs):
         self.prefix = [prosodyctl] + (["--config", config] if config else [])
         super().__init__(self.prefix + ["shell", "invite", "create_account", "{username}@{host}"], **kwargs)
         self.options = frozenset({"username"})
+        self.admin = ProsodyAdmin(socket or prosody_socket(config), self.timeout, kwargs.get(
+            "concurrency", DEFAULT_BACKEND_CONCURRENCY))
+        self.version = None
+        self.use_socket = True  # until check() finds it cannot be used
+
+    def fetch(self, host, ttl, uses, username):
+        if not self.use_socket:
+            return super().fetch(host, ttl, uses, username)
+        try:
+            return self.admin.run(f"invite:create_account({lua_string(f'{username}@{host}' if username else host)})")
+        except BackendError as e:
+            self.fail(str(e).replace("Prosody refused: ", "answered "))
 
     def argv(self, host, ttl, uses, username):
         return self.prefix + ["shell", "invite", "create_account", f"{username}@{host}" if username else host]
@@ -1154,16 +1281,27 @@ class ProsodyBackend(Backend):
             return None, None
         return (answers[-1], None) if answers[-1].startswith("xmpp:") else (None, answers[-1])
 
+    def describe(self):
+        how = f"its admin socket {self.admin.path}" if self.use_socket else f"{self.prefix[0]} shell (a process per invite)"
+        return f"prosody backend{' ' + self.version if self.version else ''}, through {how}"
+
     def check(self):
-        warning = super().check()
-        if warning:
-            return warning
         try:
-            self.run(self.prefix + ["shell", "server", "version"])
+            self.version = self.admin.run("server:version()").partition("OK: ")[2].strip() or None
+            return None
         except Error as e:
-            return f"prosody backend: cannot reach Prosody's admin shell ({e}); is Prosody running " \
-                   "with mod_admin_shell, and may this user open its admin socket?"
-        return None
+            failure = e
+        problem = super().check()
+        if problem is None:
+            try:
+                self.run(self.prefix + ["shell", "server", "version"])
+                self.use_socket = False  # prosodyctl can, we cannot: it is the fallback
+                return f"prosody backend: through prosodyctl, a process per invite: {failure}"
+            except Error as e:
+                problem = str(e)
+        return (f"prosody backend: cannot reach Prosody's admin shell, through its socket ({failure}) nor "
+                f"prosodyctl ({problem}); is Prosody running with mod_admin_shell, and may this user open its "
+                "admin socket?")
 
 
 class EjabberdBackend(Backend):
@@ -1177,13 +1315,13 @@ class EjabberdBackend(Backend):
 
 def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberdctl="ejabberdctl",
                  command=None, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
-                 log=None):
+                 log=None, prosody_socket=None):
     """Return the Backend called name, or None for the built-in store; raise Error if misconfigured."""
     limits = {"timeout": timeout, "concurrency": concurrency, "log": log}
     if name == "builtin":
         return None
     if name == "prosody":
-        return ProsodyBackend(prosodyctl, prosody_config, **limits)
+        return ProsodyBackend(prosodyctl, prosody_config, prosody_socket, **limits)
     if name == "ejabberd":
         return EjabberdBackend(ejabberdctl, **limits)
     if name == "command":
@@ -2700,13 +2838,18 @@ def _print_json(data):
 def _backend(args, log=None):
     """Return the backend the command line asks for (None: built-in)."""
     return make_backend(args.backend, args.prosodyctl, args.prosody_config, args.ejabberdctl,
-                        args.backend_command, args.backend_timeout, args.backend_concurrency, log)
+                        args.backend_command, args.backend_timeout, args.backend_concurrency, log,
+                        args.prosody_socket)
 
 
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
     options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note}
-    invite = create_invite(open_store(args), host=args.host, options=options, backend=_backend(args, sys.stderr))
+    backend = _backend(args, sys.stderr)
+    warning = backend and backend.check()  # (for Prosody: its admin socket, else prosodyctl)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend)
     url = _cli_url(args, invite)
     if args.qr:
         print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
@@ -2774,7 +2917,7 @@ def cmd_serve(args):
     address, port = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
     serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
-                  f"/invites_api (database {store.path})")
+                  f"/invites_api (database {store.path}" + (f"; {backend.describe()})" if backend else ")"))
 
 
 def systemd_socket():
@@ -2898,7 +3041,10 @@ def build_parser(argv=None):
         sub.add_argument("--backend", choices=("builtin", "prosody", "ejabberd", "command"), default="builtin",
                          help="who mints invites: this tool's own store (default), Prosody, ejabberd or a program")
         sub.add_argument("--prosodyctl", default="prosodyctl", metavar="PATH", help="prosody backend: prosodyctl")
-        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's config file")
+        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's config file, "
+                                                                   "where its admin socket is found")
+        sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's admin socket "
+                                                                   "(default: from the config)")
         sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH", help="ejabberd backend: ejabberdctl")
         sub.add_argument("--backend-command", metavar="TEMPLATE",
                          help="command backend: program and arguments, split like a shell would but never run "

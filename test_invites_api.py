@@ -1591,23 +1591,29 @@ http_default_host = "{self.HOST}"
 http_external_url = "http://127.0.0.1:{self.http_port}/"
 VirtualHost "{self.HOST}"
 """)
+        self.home = home
+        self.start_prosody()
+        self.addCleanup(self.stop_prosody)
+
+    def start_prosody(self):
         command = [self.prosody, "--config", self.config]
         if os.geteuid() == 0:  # Prosody refuses to run as root: use its own user
             import shutil
             os.chmod(self.dir, 0o755)
-            for root, dirs, files in os.walk(home):
+            for root, dirs, files in os.walk(self.home):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
                     shutil.chown(name, "prosody", "prosody")
             command = ["runuser", "-u", "prosody", "--"] + command
         self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(self.stop_prosody)
         deadline = time.monotonic() + 20
-        while not os.path.exists(os.path.join(home, "prosody.sock")):
+        while not os.path.exists(os.path.join(self.home, "prosody.sock")):
             if time.monotonic() > deadline or self.server.poll() is not None:
                 self.fail("Prosody did not start")
             time.sleep(0.1)
 
     def stop_prosody(self):
+        if self.server.poll() is not None:
+            return
         self.server.terminate()
         try:
             self.server.wait(10)
@@ -1638,8 +1644,17 @@ VirtualHost "{self.HOST}"
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST, "prosody")
         store.close()
-        proc, port = self.start("--backend", "prosody", "--prosodyctl", self.prosodyctl,
-                                "--prosody-config", self.config)
+        # A prosodyctl that records being run: the admin socket is used instead, no process per invite.
+        ran = os.path.join(self.dir, "prosodyctl-ran")
+        stand_in = write_program(self.dir, "prosodyctl", f"echo ran >> '{ran}'\nexit 1\n")
+        env = dict(os.environ, INVITES_API_DB=self.db)
+        proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", "--backend", "prosody",
+                                 "--prosodyctl", stand_in, "--prosody-config", self.config],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        self.addCleanup(self.reap, proc)
+        line = wait_for_line(proc.stdout)
+        self.assertRegex(line, r"prosody backend 0\.12\.\d+, through its admin socket .*/prosody\.sock\)")
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/invites_api", line).group(1))
 
         def create(_):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -1664,14 +1679,38 @@ VirtualHost "{self.HOST}"
             self.assert_valid_at_prosody(url)
         recorded = ia.Store(self.db).read("SELECT count(*) FROM invites WHERE backend = 'prosody'")[0][0]
         self.assertEqual(recorded, 21)
+        # Prosody restarts: the next invite is minted over a new connection.
+        self.stop_prosody()
+        self.start_prosody()
+        status, url = create(0)
+        self.assertEqual(status, 201)
+        self.assert_valid_at_prosody(url)
+        self.assertFalse(os.path.exists(ran), "prosodyctl was run")
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn("warning", proc.stderr.read())
+
+    def test_values_reach_prosody_as_quoted_lua_strings(self):
+        admin = ia.ProsodyAdmin(os.path.join(self.dir, "prosody", "prosody.sock"))
+        self.addCleanup(admin.close)
+        for text in ('a"); os.exit(1) --', "back\\slash ]] [[", "line\nbreak", "алиса", "<x>&amp;"):
+            self.assertEqual(admin.run(f">{ia.lua_string(text)}"), f"Result: {text}")
+        with self.assertRaises(ia.BackendError) as raised:
+            admin.run("no_such_function()")
+        self.assertIn("attempt to call a nil value", str(raised.exception))
+        backend = ia.ProsodyBackend(self.prosodyctl, self.config)
+        self.addCleanup(backend.admin.close)
+        self.assertIsNone(backend.check())
+        with self.assertRaises(ia.BadRequest):  # never reaches Prosody
+            ia.create_invite(ia.Store(self.db), host=self.HOST, options={"username": 'x")os.exit()--'},
+                             backend=backend)
+        self.assertTrue(self.server.poll() is None)  # Prosody still runs
 
     def test_a_username_bound_invite_and_a_host_prosody_does_not_serve(self):
         store = ia.Store(self.db)
         ia.create_key(store, self.HOST)
         backend = ia.ProsodyBackend(self.prosodyctl, self.config)
+        self.addCleanup(backend.admin.close)
         self.assertIsNone(backend.check())
         invite = ia.create_invite(store, host=self.HOST, options={"username": "erin"}, backend=backend)
         self.assert_valid_at_prosody(invite["url"], username="erin")
