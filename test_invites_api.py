@@ -1558,6 +1558,87 @@ def free_port():
         return sock.getsockname()[1]
 
 
+class Xmpp:
+    """A small stdlib XMPP client for the tests: a c2s stream, IQs, SASL SCRAM-SHA-1."""
+
+    def __init__(self, port, host):
+        self.host = host
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.open()
+
+    def open(self):
+        from xml.etree.ElementTree import XMLPullParser
+        self.parser, self.depth, self.root = XMLPullParser(("start", "end")), 0, None
+        self.sock.sendall(f"<?xml version='1.0'?><stream:stream to='{self.host}' xmlns='jabber:client' "
+                          "xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>".encode())
+        self.features = self.next()
+
+    def next(self):
+        """Return the stream's next element (a stanza, features, SASL answer)."""
+        while True:
+            for event, element in self.parser.read_events():
+                self.depth += 1 if event == "start" else -1
+                if event == "start" and self.root is None:
+                    self.root = element
+                elif event == "end" and self.depth == 1:
+                    self.root.remove(element)
+                    return element
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the stream")
+            self.parser.feed(data)
+
+    def iq(self, payload):
+        """Send an IQ set; return (type, the answer)."""
+        self.sock.sendall(f"<iq type='set' id='q1'>{payload}</iq>".encode())
+        answer = self.next()
+        return answer.get("type"), answer
+
+    def register(self, token, username, password):
+        """XEP-0401 preauth with the invite token, then XEP-0077 registration; return the IQ types."""
+        from xml.sax.saxutils import escape
+        preauth = self.iq(f"<preauth xmlns='urn:xmpp:pars:0' token='{escape(token)}'/>")[0]
+        register = self.iq(f"<query xmlns='jabber:iq:register'><username>{escape(username)}</username>"
+                           f"<password>{escape(password)}</password></query>")
+        return preauth, register[0]
+
+    def login(self, username, password):
+        """SASL SCRAM-SHA-1; return True if the server accepted (and proved it knows the password)."""
+        import base64
+        import hashlib
+        import hmac
+        nonce = base64.b64encode(os.urandom(18)).decode()
+        first = f"n={username},r={nonce}"
+        self.sock.sendall(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>"
+                          f"{base64.b64encode(('n,,' + first).encode()).decode()}</auth>".encode())
+        challenge = self.next()
+        if not challenge.tag.endswith("challenge"):
+            return False
+        server_first = base64.b64decode(challenge.text).decode()
+        fields = dict(item.split("=", 1) for item in server_first.split(","))
+        salted = hashlib.pbkdf2_hmac("sha1", password.encode(), base64.b64decode(fields["s"]), int(fields["i"]))
+        client_key = hmac.new(salted, b"Client Key", "sha1").digest()
+        final = f"c=biws,r={fields['r']}"
+        message = f"{first},{server_first},{final}".encode()
+        signature = hmac.new(hashlib.sha1(client_key).digest(), message, "sha1").digest()
+        proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature))).decode()
+        self.sock.sendall(f"<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+                          f"{base64.b64encode(f'{final},p={proof}'.encode()).decode()}</response>".encode())
+        answer = self.next()
+        if not answer.tag.endswith("success"):
+            return False
+        server_key = hmac.new(salted, b"Server Key", "sha1").digest()
+        expected = base64.b64encode(hmac.new(server_key, message, "sha1").digest()).decode()
+        return base64.b64decode(answer.text).decode() == f"v={expected}"
+
+    def close(self):
+        try:
+            self.sock.sendall(b"</stream:stream>")
+        except OSError:
+            pass
+        self.sock.close()
+
+
 class ProsodyTest(ServerProcessMixin, TempDirTestCase):
     """Against Debian's real Prosody: every invite we return must be one Prosody accepts."""
 
@@ -1570,7 +1651,7 @@ class ProsodyTest(ServerProcessMixin, TempDirTestCase):
         home = os.path.join(self.dir, "prosody")
         os.makedirs(os.path.join(home, "data"))
         os.makedirs(os.path.join(home, "certs"))
-        self.http_port = free_port()
+        self.http_port, self.c2s_port = free_port(), free_port()
         self.config = os.path.join(home, "prosody.cfg.lua")
         with open(self.config, "w") as f:
             f.write(f"""
@@ -1580,8 +1661,12 @@ certificates = "{home}/certs"
 admin_socket = "{home}/prosody.sock"
 daemonize = false
 log = {{ info = "{home}/prosody.log" }}
-modules_enabled = {{ "admin_shell", "http", "invites", "invites_page", "register_apps" }}
-c2s_ports = {{}}
+modules_enabled = {{ "admin_shell", "http", "invites", "invites_page", "register_apps", "saslauth", "register",
+                    "invites_register" }}
+allow_registration = true
+c2s_require_encryption = false
+c2s_ports = {{ {self.c2s_port} }}
+c2s_interfaces = {{ "127.0.0.1" }}
 s2s_ports = {{}}
 component_ports = {{}}
 http_ports = {{ {self.http_port} }}
@@ -1689,6 +1774,40 @@ VirtualHost "{self.HOST}"
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn("warning", proc.stderr.read())
+
+    def test_five_invites_minted_through_us_end_in_accounts_a_real_client_logs_into(self):
+        key = self.make_key_for(self.HOST)
+        proc, port = self.start("--backend", "prosody", "--prosody-config", self.config)
+        for i in range(5):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", f"/invites_api?key={key}", headers={"Accept": "application/json"})
+            invite = json.loads(conn.getresponse().read())
+            conn.close()
+            token, password = invite["token"], f"a long password {i}"
+            self.assertEqual(invite["uri"], f"xmpp:{self.HOST}?register;preauth={token}")
+            client = Xmpp(self.c2s_port, self.HOST)  # XEP-0401 preauth, XEP-0077 registration
+            self.assertEqual(client.register(token, f"member{i}", password), ("result", "result"))
+            client.close()
+            client = Xmpp(self.c2s_port, self.HOST)  # SASL SCRAM-SHA-1 as the new account
+            self.assertTrue(client.login(f"member{i}", password))
+            client.close()
+            client = Xmpp(self.c2s_port, self.HOST)  # the used invite makes no second account
+            self.assertEqual(client.register(token, f"other{i}", password), ("error", "error"))
+            client.close()
+            client = Xmpp(self.c2s_port, self.HOST)
+            self.assertFalse(client.login(f"other{i}", password))
+            client.close()
+        client = Xmpp(self.c2s_port, self.HOST)
+        self.assertFalse(client.login("member0", "a wrong password"))
+        client.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+
+    def make_key_for(self, host):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, host)
+        store.close()
+        return key
 
     def test_values_reach_prosody_as_quoted_lua_strings(self):
         admin = ia.ProsodyAdmin(os.path.join(self.dir, "prosody", "prosody.sock"))

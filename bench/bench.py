@@ -130,7 +130,7 @@ def count_requests(url, total, connections=8):
 class OurServer:
     """invites_api serve on a free port with a throwaway database."""
 
-    def __init__(self, directory, db=None, module_dir=None):
+    def __init__(self, directory, db=None, module_dir=None, extra=()):
         self.db = db or os.path.join(directory, "bench.db")
         store = ia.Store(self.db)
         self.key = ia.create_key(store, "example.com", "bench")
@@ -140,7 +140,7 @@ class OurServer:
         argv, env = [SERVER_PYTHON, SCRIPT], None
         if module_dir:  # (run from there: -m looks in the working directory first)
             argv, env = [SERVER_PYTHON, "-m", "invites_api"], dict(os.environ, PYTHONPATH=module_dir)
-        self.proc = subprocess.Popen(argv + ["--db", self.db, "serve", "--quiet", "--port", str(self.port)],
+        self.proc = subprocess.Popen(argv + ["--db", self.db, "serve", "--quiet", "--port", str(self.port), *extra],
                                      stdout=subprocess.DEVNULL, env=env, cwd=module_dir)
         wait_port(self.port)
         self.url = f"http://127.0.0.1:{self.port}/invites_api?key={self.key}"
@@ -320,7 +320,7 @@ certificates = "{home}/certs"
 admin_socket = "{home}/prosody.sock"
 daemonize = false
 log = {{ warn = "{home}/prosody.log" }}
-modules_enabled = {{ "http", "invites", "invites_api" }}
+modules_enabled = {{ "http", "invites", "invites_api", "admin_shell" }}
 {storage}
 c2s_ports = {{}}
 s2s_ports = {{}}
@@ -396,7 +396,25 @@ def run_compare(args):
         row("throughput ratio, invites_api / Prosody+SQLite", f"{ratio:.1f}x", "median of the per-round ratios")
         row("RSS after the rounds", f"invites_api {ours.rss_mb():.1f} MB, Prosody {prosody.rss_mb():.1f} MB", "VmRSS")
         ours.stop()
+
+        # Real invites minted in that Prosody through our --backend prosody (its admin socket),
+        # against the seed (mod_invites_api inside the same Prosody), alternating.
+        backed = OurServer(directory, db=os.path.join(directory, "backed.db"),
+                           extra=("--backend", "prosody", "--prosody-config", prosody.config))
+        backed_rounds = []
+        for _ in range(rounds):
+            seed_rate, _, seed_p99, _, tool = load(prosody.url, 8, DURATION)
+            rate, _, p99, errors, tool = load(backed.url, 8, DURATION)
+            backed_rounds.append((rate, p99, seed_rate, seed_p99, errors))
+        backed.stop()
         prosody.stop()
+        backed_ratio = statistics.median(r / s for r, _, s, _, _ in backed_rounds)
+        row("--backend prosody (admin socket) vs the seed, same Prosody + SQLite",
+            f"{statistics.median(r for r, *_ in backed_rounds):,.0f} vs "
+            f"{statistics.median(r[2] for r in backed_rounds):,.0f} req/s: **{backed_ratio:.2f}x**; p99 "
+            f"{statistics.median(r[1] for r in backed_rounds):.2f} vs {statistics.median(r[3] for r in backed_rounds):.2f} ms"
+            + (f"; {sum(r[4] for r in backed_rounds)} non-2xx" if any(r[4] for r in backed_rounds) else ""),
+            f"{tool} -t1 -c8 -d{DURATION:g}s, {rounds} alternating rounds, median")
 
         # Prosody's default file storage: every invite rewrites the whole store.
         prosody = Prosody(directory, "file")
