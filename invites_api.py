@@ -56,8 +56,9 @@ SECRET_BYTES = 24
 # An invite token is a bearer credential for sign-up: 18 bytes, 24 URL-safe
 # characters, of which 14 bytes (112 bits) are random; see _new_token.
 TOKEN_BYTES = 18
-# Prosody's own default invite lifetime.
+# Prosody's own default invite lifetime, and that of a password-reset invite.
 DEFAULT_INVITE_TTL = 7 * 86400
+RESET_INVITE_TTL = 86400
 # Expired, used and revoked invites are kept this long (to show them), then purged.
 DEFAULT_PURGE_GRACE = 30 * 86400
 # Public invite checks one client address may make per minute.
@@ -554,6 +555,10 @@ class Store:
         rows = conn.execute(sql, (key_id,)).fetchall() if conn is not None else self.read(sql, (key_id,))
         return rows[0] if rows else None
 
+    def key_hosts(self):
+        """Return the hosts that have keys."""
+        return [row[0] for row in self.read("SELECT DISTINCT host FROM keys WHERE host != '' ORDER BY host")]
+
     def keys_for_host(self, host):
         """Return the host's key rows, oldest first."""
         return self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE host = ? ORDER BY created_at, rowid", (host,))
@@ -863,7 +868,7 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
     """
     max_ttl = key["max_ttl"] if key is not None else 100 * 365 * 86400
     max_uses = key["max_uses"] if key is not None else 1_000_000_000
-    checked = {"ttl": min(default_ttl, max_ttl), "uses": 1, "username": None, "note": None}
+    checked = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register"}
     try:
         for name, value in options.items():
             if value is None:
@@ -882,10 +887,22 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
                 checked["username"] = parse_username(value)
             elif name == "note":
                 checked["note"] = parse_note(value) or None
+            elif name == "type":
+                if value not in ("register", "reset"):
+                    raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
+                checked["type"] = value
             else:
                 raise ValueError(f"unknown option {name!r}")
-            if backend is not None and name != "note" and name not in backend.options:
-                raise ValueError(f"the {backend.name} backend cannot honour {name!r}")
+            if backend is not None and name not in ("note", "type") and name not in backend.options:
+                raise ValueError(f"the {backend.name} backend cannot honour {name!r}{backend.why_not(name)}")
+        if checked["type"] == "reset":
+            if not checked["username"] or checked["uses"] != 1:
+                raise ValueError("a password-reset invite needs the username (and is for one use)")
+            if backend is None or "reset" not in backend.options:
+                raise ValueError("password-reset invites need an XMPP server backend that makes them "
+                                 f"({'the built-in store has no accounts' if backend is None else backend.name})")
+        if checked["ttl"] is None:  # a reset is short-lived: a day
+            checked["ttl"] = min(RESET_INVITE_TTL if checked["type"] == "reset" else default_ttl, max_ttl)
     except ValueError as e:
         raise BadRequest(str(e)) from None
     return checked
@@ -918,7 +935,7 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
         return invite
     try:
         minted = backend.mint(invite["host"], ttl=invite["expires_at"] - invite["created_at"],
-                              uses=invite["uses"], username=invite["username"])
+                              uses=invite["uses"], username=invite["username"], kind=invite["type"])
     except BaseException:
         store.drop_invite(invite["token"])  # give the slot and its quota back
         raise
@@ -928,11 +945,11 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     return invite
 
 
-def _new_invite(host, key, ttl, uses, username, note, backend=None):
+def _new_invite(host, key, ttl, uses, username, note, type="register", backend=None):
     token = _new_token()
     created_at = now()
     jid = f"{username}@{host}" if username else host
-    return {"token": token, "host": host, "type": "register",
+    return {"token": token, "host": host, "type": type,
             "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
             "key_id": key["id"] if key is not None else None, "created_at": created_at,
             "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
@@ -951,10 +968,22 @@ def invite_status(invite, at=None):
     return "valid"
 
 
-def invite_info(invite, url=None):
+def invite_state(store, invite, backend=None):
+    """Return an invite's status; for one an XMPP server minted, as that server knows it (recording
+    a use it saw), or "unknown" where it cannot be asked: never "valid" on our word alone."""
+    status = invite_status(invite)
+    if invite["backend"] == "builtin" or status != "valid":
+        return status
+    status = backend.status(invite) if backend is not None and backend.name == invite["backend"] else "unknown"
+    if status == "used":
+        store.use_invite(invite["token"], now())
+    return status
+
+
+def invite_info(invite, url=None, status=None):
     """Return an invite as a dict for JSON: everything but internals, times in ISO 8601."""
-    return {"token": invite["token"], "host": invite["host"], "uri": invite["uri"], "url": url,
-            "status": invite_status(invite), "created_at": iso(invite["created_at"]),
+    return {"token": invite["token"], "host": invite["host"], "type": invite["type"], "uri": invite["uri"],
+            "url": url, "status": status or invite_status(invite), "created_at": iso(invite["created_at"]),
             "expires_at": iso(invite["expires_at"]), "uses": invite["uses"],
             "uses_left": invite["uses_left"], "username": invite["username"], "note": invite["note"],
             "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"])}
@@ -969,12 +998,13 @@ def get_invite(store, token, host=None, key_id=None):
     return invite
 
 
-def find_invite(store, token):
-    """Return (built-in invite or None if unknown, its status) for the invite page."""
+def find_invite(store, token, backend=None):
+    """Return (invite or None if unknown, its status) for our invite page: a built-in invite, or one
+    an XMPP server minted without a page of its own (only an xmpp: URI)."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite["backend"] != "builtin":
+    if invite is None or invite["backend"] != "builtin" and (invite["url"] or not invite["uri"]):
         return None, None
-    return invite, invite_status(invite)
+    return invite, invite_state(store, invite, backend)
 
 
 def list_invites(store, host, key_id=None, include_all=False):
@@ -982,10 +1012,14 @@ def list_invites(store, host, key_id=None, include_all=False):
     return store.invites(host, key_id, pending_at=None if include_all else now())
 
 
-def revoke_invite(store, token, host=None, key_id=None):
-    """Revoke an invite at once; raise NotFound if it is not the host's or key's."""
-    if get_invite(store, token, host, key_id)["backend"] != "builtin":
-        raise BadRequest("this invite was minted by the XMPP server: revoke it there")
+def revoke_invite(store, token, host=None, key_id=None, backend=None):
+    """Revoke an invite at once (deleting it in the XMPP server that minted it); raise NotFound if it
+    is not the host's or key's, BadRequest if that server cannot be asked to."""
+    invite = get_invite(store, token, host, key_id)
+    if invite["backend"] != "builtin":
+        if backend is None or backend.name != invite["backend"]:
+            raise BadRequest(f"this invite was minted by the XMPP server ({invite['backend']}): revoke it there")
+        backend.revoke(invite)
     store.revoke_invite(token, now())
 
 
@@ -1054,7 +1088,7 @@ class Backend:
     def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
                  log=None):
         self.template = list(argv)
-        self.options = frozenset(o for o in ("ttl", "uses", "username") if any(f"{{{o}}}" in a for a in argv))
+        self.honoured = frozenset(o for o in ("ttl", "uses", "username") if any(f"{{{o}}}" in a for a in argv))
         self.timeout = timeout
         self.log = log  # a text stream for failures, or None
         self._slots = threading.BoundedSemaphore(concurrency)
@@ -1074,7 +1108,7 @@ class Backend:
         urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
         return (uris[-1] if uris else None), (urls[-1] if urls else None)
 
-    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None):
+    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, kind="register"):
         """Run the program once; return {"token", "uri", "url"}; raise BadRequest, BackendError or Unavailable."""
         try:
             valid = parse_host(host) == host
@@ -1082,7 +1116,7 @@ class Backend:
             valid = False
         if not valid:  # it reaches the program only as a checked domain name, one argv element
             raise BadRequest(f"invalid host {host!r}")
-        uri, url = self.parse(self.fetch(host, ttl, uses, username))
+        uri, url = self.parse(self.fetch(host, ttl, uses, username, kind))
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
@@ -1091,9 +1125,26 @@ class Backend:
             uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
         return {"token": token, "uri": uri, "url": url}
 
-    def fetch(self, host, ttl, uses, username):
+    def fetch(self, host, ttl, uses, username, kind="register"):
         """Return what the program printed for one invite."""
         return self.run(self.argv(host, ttl, uses, username))
+
+    @property
+    def options(self):
+        """The per-invite options it honours (and "reset" if it makes password-reset invites)."""
+        return self.honoured
+
+    def why_not(self, option):
+        """Return why an option cannot be honoured (for its 400), or ""."""
+        return ""
+
+    def status(self, invite):
+        """Return an invite's status as the XMPP server knows it: valid, used, expired or unknown."""
+        return "unknown"
+
+    def revoke(self, invite):
+        """Delete an invite in the XMPP server; raise BadRequest where it cannot be done from here."""
+        raise BadRequest(f"the {self.name} backend cannot withdraw invites: revoke it in the XMPP server")
 
     def describe(self):
         """Return how invites are minted, for serve's start-up line."""
@@ -1249,26 +1300,54 @@ class ProsodyAdmin:
             conn["parser"].feed(data)
 
 
+# Prosody's own mod_invites API, run in its admin shell (">" is a line of Lua): every value goes
+# in as a Lua literal (lua_string, a number or nil), never as text pasted into the code.
+_PROSODY_INVITES = ('local m = require"core.modulemanager".get_module({host}, "invites") '
+                    'if not m then error("mod_invites is not loaded on " .. {host}) end ')
+_PROSODY_LUA = {
+    "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, nil, {ttl})) '
+                                   'return true, (i.landing_page or "") .. " " .. i.uri',
+    "reset": _PROSODY_INVITES + 'local i = assert(m.create_account_reset({username}, {ttl})) '
+                                'return true, (i.landing_page or "") .. " " .. i.uri',
+    "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e',
+    "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
+    "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
+               'return true, table.concat(s, " ")',
+}
+
+
 class ProsodyBackend(Backend):
-    """Prosody 0.12+ with mod_admin_shell and mod_invites: invite:create_account(JID) in its admin
-    shell, through the admin socket; through `prosodyctl shell` only where the socket cannot be used."""
+    """Prosody 0.12+ with mod_admin_shell and mod_invites, through its admin socket: mod_invites'
+    own functions (username, ttl, password resets, an invite's state, deleting it). Where the
+    socket cannot be used, `prosodyctl shell invite create_account JID`: a process per invite."""
 
     name = "prosody"
 
     def __init__(self, prosodyctl="prosodyctl", config=None, socket=None, **kwargs):
         self.prefix = [prosodyctl] + (["--config", config] if config else [])
         super().__init__(self.prefix + ["shell", "invite", "create_account", "{username}@{host}"], **kwargs)
-        self.options = frozenset({"username"})
         self.admin = ProsodyAdmin(socket or prosody_socket(config), self.timeout, kwargs.get(
             "concurrency", DEFAULT_BACKEND_CONCURRENCY))
         self.version = None
-        self.use_socket = True  # until check() finds it cannot be used
+        self.use_socket = True  # until check() finds that only prosodyctl can reach Prosody
 
-    def fetch(self, host, ttl, uses, username):
+    @property
+    def options(self):
+        return frozenset({"username", "ttl", "reset"} if self.use_socket else {"username"})
+
+    def why_not(self, option):
+        return " through prosodyctl (its admin socket would)" if self.use_socket is False else ""
+
+    def lua(self, name, **values):
+        """Run one of _PROSODY_LUA with values as Lua literals; return the text after "OK: "."""
+        literal = {k: "nil" if v is None else str(v) if isinstance(v, int) else lua_string(v) for k, v in values.items()}
+        return self.admin.run(">" + _PROSODY_LUA[name].format(**literal)).partition("OK: ")[2].strip()
+
+    def fetch(self, host, ttl, uses, username, kind="register"):
         if not self.use_socket:
             return super().fetch(host, ttl, uses, username)
         try:
-            return self.admin.run(f"invite:create_account({lua_string(f'{username}@{host}' if username else host)})")
+            return "OK: " + self.lua(kind, host=host, username=username, ttl=ttl)
         except BackendError as e:
             self.fail(str(e).replace("Prosody refused: ", "answered "))
 
@@ -1276,10 +1355,28 @@ class ProsodyBackend(Backend):
         return self.prefix + ["shell", "invite", "create_account", f"{username}@{host}" if username else host]
 
     def parse(self, output):
-        answers = [line[4:].strip() for line in output.splitlines() if line.startswith("OK: ")]
-        if not answers:
-            return None, None
-        return (answers[-1], None) if answers[-1].startswith("xmpp:") else (None, answers[-1])
+        answers = [line[4:] for line in output.splitlines() if line.startswith("OK: ")]
+        return super().parse(answers[-1] if answers else "")
+
+    def status(self, invite):
+        if not self.use_socket:
+            return "unknown"
+        try:
+            state = self.lua("status", host=invite["host"], token=invite["token"])
+        except Error:
+            return "unknown"
+        # Prosody forgets an invite once it is used (or deleted there): gone, and not withdrawn by us, is used.
+        return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(state, "unknown")
+
+    def revoke(self, invite):
+        if not self.use_socket:
+            super().revoke(invite)
+        self.lua("delete", host=invite["host"], token=invite["token"])
+
+    def missing_modules(self, host):
+        """Return the invite modules Prosody lacks on host (invites, invites_register, invites_page)."""
+        loaded = set(self.lua("modules", host=host).split())
+        return [name for name in ("invites", "invites_register", "invites_page") if name not in loaded]
 
     def describe(self):
         how = f"its admin socket {self.admin.path}" if self.use_socket else f"{self.prefix[0]} shell (a process per invite)"
@@ -1291,7 +1388,7 @@ class ProsodyBackend(Backend):
             return None
         except Error as e:
             failure = e
-        problem = super().check()
+        problem = Backend.check(self)
         if problem is None:
             try:
                 self.run(self.prefix + ["shell", "server", "version"])
@@ -2215,7 +2312,7 @@ class InviteRequests:
     def api_create(self, _):
         """Create an invite: GET or POST /invites_api."""
         app = self.server.app
-        params = self.params("key", "redirect", "ttl", "uses", "username", "note")
+        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type")
         for name, value in self.json_body().items():
             if name in params:
                 raise BadRequest(f"option {name!r} given in both the query and the body")
@@ -2238,18 +2335,20 @@ class InviteRequests:
         key = self.authenticate(params.get("key", ""))
         invites = list_invites(self.server.app.store, key["host"], key["id"],
                                include_all=parse_bool("all", params.get("all", "")))
-        self.respond_json(200, [invite_info(i, self.invite_url(i)) for i in invites])
+        store, backend = self.server.app.store, self.server.app.backend
+        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, backend)) for i in invites])
 
     def api_show(self, token):
         """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
         key = self.authenticate(self.params("key").get("key", ""))
         invite = get_invite(self.server.app.store, token, key["host"], key["id"])
-        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+        status = invite_state(self.server.app.store, invite, self.server.app.backend)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite), status))
 
     def api_revoke(self, token):
         """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
         key = self.authenticate(self.params("key").get("key", ""))
-        revoke_invite(self.server.app.store, token, key["host"], key["id"])
+        revoke_invite(self.server.app.store, token, key["host"], key["id"], self.server.app.backend)
         self.respond(204)
 
     def api_redeem(self, token):
@@ -2277,7 +2376,7 @@ class InviteRequests:
         """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
         app = self.server.app
         token = self.query if token is None else token
-        invite, status = find_invite(app.store, token)
+        invite, status = find_invite(app.store, token, app.backend)
         nonce = _random_id(12)
         html_type = "text/html; charset=utf-8"
         site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
@@ -2835,9 +2934,11 @@ def _print_json(data):
     print(json.dumps(data, indent=2))
 
 
-def _backend(args, log=None):
-    """Return the backend the command line asks for (None: built-in)."""
-    return make_backend(args.backend, args.prosodyctl, args.prosody_config, args.ejabberdctl,
+def _backend(args, log=None, asking=False):
+    """Return the backend the command line asks for (None: built-in); asking (about invites already
+    made): Prosody's, unless another is named."""
+    name = "prosody" if asking and args.backend == "builtin" else args.backend
+    return make_backend(name, args.prosodyctl, args.prosody_config, args.ejabberdctl,
                         args.backend_command, args.backend_timeout, args.backend_concurrency, log,
                         args.prosody_socket)
 
@@ -2845,6 +2946,10 @@ def _backend(args, log=None):
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
     options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note}
+    if args.reset is not None:
+        if args.username is not None:
+            raise Error("--reset USER names the account; give no --username")
+        options.update(type="reset", username=args.reset)
     backend = _backend(args, sys.stderr)
     warning = backend and backend.check()  # (for Prosody: its admin socket, else prosodyctl)
     if warning:
@@ -2858,13 +2963,15 @@ def cmd_invites_create(args):
 
 def cmd_invites_list(args):
     """invites list HOST: print a table of the host's invites."""
-    invites = list_invites(open_store(args), args.host, args.key, include_all=args.all)
+    store, backend = open_store(args), _backend(args, sys.stderr, asking=True)
+    invites = list_invites(store, args.host, args.key, include_all=args.all)
+    states = [invite_state(store, i, backend) for i in invites]
     if args.json:
-        return _print_json([invite_info(i, _cli_url(args, i)) for i in invites])
+        return _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
     when = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))  # noqa: E731
     rows = [("TOKEN", "CREATED", "EXPIRES", "USES LEFT", "STATUS", "KEY", "NOTE")]
     rows += [(i["token"], when(i["created_at"]), when(i["expires_at"]), f"{i['uses_left']}/{i['uses']}",
-              invite_status(i), i["key_id"] or "(cli)", i["note"] or "") for i in invites]
+              state, i["key_id"] or "(cli)", i["note"] or "") for i, state in zip(invites, states)]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
@@ -2872,8 +2979,10 @@ def cmd_invites_list(args):
 
 def cmd_invites_show(args):
     """invites show HOST TOKEN: print one invite."""
-    info = invite_info(get_invite(open_store(args), args.token, args.host), None)
-    info["url"] = _cli_url(args, info)
+    store = open_store(args)
+    invite = get_invite(store, args.token, args.host)
+    status = invite_state(store, invite, _backend(args, sys.stderr, asking=True))
+    info = invite_info(store.invite(args.token), _cli_url(args, invite), status)
     if args.json:
         return _print_json(info)
     for name, value in info.items():
@@ -2882,7 +2991,7 @@ def cmd_invites_show(args):
 
 def cmd_invites_revoke(args):
     """invites revoke HOST TOKEN: revoke an invite."""
-    revoke_invite(open_store(args), args.token, host=args.host)
+    revoke_invite(open_store(args), args.token, host=args.host, backend=_backend(args, sys.stderr, asking=True))
 
 
 def cmd_invites_redeem(args):
@@ -2898,15 +3007,21 @@ def cmd_serve(args):
         if template and not re.match(r"https?://[^/?#\s]+", template.replace("{host}", "h")):
             raise Error(f"{option} {template!r} must start with http:// or https:// and a host name")
     log = None if args.quiet else sys.stderr
-    backend = _backend(args, log=sys.stderr)
-    if backend is not None:
-        warning = backend.check()
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Error("--tls-cert and --tls-key go together")
     tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
     store = open_store(args)
+    backend = _backend(args, log=sys.stderr)
+    warnings = [backend.check()] if backend is not None else []
+    if isinstance(backend, ProsodyBackend) and backend.use_socket and not warnings[0]:
+        for host in store.key_hosts():  # what the invitee's journey needs, on each host a key mints for
+            missing = backend.missing_modules(host)
+            if missing:
+                warnings.append(f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
+                                "cannot " + ("be made" if "invites" in missing else "be used from an app" if
+                                             "invites_register" in missing else "have Prosody's page (ours is used)"))
+    for warning in filter(None, warnings):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
               invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
@@ -3146,6 +3261,8 @@ def build_parser(argv=None):
     sub.add_argument("--ttl", metavar="DURATION", help="lifetime (default 7d)")
     sub.add_argument("--uses", metavar="N", help="how many accounts it may create (default 1)")
     sub.add_argument("--username", help="the only username it may register")
+    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead "
+                                                     "(prosody backend; a day unless --ttl)")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
@@ -3161,16 +3278,19 @@ def build_parser(argv=None):
     sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="a JSON array")
+    backend_args(sub)
 
     sub = command(actions, "show", cmd_invites_show, "show one invite", "invites show")
     host_arg(sub)
     sub.add_argument("token", metavar="TOKEN")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
+    backend_args(sub)
 
     sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once", "invites revoke")
     host_arg(sub)
     sub.add_argument("token", metavar="TOKEN")
+    backend_args(sub)
 
     sub = command(actions, "redeem", cmd_invites_redeem, "use an invite once; exit 1 if it is not valid",
                   "invites redeem")

@@ -1675,6 +1675,8 @@ https_ports = {{}}
 http_default_host = "{self.HOST}"
 http_external_url = "http://127.0.0.1:{self.http_port}/"
 VirtualHost "{self.HOST}"
+VirtualHost "plain.test"
+modules_disabled = {{ "invites_page" }}
 """)
         self.home = home
         self.start_prosody()
@@ -1802,6 +1804,99 @@ VirtualHost "{self.HOST}"
         client.close()
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
+
+    def cli(self, *argv):
+        code, out, err = run_main("--db", self.db, *argv)
+        self.assertEqual(code, 0, err)
+        return out
+
+    def show(self, token, host=None):
+        # (Prosody's tokens may begin with "-": after "--" they are not taken for options)
+        return json.loads(self.cli("invites", "show", "--json", "--prosody-config", self.config, "--",
+                                   host or self.HOST, token))
+
+    def test_ttl_resets_state_and_revocation_go_through_prosody(self):
+        key = self.make_key_for(self.HOST)
+        proc, port = self.start("--backend", "prosody", "--prosody-config", self.config)
+
+        def api(method, path, status=201):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request(method, path, headers={"Accept": "application/json"})
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            self.assertEqual(response.status, status, body)
+            return json.loads(body) if body else None
+        # ttl is honoured by Prosody itself: its own page says expired after it.
+        short, minted = api("GET", f"/invites_api?key={key}&ttl=2"), time.monotonic()
+        self.assertEqual(api("GET", f"/invites_api/invites/{short['token']}?key={key}", 200)["status"], "valid")
+        # Prosody used it: our records say so (CLI and API), and a used invite makes no account.
+        invite = api("GET", f"/invites_api?key={key}")
+        self.assertEqual(self.show(invite["token"])["status"], "valid")
+        self.assertEqual(self.show(invite["token"])["url"], invite["url"])  # Prosody's page, not ours
+        client = Xmpp(self.c2s_port, self.HOST)
+        self.assertEqual(client.register(invite["token"], "rita", "an old password"), ("result", "result"))
+        client.close()
+        self.assertEqual(self.show(invite["token"])["status"], "used")
+        self.assertEqual(api("GET", f"/invites_api/invites/{invite['token']}?key={key}", 200)["status"], "used")
+        self.assertEqual(ia.Store(self.db).invite(invite["token"])["uses_left"], 0)
+        # A password reset: a day by default, the new password works and the old one no longer does.
+        url = self.cli("invites", "create", self.HOST, "--reset", "rita", "--backend", "prosody",
+                       "--prosody-config", self.config).strip()
+        self.assert_valid_at_prosody(url, username="rita")
+        reset = ia.Store(self.db).invite(url.rsplit("?", 1)[1])
+        self.assertEqual((reset["type"], reset["expires_at"] - reset["created_at"]), ("reset", 86400))
+        client = Xmpp(self.c2s_port, self.HOST)
+        self.assertEqual(client.register(reset["token"], "rita", "a new password"), ("result", "result"))
+        client.close()
+        for password, works in (("a new password", True), ("an old password", False)):
+            client = Xmpp(self.c2s_port, self.HOST)
+            self.assertEqual(client.login("rita", password), works)
+            client.close()
+        self.assertEqual(api("GET", f"/invites_api?key={key}&type=reset&username=rita")["type"], "reset")
+        api("GET", f"/invites_api?key={key}&type=reset", 400)  # a reset names its account
+        api("GET", f"/invites_api?key={key}&uses=2", 400)  # Prosody's invites are single-use
+        # Revoking deletes it in Prosody.
+        doomed = api("GET", f"/invites_api?key={key}")
+        self.cli("invites", "revoke", "--prosody-config", self.config, "--", self.HOST, doomed["token"])
+        self.assertIn("Invite expired", self.prosody_page(doomed["url"])[1])
+        self.assertEqual(self.show(doomed["token"])["status"], "revoked")
+        time.sleep(max(0, minted + 3.5 - time.monotonic()))  # (Prosody counts whole seconds)
+        self.assertIn("Invite expired", self.prosody_page(short["url"])[1])
+        self.assertEqual(self.show(short["token"])["status"], "expired")
+        # Prosody cannot be asked: never "valid" on our word alone.
+        pending = api("GET", f"/invites_api?key={key}")
+        self.stop_prosody()
+        self.assertEqual(self.show(pending["token"])["status"], "unknown")
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+
+    def test_without_prosodys_invite_page_location_is_our_page_and_serve_warns(self):
+        key = self.make_key_for("plain.test")
+        proc, port = self.start("--backend", "prosody", "--prosody-config", self.config)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/invites_api?key={key}")
+        location = conn.getresponse().getheader("Location")
+        conn.close()
+        self.assertRegex(location, rf"^http://127\.0\.0\.1:{port}/invite\?[A-Za-z0-9_-]{{24}}$")
+        token = location.rsplit("?", 1)[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", location[location.index("/invite"):])
+        response = conn.getresponse()
+        page = response.read().decode()
+        conn.close()
+        self.assertEqual(response.status, 200)
+        self.assertIn(f"xmpp:plain.test?register;preauth={token}", page)
+        client = Xmpp(self.c2s_port, "plain.test")  # the page's URI works in an app
+        self.assertEqual(client.register(token, "uma", "a long password"), ("result", "result"))
+        client.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", location[location.index("/invite"):])
+        self.assertEqual(conn.getresponse().status, 410)  # used, as Prosody says
+        conn.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertIn("warning: prosody backend: plain.test lacks mod_invites_page", proc.stderr.read())
 
     def make_key_for(self, host):
         store = ia.Store(self.db)
