@@ -868,7 +868,8 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
     """
     max_ttl = key["max_ttl"] if key is not None else 100 * 365 * 86400
     max_uses = key["max_uses"] if key is not None else 1_000_000_000
-    checked = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register"}
+    checked = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register", "roles": None,
+               "groups": None}
     try:
         for name, value in options.items():
             if value is None:
@@ -887,17 +888,25 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
                 checked["username"] = parse_username(value)
             elif name == "note":
                 checked["note"] = parse_note(value) or None
+            elif name in ("roles", "groups"):  # for the XMPP server: "prosody:member,team"
+                names = tuple(_one_line(n.strip(), name[:-1], 100) for n in value.split(","))
+                if not all(names):
+                    raise ValueError(f"{name} {value!r}: names separated by commas")
+                checked[name] = names
             elif name == "type":
                 if value not in ("register", "reset"):
                     raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
                 checked["type"] = value
             else:
                 raise ValueError(f"unknown option {name!r}")
+            if name in ("roles", "groups") and backend is None:
+                raise ValueError(f"the built-in store cannot honour {name!r}: it is for the XMPP server")
             if backend is not None and name not in ("note", "type") and name not in backend.options:
                 raise ValueError(f"the {backend.name} backend cannot honour {name!r}{backend.why_not(name)}")
         if checked["type"] == "reset":
-            if not checked["username"] or checked["uses"] != 1:
-                raise ValueError("a password-reset invite needs the username (and is for one use)")
+            if not checked["username"] or checked["uses"] != 1 or checked["roles"] or checked["groups"]:
+                raise ValueError("a password-reset invite needs the username (and is for one use, with no roles or "
+                                 "groups)")
             if backend is None or "reset" not in backend.options:
                 raise ValueError("password-reset invites need an XMPP server backend that makes them "
                                  f"({'the built-in store has no accounts' if backend is None else backend.name})")
@@ -924,18 +933,20 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     def insert(conn):
         key = authenticate(store, credentials, conn) if credentials is not None else None
         checked = invite_options(options or {}, key, default_ttl, backend)
+        extra.update(roles=checked.pop("roles"), groups=checked.pop("groups"))
         invite = _new_invite(key["host"] if key is not None else host, key, backend=backend, **checked)
         if backend is not None:
             invite["uri"] = ""  # a slot held while the backend mints: quota and rate are checked first
         store.insert_invite(conn, invite, key)
         return invite
 
+    extra = {}
     invite = store.write(insert)
     if backend is None:
         return invite
     try:
         minted = backend.mint(invite["host"], ttl=invite["expires_at"] - invite["created_at"],
-                              uses=invite["uses"], username=invite["username"], kind=invite["type"])
+                              uses=invite["uses"], username=invite["username"], kind=invite["type"], **extra)
     except BaseException:
         store.drop_invite(invite["token"])  # give the slot and its quota back
         raise
@@ -1108,7 +1119,7 @@ class Backend:
         urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
         return (uris[-1] if uris else None), (urls[-1] if urls else None)
 
-    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, kind="register"):
+    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, kind="register", roles=None, groups=None):
         """Run the program once; return {"token", "uri", "url"}; raise BadRequest, BackendError or Unavailable."""
         try:
             valid = parse_host(host) == host
@@ -1116,7 +1127,7 @@ class Backend:
             valid = False
         if not valid:  # it reaches the program only as a checked domain name, one argv element
             raise BadRequest(f"invalid host {host!r}")
-        uri, url = self.parse(self.fetch(host, ttl, uses, username, kind))
+        uri, url = self.parse(self.fetch(host, ttl, uses, username, kind, roles, groups))
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
@@ -1125,7 +1136,7 @@ class Backend:
             uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
         return {"token": token, "uri": uri, "url": url}
 
-    def fetch(self, host, ttl, uses, username, kind="register"):
+    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
         """Return what the program printed for one invite."""
         return self.run(self.argv(host, ttl, uses, username))
 
@@ -1305,7 +1316,7 @@ class ProsodyAdmin:
 _PROSODY_INVITES = ('local m = require"core.modulemanager".get_module({host}, "invites") '
                     'if not m then error("mod_invites is not loaded on " .. {host}) end ')
 _PROSODY_LUA = {
-    "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, nil, {ttl})) '
+    "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, {extra}, {ttl})) '
                                    'return true, (i.landing_page or "") .. " " .. i.uri',
     "reset": _PROSODY_INVITES + 'local i = assert(m.create_account_reset({username}, {ttl})) '
                                 'return true, (i.landing_page or "") .. " " .. i.uri',
@@ -1333,21 +1344,36 @@ class ProsodyBackend(Backend):
 
     @property
     def options(self):
-        return frozenset({"username", "ttl", "reset"} if self.use_socket else {"username"})
+        if not self.use_socket:
+            return frozenset({"username"})
+        newer = self.version is not None and self.version.split(".")[0].isdigit() and int(self.version.split(".")[0]) >= 13
+        return frozenset({"username", "ttl", "reset"} | ({"roles", "groups"} if newer else set()))
 
     def why_not(self, option):
-        return " through prosodyctl (its admin socket would)" if self.use_socket is False else ""
+        if not self.use_socket:
+            return " through prosodyctl (its admin socket would)"
+        return f" on Prosody {self.version or '(version unknown)'}: roles and groups need Prosody 13"
 
     def lua(self, name, **values):
-        """Run one of _PROSODY_LUA with values as Lua literals; return the text after "OK: "."""
-        literal = {k: "nil" if v is None else str(v) if isinstance(v, int) else lua_string(v) for k, v in values.items()}
-        return self.admin.run(">" + _PROSODY_LUA[name].format(**literal)).partition("OK: ")[2].strip()
+        """Run one of _PROSODY_LUA with values as Lua literals (a tuple: a table of them); return the
+        text after "OK: "."""
+        def literal(value):
+            if isinstance(value, dict):
+                return "{ " + ", ".join(f"{k} = {literal(v)}" for k, v in value.items() if v) + " }"
+            if isinstance(value, tuple):
+                return "{ " + ", ".join(map(literal, value)) + " }"
+            return "nil" if value is None else str(value) if isinstance(value, int) else lua_string(value)
+        code = _PROSODY_LUA[name].format(**{k: literal(v) for k, v in values.items()})
+        return self.admin.run(">" + code).partition("OK: ")[2].strip()
 
-    def fetch(self, host, ttl, uses, username, kind="register"):
+    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
         if not self.use_socket:
             return super().fetch(host, ttl, uses, username)
         try:
-            return "OK: " + self.lua(kind, host=host, username=username, ttl=ttl)
+            if groups and "invites_groups" not in self.lua("modules", host=host).split():
+                raise BadRequest(f"groups need mod_invites_groups on {host} (Prosody 13)")
+            extra = {"roles": roles, "groups": groups} if roles or groups else None
+            return "OK: " + self.lua(kind, host=host, username=username, ttl=ttl, extra=extra)
         except BackendError as e:
             self.fail(str(e).replace("Prosody refused: ", "answered "))
 
@@ -2312,7 +2338,7 @@ class InviteRequests:
     def api_create(self, _):
         """Create an invite: GET or POST /invites_api."""
         app = self.server.app
-        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type")
+        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type", "roles", "groups")
         for name, value in self.json_body().items():
             if name in params:
                 raise BadRequest(f"option {name!r} given in both the query and the body")
@@ -2945,7 +2971,8 @@ def _backend(args, log=None, asking=False):
 
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
-    options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note}
+    options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note,
+               "roles": args.roles, "groups": args.groups}
     if args.reset is not None:
         if args.username is not None:
             raise Error("--reset USER names the account; give no --username")
@@ -3261,6 +3288,9 @@ def build_parser(argv=None):
     sub.add_argument("--ttl", metavar="DURATION", help="lifetime (default 7d)")
     sub.add_argument("--uses", metavar="N", help="how many accounts it may create (default 1)")
     sub.add_argument("--username", help="the only username it may register")
+    sub.add_argument("--roles", metavar="ROLE,...", help="roles the new account gets (Prosody 13: "
+                                                         "prosody:member...)")
+    sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 with mod_invites_groups)")
     sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead "
                                                      "(prosody backend; a day unless --ttl)")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
