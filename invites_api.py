@@ -61,8 +61,9 @@ DEFAULT_INVITE_TTL = 7 * 86400
 RESET_INVITE_TTL = 86400
 # Expired, used and revoked invites are kept this long (to show them), then purged.
 DEFAULT_PURGE_GRACE = 30 * 86400
-# Public invite checks one client address may make per minute.
+# Public invite checks, and sign-up attempts, one client address may make per minute.
 CHECKS_PER_MINUTE = 60
+SIGNUPS_PER_MINUTE = 10
 # A backend program that has not answered by then is killed (Prosody answers in ~50 ms).
 DEFAULT_BACKEND_TIMEOUT = 10.0
 # Backend programs running at once; each prosodyctl is a Lua process of ~15 MB.
@@ -284,6 +285,29 @@ def parse_username(text):
     return name
 
 
+_ACCOUNT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}\Z")
+
+
+def parse_account_name(text):
+    """Return a new account's username: lower-cased, 1-64 of a-z 0-9 . _ - ; raise ValueError."""
+    name = text.strip().lower()
+    if not _ACCOUNT_NAME_RE.match(name):
+        raise ValueError(f"the username {text[:64]!r} cannot be used: 1 to 64 letters a-z, digits, dots, "
+                         "dashes or underscores, starting with a letter or digit")
+    return name
+
+
+def check_password(password, confirmation, username):
+    """Raise ValueError unless password is at least 10 characters, equal to confirmation, not the username."""
+    if len(password) < 10 or len(password) > 1024:
+        raise ValueError("the password must be 10 characters or longer")
+    _one_line(password, "the password", 1024)
+    if password != confirmation:
+        raise ValueError("the two passwords are not the same")
+    if password.lower() == username.lower():
+        raise ValueError("the password must not be the username")
+
+
 def parse_note(text):
     """Return an invite's note (one line, at most 200 characters); raise ValueError."""
     return _one_line(text, "note", 200)
@@ -370,6 +394,16 @@ MIGRATIONS = [
     ),
     (  # 5: a decoy key (an id no request can present): an unknown id is checked against its random hash
         "INSERT INTO keys (id, host, secret_hash, created_at) VALUES ('', '', randomblob(32), 0)",
+    ),
+    (  # 6: the accounts each use of a built-in invite made (or whose password it set)
+        """CREATE TABLE accounts (
+            token TEXT NOT NULL,
+            host TEXT NOT NULL,
+            username TEXT NOT NULL,
+            action TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        )""",
+        "CREATE INDEX accounts_by_token ON accounts (token)",
     ),
 ]
 
@@ -654,6 +688,23 @@ class Store:
             return None
         return self.write(use)
 
+    def give_back_use(self, token):
+        """Undo one use_invite (the account it was for could not be made)."""
+        self.write(lambda conn: conn.execute(
+            "UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at IS NULL THEN NULL "
+            "ELSE done_at END WHERE token = ? AND uses_left < uses", (token,)))
+
+    def record_account(self, token, host, username, action, at):
+        """Record the account a use of an invite made (action "create") or reset ("reset")."""
+        self.write(lambda conn: conn.execute(
+            "INSERT INTO accounts (token, host, username, action, created_at) VALUES (?, ?, ?, ?, ?)",
+            (token, host, username, action, at)))
+
+    def accounts(self, token):
+        """Return the accounts an invite made or reset, oldest first."""
+        return self.read("SELECT username, host, action, created_at FROM accounts WHERE token = ? "
+                         "ORDER BY created_at, rowid", (token,))
+
     def purge_invites(self, before, stale_slots_before, batch=500):
         """Delete up to batch invites that expired, were used up or were revoked before a time,
         and slots of backends that never answered; return how many."""
@@ -907,9 +958,8 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
             if not checked["username"] or checked["uses"] != 1 or checked["roles"] or checked["groups"]:
                 raise ValueError("a password-reset invite needs the username (and is for one use, with no roles or "
                                  "groups)")
-            if backend is None or "reset" not in backend.options:
-                raise ValueError("password-reset invites need an XMPP server backend that makes them "
-                                 f"({'the built-in store has no accounts' if backend is None else backend.name})")
+            if backend is not None and "reset" not in backend.options:
+                raise ValueError(f"the {backend.name} backend cannot make password-reset invites")
         if checked["ttl"] is None:  # a reset is short-lived: a day
             checked["ttl"] = min(RESET_INVITE_TTL if checked["type"] == "reset" else default_ttl, max_ttl)
     except ValueError as e:
@@ -991,13 +1041,16 @@ def invite_state(store, invite, backend=None):
     return status
 
 
-def invite_info(invite, url=None, status=None):
-    """Return an invite as a dict for JSON: everything but internals, times in ISO 8601."""
+def invite_info(invite, url=None, status=None, accounts=()):
+    """Return an invite as a dict for JSON: everything but internals, times in ISO 8601; accounts:
+    Store.accounts rows (what its uses made)."""
     return {"token": invite["token"], "host": invite["host"], "type": invite["type"], "uri": invite["uri"],
             "url": url, "status": status or invite_status(invite), "created_at": iso(invite["created_at"]),
             "expires_at": iso(invite["expires_at"]), "uses": invite["uses"],
             "uses_left": invite["uses_left"], "username": invite["username"], "note": invite["note"],
-            "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"])}
+            "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"]),
+            "accounts": [{"jid": f"{a['username']}@{a['host']}", "action": a["action"], "at": iso(a["created_at"])}
+                         for a in accounts]}
 
 
 def get_invite(store, token, host=None, key_id=None):
@@ -1058,6 +1111,34 @@ def check_invite(store, token):
         return {"valid": False, "host": None, "expires_at": None, "username": None}
     return {"valid": True, "host": invite["host"], "expires_at": iso(invite["expires_at"]),
             "username": invite["username"]}
+
+
+def sign_up(store, accounts, token, username, password, confirmation):
+    """Use a built-in invite: create its account (a reset invite: set its password) and return
+    (the invite as used, the username); raise NotFound, Gone, BadRequest, Conflict (the name is
+    taken, or a reset's account is missing) or BackendError. A use whose account could not be
+    made is given back."""
+    invite = store.invite(token) if TOKEN_RE.match(token or "") else None
+    if invite is None or invite["backend"] != "builtin":
+        raise NotFound("we could not find this invite")
+    if invite_status(invite) != "valid":
+        raise Gone(f"this invite is {invite_status(invite)}")
+    try:
+        username = parse_account_name(invite["username"] or username)
+        check_password(password, confirmation, username)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    used = store.use_invite(token, now())
+    if used is None:
+        raise Gone(f"this invite is {invite_status(store.invite(token))}")
+    action = "reset" if invite["type"] == "reset" else "create"
+    try:
+        (accounts.reset if action == "reset" else accounts.create)(invite["host"], username, password)
+    except BaseException:
+        store.give_back_use(token)
+        raise
+    store.record_account(token, invite["host"], username, action, now())
+    return used, username
 
 
 def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
@@ -1322,6 +1403,12 @@ _PROSODY_LUA = {
                                 'return true, (i.landing_page or "") .. " " .. i.uri',
     "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e',
     "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
+    "create_user": 'local um = require"core.usermanager" if um.user_exists({username}, {host}) then '
+                   'return true, "taken" end local ok, e = um.create_user({username}, {password}, {host}) '
+                   'if not ok then error(e) end return true, "done"',
+    "set_password": 'local um = require"core.usermanager" if not um.user_exists({username}, {host}) then '
+                    'return true, "missing" end local ok, e = um.set_password({username}, {password}, {host}, nil) '
+                    'if not ok then error(e) end return true, "done"',
     "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
                'return true, table.concat(s, " ")',
 }
@@ -1425,6 +1512,77 @@ class ProsodyBackend(Backend):
         return (f"prosody backend: cannot reach Prosody's admin shell, through its socket ({failure}) nor "
                 f"prosodyctl ({problem}); is Prosody running with mod_admin_shell, and may this user open its "
                 "admin socket?")
+
+
+class Accounts:
+    """Creates the accounts that built-in invites are used for, or sets their passwords (serve
+    --accounts): the `command` kind runs a program (an argv, never a shell) whose arguments may hold
+    {action} (create or reset), {username} and {host}; the password comes on its standard input,
+    never in its arguments. Exit status 0: done; 3: the name is taken (a reset: no such account);
+    anything else: the server failed (502)."""
+
+    name = "command"
+
+    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT, log=None):
+        self.template, self.timeout, self.log = list(argv), timeout, log
+
+    def create(self, host, username, password):
+        """Create username@host with password; raise Conflict if it exists, BackendError if it fails."""
+        self.run("create", host, username, password)
+
+    def reset(self, host, username, password):
+        """Set username@host's password; raise Conflict if there is no such account, BackendError."""
+        self.run("reset", host, username, password)
+
+    def run(self, action, host, username, password):
+        import subprocess
+        values = {"{action}": action, "{username}": username, "{host}": host}
+        argv = [functools.reduce(lambda a, kv: a.replace(*kv), values.items(), arg) for arg in self.template]
+        try:
+            proc = subprocess.run(argv, input=password.encode("utf-8") + b"\n", capture_output=True,
+                                  timeout=self.timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise BackendError(f"the accounts program failed: {e}") from None
+        if proc.returncode == 3:
+            raise Conflict(f"{username}@{host} is taken; choose another name" if action == "create"
+                           else f"there is no account {username}@{host}")
+        if proc.returncode != 0:
+            detail = redact((proc.stderr or proc.stdout).decode("utf-8", "replace")).strip()[:300]
+            raise BackendError(f"the accounts program exited with status {proc.returncode}: {detail}")
+
+
+class ProsodyAccounts(Accounts):
+    """Accounts in Prosody, through its admin socket (usermanager.create_user, set_password): the
+    password travels only on that socket, as a Lua string literal, never on a command line."""
+
+    name = "prosody"
+
+    def __init__(self, backend):
+        self.backend = backend  # a ProsodyBackend, for its admin connections
+
+    def run(self, action, host, username, password):
+        answer = self.backend.lua("create_user" if action == "create" else "set_password",
+                                  host=host, username=username, password=password)
+        if answer == "taken":
+            raise Conflict(f"{username}@{host} is taken; choose another name")
+        if answer == "missing":
+            raise Conflict(f"there is no account {username}@{host}")
+
+
+def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT):
+    """Return who creates accounts for built-in invites (None: no one); raise Error if misconfigured."""
+    if name is None:
+        return None
+    if name == "prosody":
+        return ProsodyAccounts(prosody)
+    import shlex
+    try:
+        argv = shlex.split(command or "")
+    except ValueError as e:
+        raise Error(f"--accounts-command {command!r}: {e}") from None
+    if not argv:
+        raise Error("--accounts command needs --accounts-command 'PROGRAM ARGS... {action} {username} {host}'")
+    return Accounts(argv, timeout)
 
 
 class EjabberdBackend(Backend):
@@ -1810,6 +1968,13 @@ figcaption{text-align:center;font-size:.9rem;color:var(--muted)}
 background:var(--bg);color:var(--text);font:inherit;font-size:.9rem}
 .copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);color:var(--on-accent);
 font:inherit;font-weight:600;cursor:pointer}
+label{display:block;font-weight:600;margin-top:.75rem}
+form input{display:block;width:100%;padding:.6rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--text);font:inherit}
+form span{display:block;font-size:.9rem}
+form button{width:100%;padding:.9rem 1rem;border:0;border-radius:8px;background:var(--accent);
+color:var(--on-accent);font:inherit;font-weight:700;font-size:1.1rem;cursor:pointer}
+.error{border-left:4px solid #c62828;padding:.25rem .75rem}
 ul{padding-left:1.25rem}
 li{margin:.35rem 0}
 """
@@ -1841,8 +2006,9 @@ _COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById
                 "function(){document.execCommand('copy');b.textContent='Copied'})})")
 
 
-def render_invite_page(invite, page_url, site_name, apps, nonce):
-    """Return the landing page for a valid invite: who invites where, the app button, QR, link, apps."""
+def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None):
+    """Return the landing page for a valid invite: who invites where, the main button (the app's
+    xmpp: URI, or with signup_url our sign-up form), its QR code, the link, apps."""
     import html
     esc = html.escape
     host = esc(invite["host"])
@@ -1859,19 +2025,67 @@ def render_invite_page(invite, page_url, site_name, apps, nonce):
         platforms.setdefault(app["platform"], []).append(
             f'<a href="{esc(app["url"])}" rel="noreferrer">{esc(app["name"])}</a>')
     app_list = "".join(f"<li><strong>{esc(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
-    qr = _invite_qr(invite["uri"], invite["host"])
+    target, action = (signup_url, "Create your account") if signup_url else (invite["uri"], "Open in your XMPP app")
+    if invite["type"] == "reset":
+        action = "Set a new password"
+    qr = _invite_qr(target, invite["host"])
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>You have been invited to join {host}</h1>{note}"
         f'<p class="muted">{details}</p>'
-        f'<a class="button" href="{esc(invite["uri"])}">Open in your XMPP app</a>'
+        f'<a class="button" href="{esc(target)}">{action}</a>'
         f"<h2>On another device?</h2>"
-        f"<figure>{qr}<figcaption>Scan this with your XMPP app</figcaption></figure>"
+        f"<figure>{qr}<figcaption>Scan this with your "
+        f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>"
         f'<h2><label for="link">Or copy the link to this page</label></h2>'
         f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
         f'<button id="copy" type="button" hidden>Copy</button></p>'
         f"<h2>No app yet?</h2>"
         f"<p>Install one of these, then come back to this page and press the button above:</p>"
         f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
+
+
+def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
+    """Return the sign-up form of a built-in invite (a reset invite: the new-password form); error:
+    why the last try failed, shown above the form, which keeps the username."""
+    import html
+    esc = html.escape
+    reset = invite["type"] == "reset"
+    bound = invite["username"]
+    jid = f"{bound}@{invite['host']}" if bound else invite["host"]
+    title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
+    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly>' if bound else
+                  f'<input id="user" name="user" value="{esc(username)}" required maxlength="64" '
+                  'autocomplete="username" autocapitalize="none" spellcheck="false" pattern="[A-Za-z0-9._-]+">')
+    return render_page(title, (
+        f"<h1>{esc(title)}</h1>"
+        + (f'<p class="error" role="alert">{esc(error)}</p>' if error else "")
+        + f'<form method="post" action="{esc(form_url)}">'
+        f'<input type="hidden" name="token" value="{esc(invite["token"])}">'
+        f'<p><label for="user">Username</label>{name_field}'
+        + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@{esc(invite["host"])}: '
+                            "letters, digits, dots, dashes</span>") + "</p>"
+        '<p><label for="password">Password</label><input id="password" name="password" type="password" '
+        'required minlength="10" autocomplete="new-password"><span class="muted">10 characters or more</span></p>'
+        '<p><label for="password_confirm">Password again</label><input id="password_confirm" '
+        'name="password_confirm" type="password" required minlength="10" autocomplete="new-password"></p>'
+        f'<p><button type="submit">{"Set the password" if reset else "Create the account"}</button></p>'
+        "</form>"), site_name, nonce)
+
+
+def render_signup_done(invite, username, site_name, apps, nonce):
+    """Return the page after a sign-up (or password reset): the new address and how to log in."""
+    import html
+    esc = html.escape
+    jid = f"{username}@{invite['host']}"
+    more = f"<p>This invite can create {invite['uses_left']} more accounts.</p>" if invite["uses_left"] else ""
+    links = "".join(f'<li><strong>{esc(a["platform"])}</strong>: <a href="{esc(a["url"])}" rel="noreferrer">'
+                    f'{esc(a["name"])}</a></li>' for a in apps)
+    first = "Your new password is set" if invite["type"] == "reset" else f"Your account {esc(jid)} is ready"
+    return render_page("Your account is ready", (
+        f"<h1>{first}</h1>{more}"
+        f"<p>Log in with an XMPP app as <strong>{esc(jid)}</strong> and your password.</p>"
+        f'<a class="button" href="xmpp:{esc(jid)}">Open in your XMPP app</a>'
+        f"<h2>No app yet?</h2><ul>{links}</ul>"), site_name, nonce)
 
 
 _UNAVAILABLE = {
@@ -1903,6 +2117,7 @@ ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors) for pattern, methods
     (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True),
     (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True),
     (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False),
+    (r"/register", {"GET": "signup_page", "POST": "signup"}, False),
     (r"/health", {"GET": "health", "HEAD": "health"}, False),
     (r"/metrics", {"GET": "metrics"}, False),
 ))
@@ -1913,12 +2128,14 @@ CORS_HEADERS = (
 )
 
 
-def page_headers(nonce):
-    """Return the security headers of an HTML page whose inline style and script carry nonce."""
+def page_headers(nonce, form=False):
+    """Return the security headers of an HTML page whose inline style and script carry nonce (form:
+    it posts a form to us)."""
+    form_action = "'self'" if form else "'none'"
     return (
         ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
                                     f"script-src 'nonce-{nonce}'; img-src data:; base-uri 'none'; "
-                                    "form-action 'none'; frame-ancestors 'none'"),
+                                    f"form-action {form_action}; frame-ancestors 'none'"),
         ("Referrer-Policy", "no-referrer"),  # the token is in the URL
         ("X-Content-Type-Options", "nosniff"),
         ("Cache-Control", "no-store"),
@@ -2061,8 +2278,10 @@ class App:
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
                  backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
-                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE):
+                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, accounts=None):
         self.store = store
+        self.accounts = accounts  # who creates the accounts built-in invites are for (None: no one here)
+        self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
         # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
         self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
         self.metrics_token = metrics_token
@@ -2344,6 +2563,8 @@ class InviteRequests:
                 raise BadRequest(f"option {name!r} given in both the query and the body")
             params[name] = str(value).lower() if isinstance(value, bool) else value
         redirect = parse_bool("redirect", str(params.pop("redirect", "")))
+        if params.get("type") == "reset" and app.backend is None and app.accounts is None:
+            raise BadRequest("a password-reset invite needs serve --accounts (or a backend that makes them)")
         credentials = self.presented_key(params.pop("key", ""))
         self.refuse_if_guessing()
         invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
@@ -2367,9 +2588,10 @@ class InviteRequests:
     def api_show(self, token):
         """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
         key = self.authenticate(self.params("key").get("key", ""))
-        invite = get_invite(self.server.app.store, token, key["host"], key["id"])
-        status = invite_state(self.server.app.store, invite, self.server.app.backend)
-        self.respond_json(200, invite_info(invite, self.invite_url(invite), status))
+        store = self.server.app.store
+        invite = get_invite(store, token, key["host"], key["id"])
+        status = invite_state(store, invite, self.server.app.backend)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite), status, store.accounts(token)))
 
     def api_revoke(self, token):
         """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
@@ -2410,10 +2632,60 @@ class InviteRequests:
             return self.respond(404 if invite is None else 410,
                                 render_unavailable_page(status, site_name, nonce),
                                 page_headers(nonce), content_type=html_type)
-        page_url = f"{self.public_base(invite['host'])}/invite?{invite['token']}"
+        base = self.public_base(invite["host"])
+        page_url = f"{base}/invite?{invite['token']}"
+        signup = f"{base}/register?t={invite['token']}" if app.accounts and invite["backend"] == "builtin" else None
         headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
-        self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce), headers,
+        self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce, signup), headers,
                      content_type=html_type)
+
+    def signup_page(self, _):
+        """The sign-up form of a built-in invite: GET /register?t=TOKEN (as mod_invites_register_web)."""
+        token = self.params("t").get("t", "")
+        invite, status = find_invite(self.server.app.store, token)
+        if status != "valid" or invite["backend"] != "builtin" or self.server.app.accounts is None:
+            return self.respond_page(404 if invite is None else 410, status if invite is not None else None)
+        self.respond_page(200, invite=invite)
+
+    def signup(self, _):
+        """Use a built-in invite to create its account: POST /register (user, password, token)."""
+        app = self.server.app
+        fields = self.form_body("token", "user", "password", "password_confirm")
+        invite, status = find_invite(app.store, fields.get("token", ""))
+        if invite is None or app.accounts is None:
+            return self.respond_page(404, None)
+        origin = self.headers.get("Origin")  # the CSRF defence: only our own pages post here
+        if (origin and origin != self.public_base(invite["host"])
+                or (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none")):
+            raise Forbidden("this form can only be sent from its own page")
+        wait = app.signup_limiter.hit(self.client)
+        if wait:
+            raise TooManyRequests("too many sign-up attempts from your address; try again in a minute", wait)
+        try:
+            used, username = sign_up(app.store, app.accounts, invite["token"], fields.get("user", ""),
+                                     fields.get("password", ""), fields.get("password_confirm", ""))
+        except (BadRequest, Conflict) as e:  # the form again, with the reason and the name kept
+            return self.respond_page(e.status, invite=invite, username=fields.get("user", ""), error=str(e))
+        except Gone:
+            return self.respond_page(410, invite_status(app.store.invite(invite["token"])))
+        except BackendError as e:
+            app.log_problem(f"BackendError on POST /register: {e}", cause=str(e))
+            return self.respond_page(502, invite=invite, username=fields.get("user", ""),
+                                     error="The server could not create the account just now. Please try again later.")
+        self.respond_page(200, invite=used, username=username, done=True)
+
+    def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
+        """Answer with one of the HTML pages: an invite unavailable (410/404), the sign-up form, its result."""
+        app, nonce = self.server.app, _random_id(12)
+        site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
+        if done:
+            page = render_signup_done(invite, username, site_name, app.apps, nonce)
+        elif invite is not None:
+            page = render_signup_page(invite, "/register", site_name, nonce, username, error)
+        else:
+            page = render_unavailable_page(unavailable, site_name, nonce)
+        self.respond(status, page, page_headers(nonce, form=invite is not None and not done),
+                     content_type="text/html; charset=utf-8")
 
     # -- reading requests -------------------------------------------------
 
@@ -2434,6 +2706,23 @@ class InviteRequests:
                 raise BadRequest(f"parameter {name!r} given more than once")
             params[name] = value
         return params
+
+    def form_body(self, *allowed):
+        """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
+        from urllib.parse import parse_qsl
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not {ctype!r}")
+        try:
+            pairs = parse_qsl(self.body.decode("ascii"), keep_blank_values=True, max_num_fields=20, errors="strict")
+        except (UnicodeError, ValueError):
+            raise BadRequest("the form is not valid") from None
+        fields = {}
+        for name, value in pairs:
+            if name not in allowed or name in fields:
+                raise BadRequest(f"unexpected form field {name[:40]!r}")
+            fields[name] = value
+        return fields
 
     def json_body(self):
         """Return the request body's JSON object of plain values ({} for no body); raise BadRequest."""
@@ -3009,9 +3298,10 @@ def cmd_invites_show(args):
     store = open_store(args)
     invite = get_invite(store, args.token, args.host)
     status = invite_state(store, invite, _backend(args, sys.stderr, asking=True))
-    info = invite_info(store.invite(args.token), _cli_url(args, invite), status)
+    info = invite_info(store.invite(args.token), _cli_url(args, invite), status, store.accounts(args.token))
     if args.json:
         return _print_json(info)
+    info["accounts"] = ", ".join(f"{a['jid']} ({a['action']} {a['at']})" for a in info["accounts"])
     for name, value in info.items():
         print(f"{name}: {'' if value is None else value}")
 
@@ -3040,6 +3330,15 @@ def cmd_serve(args):
     store = open_store(args)
     backend = _backend(args, log=sys.stderr)
     warnings = [backend.check()] if backend is not None else []
+    accounts = None
+    if args.accounts:
+        prosody = backend if isinstance(backend, ProsodyBackend) else None
+        if args.accounts == "prosody" and prosody is None:
+            prosody = make_backend("prosody", args.prosodyctl, args.prosody_config, timeout=args.backend_timeout,
+                                   prosody_socket=args.prosody_socket)
+            problem = prosody.check()
+            warnings.append(problem and f"--accounts prosody: {problem}")
+        accounts = make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout)
     if isinstance(backend, ProsodyBackend) and backend.use_socket and not warnings[0]:
         for host in store.key_hosts():  # what the invitee's journey needs, on each host a key mints for
             missing = backend.missing_modules(host)
@@ -3052,14 +3351,15 @@ def cmd_serve(args):
     apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
               invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
-              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token)
+              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, accounts=accounts)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
                          systemd_socket(), args.request_timeout)
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
     shown = f"[{address}]" if ":" in address else address
     serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
-                  f"/invites_api (database {store.path}" + (f"; {backend.describe()})" if backend else ")"))
+                  f"/invites_api (database {store.path}" + (f"; {backend.describe()}" if backend else "")
+                  + (f"; accounts made by {accounts.name}" if accounts else "") + ")")
 
 
 def systemd_socket():
@@ -3248,6 +3548,12 @@ def build_parser(argv=None):
                      help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
     sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
                      help=f"how long a write waits for another process's lock before 503 (default {BUSY_TIMEOUT:g})")
+    sub.add_argument("--accounts", choices=("prosody", "command"),
+                     help="who creates the accounts built-in invites are used for, from their sign-up page "
+                          "(/register?t=TOKEN): Prosody through its admin socket, or --accounts-command")
+    sub.add_argument("--accounts-command", metavar="TEMPLATE",
+                     help="accounts command: program and arguments with {action} (create or reset), {username}, "
+                          "{host}; the password comes on its standard input; exit 3 means the name is taken")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
@@ -3291,8 +3597,9 @@ def build_parser(argv=None):
     sub.add_argument("--roles", metavar="ROLE,...", help="roles the new account gets (Prosody 13: "
                                                          "prosody:member...)")
     sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 with mod_invites_groups)")
-    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead "
-                                                     "(prosody backend; a day unless --ttl)")
+    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead (a day "
+                                                     "unless --ttl): set on the sign-up page of serve --accounts, "
+                                                     "or made by the prosody backend")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")

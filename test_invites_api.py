@@ -1390,6 +1390,50 @@ def write_program(directory, name, body):
     return path
 
 
+class AccountsCommandTest(LiveServerTestCase):
+    """serve --accounts command: a program makes the accounts; the password only on its stdin."""
+
+    def setUp(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
+        self.calls = os.path.join(tmp, "calls")
+        program = write_program(tmp, "accounts", f"""echo "$@" >> '{self.calls}'
+read password
+echo "stdin:$password" >> '{self.calls}'
+case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
+""")
+        self.app_options = {"accounts": ia.Accounts([program, "{action}", "{username}", "{host}"])}
+        super().setUp()
+
+    def sign_up(self, token, user, password="a long password"):
+        body = f"token={token}&user={user}&password={quote(password)}&password_confirm={quote(password)}"
+        return self.request("POST", "/register", {"Content-Type": "application/x-www-form-urlencoded"}, body)
+
+    def test_the_program_gets_the_password_on_stdin_never_in_its_arguments(self):
+        ia.update_key(self.store, "example.com", self.key_id, max_uses=3)
+        token = self.token_of(self.create(extra="&uses=3")[1]["location"])
+        status, _, page = self.sign_up(token, "taken")
+        self.assertEqual(status, 409)
+        self.assertIn(b"choose another name", page)
+        status, _, page = self.sign_up(token, "broken")
+        self.assertEqual(status, 502)
+        self.assertIn("backend on fire", self.log.getvalue())
+        self.assertEqual(self.store.invite(token)["uses_left"], 3)  # both uses given back
+        status, _, page = self.sign_up(token, "dora", "pass word with spaces")
+        self.assertEqual(status, 200, page)
+        self.assertIn(b"can create 2 more accounts", page)
+        with open(self.calls) as f:
+            calls = f.read().splitlines()
+        self.assertEqual(calls[-2:], ["create dora example.com", "stdin:pass word with spaces"])
+        self.assertFalse([c for c in calls if not c.startswith("stdin:") and "pass" in c])
+        self.assertNotIn("pass word", self.log.getvalue())
+        self.assertNotIn("a long password", self.log.getvalue())
+        self.assertEqual([a["username"] for a in self.store.accounts(token)], ["dora"])
+        # The page of a built-in invite leads to the sign-up form, when this server makes accounts.
+        status, _, page = self.request("GET", f"/invite?{token}")
+        self.assertIn(f"/register?t={token}".encode(), page)
+
+
 class BackendServerTest(ServerProcessMixin, TempDirTestCase):
     """Our server as a process, minting through stand-in programs."""
 
@@ -1901,6 +1945,79 @@ modules_disabled = {{ "invites_page" }}
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         self.assertIn("warning: prosody backend: plain.test lacks mod_invites_page", proc.stderr.read())
+
+    def test_sign_up_from_our_page_makes_real_accounts(self):
+        # Built-in invites (no --backend), accounts created in Prosody through its admin socket.
+        key = self.make_key_for(self.HOST)
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
+        self.assertIn("accounts made by prosody", self.banner)
+
+        def send(method, path, form=None, headers=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            body = "&".join(f"{k}={quote(v, safe='')}" for k, v in form.items()) if form is not None else None
+            conn.request(method, path, body=body, headers={
+                **({"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {}),
+                **(headers or {})})
+            response = conn.getresponse()
+            page = response.read().decode()
+            conn.close()
+            return response.status, page, response.getheader("Content-Security-Policy")
+
+        def mint(query=""):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", f"/invites_api?key={key}{query}", headers={"Accept": "application/json"})
+            invite = json.loads(conn.getresponse().read())
+            conn.close()
+            return invite["token"]
+
+        def login(user, password):
+            client = Xmpp(self.c2s_port, self.HOST)
+            try:
+                return client.login(user, password)
+            finally:
+                client.close()
+        token = mint()
+        status, page, _ = send("GET", f"/invite?{token}")
+        self.assertIn(f'href="http://127.0.0.1:{port}/register?t={token}">Create your account', page)
+        status, page, csp = send("GET", f"/register?t={token}")
+        self.assertEqual(status, 200)
+        self.assertIn("form-action 'self'", csp)
+        for field in ('name="user"', 'name="password"', 'name="password_confirm"', f'name="token" value="{token}"'):
+            self.assertIn(field, page)
+        form = {"token": token, "user": "Alice", "password": "a long password", "password_confirm": "a long password"}
+        self.assertEqual(send("POST", "/register", dict(form, password_confirm="another one"))[0], 400)
+        self.assertEqual(send("POST", "/register", dict(form, user="a b"))[0], 400)
+        self.assertEqual(send("POST", "/register", form, {"Origin": "https://evil.example"})[0], 403)
+        status, page, _ = send("POST", "/register", form)
+        self.assertEqual(status, 200, page)
+        self.assertIn(f"Your account alice@{self.HOST} is ready", page)
+        self.assertTrue(login("alice", "a long password"))
+        # The used invite: 410, and no account made.
+        self.assertEqual(send("POST", "/register", dict(form, user="bob"))[0], 410)
+        self.assertFalse(login("bob", "a long password"))
+        self.assertEqual(send("GET", f"/register?t={token}")[0], 410)
+        # A taken name: the form again, and the invite is still there to use.
+        second = mint()
+        status, page, _ = send("POST", "/register", dict(form, token=second))
+        self.assertEqual(status, 409)
+        self.assertIn("taken; choose another name", page)
+        self.assertIn('value="alice"', page.lower())
+        self.assertEqual(send("POST", "/register", dict(form, token=second, user="carol"))[0], 200)
+        self.assertTrue(login("carol", "a long password"))
+        shown = self.show(token)
+        self.assertEqual([a["jid"] for a in shown["accounts"]], [f"alice@{self.HOST}"])
+        # A password reset from the built-in store: the new password works, the old one no longer.
+        url = self.cli("invites", "create", self.HOST, "--reset", "alice").strip()
+        reset = url.rsplit("?", 1)[1]
+        status, page, _ = send("GET", f"/register?t={reset}")
+        self.assertIn(f"Set a new password for alice@{self.HOST}", page)
+        status, page, _ = send("POST", "/register", {"token": reset, "password": "a new password",
+                                                     "password_confirm": "a new password"})
+        self.assertEqual(status, 200, page)
+        self.assertTrue(login("alice", "a new password"))
+        self.assertFalse(login("alice", "a long password"))
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
 
     def make_key_for(self, host):
         store = ia.Store(self.db)
