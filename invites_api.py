@@ -1575,14 +1575,19 @@ def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIME
         return None
     if name == "prosody":
         return ProsodyAccounts(prosody)
+    return Accounts(split_command(command, "--accounts-command", "{action} {username} {host}"), timeout)
+
+
+def split_command(command, option, placeholders):
+    """Return a command template's argv, split as a shell would (but never run by one); raise Error."""
     import shlex
     try:
         argv = shlex.split(command or "")
     except ValueError as e:
-        raise Error(f"--accounts-command {command!r}: {e}") from None
+        raise Error(f"{option} {command!r}: {e}") from None
     if not argv:
-        raise Error("--accounts command needs --accounts-command 'PROGRAM ARGS... {action} {username} {host}'")
-    return Accounts(argv, timeout)
+        raise Error(f"this needs {option} 'PROGRAM ARGS... {placeholders}'")
+    return argv
 
 
 class EjabberdBackend(Backend):
@@ -1606,14 +1611,7 @@ def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberdctl
     if name == "ejabberd":
         return EjabberdBackend(ejabberdctl, **limits)
     if name == "command":
-        import shlex
-        try:
-            argv = shlex.split(command or "")
-        except ValueError as e:
-            raise Error(f"--backend-command {command!r}: {e}") from None
-        if not argv:
-            raise Error("the command backend needs --backend-command 'PROGRAM ARGS... {host}'")
-        return Backend(argv, **limits)
+        return Backend(split_command(command, "--backend-command", "{host}"), **limits)
     raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
 
 
