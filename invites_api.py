@@ -1569,12 +1569,49 @@ class ProsodyAccounts(Accounts):
             raise Conflict(f"there is no account {username}@{host}")
 
 
-def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT):
+class EjabberdAccounts(Accounts):
+    """Accounts in ejabberd (23.01 and newer; change_password needs mod_admin_extra): `ejabberdctl
+    register USER HOST PASSWORD`, `ejabberdctl change_password USER HOST PASSWORD`. ejabberdctl takes
+    the password only as an argument (visible to local users in the process list for the moment it
+    runs); the README says so."""
+
+    name = "ejabberd"
+
+    def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
+        self.ejabberdctl, self.timeout = ejabberdctl, timeout
+
+    def run(self, action, host, username, password):
+        import subprocess
+
+        def ctl(*args):
+            try:
+                proc = subprocess.run([self.ejabberdctl, *args], capture_output=True, timeout=self.timeout,
+                                      stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise BackendError(f"ejabberdctl failed: {e}") from None
+            return proc.returncode, redact((proc.stdout + proc.stderr).decode("utf-8", "replace"))
+        if action == "reset":
+            if ctl("check_account", username, host)[0] != 0:
+                raise Conflict(f"there is no account {username}@{host}")
+            code, output = ctl("change_password", username, host, password)
+        else:
+            code, output = ctl("register", username, host, password)
+            if code != 0 and "already registered" in output:
+                raise Conflict(f"{username}@{host} is taken; choose another name")
+        if code != 0:
+            lines = [line for line in output.splitlines() if line.strip() and "inet_config" not in line
+                     and "ERROR REPORT" not in line]
+            raise BackendError(f"ejabberdctl exited with status {code}: {' | '.join(lines)[:300]}")
+
+
+def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberdctl="ejabberdctl"):
     """Return who creates accounts for built-in invites (None: no one); raise Error if misconfigured."""
     if name is None:
         return None
     if name == "prosody":
         return ProsodyAccounts(prosody)
+    if name == "ejabberd":
+        return EjabberdAccounts(ejabberdctl, timeout)
     return Accounts(split_command(command, "--accounts-command", "{action} {username} {host}"), timeout)
 
 
@@ -3336,7 +3373,7 @@ def cmd_serve(args):
                                    prosody_socket=args.prosody_socket)
             problem = prosody.check()
             warnings.append(problem and f"--accounts prosody: {problem}")
-        accounts = make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout)
+        accounts = make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, args.ejabberdctl)
     if isinstance(backend, ProsodyBackend) and backend.use_socket and not warnings[0]:
         for host in store.key_hosts():  # what the invitee's journey needs, on each host a key mints for
             missing = backend.missing_modules(host)
@@ -3546,9 +3583,9 @@ def build_parser(argv=None):
                      help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
     sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
                      help=f"how long a write waits for another process's lock before 503 (default {BUSY_TIMEOUT:g})")
-    sub.add_argument("--accounts", choices=("prosody", "command"),
+    sub.add_argument("--accounts", choices=("prosody", "ejabberd", "command"),
                      help="who creates the accounts built-in invites are used for, from their sign-up page "
-                          "(/register?t=TOKEN): Prosody through its admin socket, or --accounts-command")
+                          "(/register?t=TOKEN): Prosody through its admin socket, ejabberdctl, or --accounts-command")
     sub.add_argument("--accounts-command", metavar="TEMPLATE",
                      help="accounts command: program and arguments with {action} (create or reset), {username}, "
                           "{host}; the password comes on its standard input; exit 3 means the name is taken")

@@ -1741,10 +1741,15 @@ modules_disabled = {{ "invites_page" }}
             command = ["runuser", "-u", "prosody", "--"] + command
         self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not os.path.exists(os.path.join(self.home, "prosody.sock")):
-            if time.monotonic() > deadline or self.server.poll() is not None:
-                self.fail("Prosody did not start")
-            time.sleep(0.1)
+        while True:  # until its admin socket accepts (the file appears just before it listens)
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(os.path.join(self.home, "prosody.sock"))
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.server.poll() is not None:
+                    self.fail("Prosody did not start")
+                time.sleep(0.1)
 
     def stop_prosody(self):
         if self.server.poll() is not None:
@@ -2129,6 +2134,98 @@ class Prosody13Test(ProsodyTest):
         self.assertEqual(state, "OK: token-expired")  # Prosody itself honoured the ttl
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
+
+
+class EjabberdTest(ServerProcessMixin, TempDirTestCase):
+    """Debian's ejabberd 23.01, on loopback ports of its own (its default config listens everywhere):
+    built-in invites become ejabberd accounts from our sign-up page (serve --accounts ejabberd)."""
+
+    HOST = "example.test"
+
+    def setUp(self):
+        super().setUp()
+        real = require_program("ejabberdctl")
+        import shutil
+        os.chmod(self.dir, 0o755)
+        dirs = {name: os.path.join(self.dir, "ejabberd", name) for name in ("conf", "spool", "logs")}
+        for path in dirs.values():
+            os.makedirs(path)
+        self.c2s_port = free_port()
+        with open(os.path.join(dirs["conf"], "ejabberd.yml"), "w") as f:
+            f.write(f"""hosts: ["{self.HOST}"]
+loglevel: warning
+listen:
+  - {{port: {self.c2s_port}, ip: "127.0.0.1", module: ejabberd_c2s, starttls: false}}
+auth_method: internal
+acl: {{local: {{user_regexp: ""}}}}
+access_rules: {{local: {{allow: local}}}}
+modules: {{mod_admin_extra: {{}}}}
+""")
+        with open(os.path.join(dirs["conf"], "ejabberdctl.cfg"), "w") as f:
+            f.write(f"ERLANG_NODE=invites{os.getpid()}@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n"
+                    "INET_DIST_INTERFACE=127.0.0.1\n")
+        with open(os.path.join(dirs["conf"], "inetrc"), "w") as f:
+            f.write("{lookup, [file, native]}.\n")
+        for root, subdirs, files in os.walk(os.path.join(self.dir, "ejabberd")):
+            for name in [root] + [os.path.join(root, n) for n in subdirs + files]:
+                shutil.chown(name, "ejabberd", "ejabberd")
+        self.ejabberdctl = write_program(self.dir, "ejabberdctl", f"exec {real} --config-dir {dirs['conf']} "
+                                         f"--spool {dirs['spool']} --logs {dirs['logs']} \"$@\"\n")
+        subprocess.run([self.ejabberdctl, "start"], check=True, capture_output=True, timeout=60)
+        self.addCleanup(lambda: subprocess.run([self.ejabberdctl, "stop"], capture_output=True, timeout=60)
+                        and subprocess.run([self.ejabberdctl, "stopped"], capture_output=True, timeout=60))
+        subprocess.run([self.ejabberdctl, "started"], check=True, capture_output=True, timeout=60)
+
+    def login(self, user, password):
+        client = Xmpp(self.c2s_port, self.HOST)
+        try:
+            return client.login(user, password)
+        finally:
+            client.close()
+
+    def test_sign_up_reset_and_refusals_with_real_ejabberd_accounts(self):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST)
+        store.close()
+        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+
+        def post(form):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/register", "&".join(f"{k}={quote(v, safe='')}" for k, v in form.items()),
+                         {"Content-Type": "application/x-www-form-urlencoded"})
+            response = conn.getresponse()
+            page = response.read().decode()
+            conn.close()
+            return response.status, page
+
+        def mint():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", f"/invites_api?key={key}")
+            token = conn.getresponse().getheader("Location").rsplit("?", 1)[1]
+            conn.close()
+            return token
+        token = mint()
+        form = {"token": token, "user": "alice", "password": "a long password", "password_confirm": "a long password"}
+        status, page = post(form)
+        self.assertEqual(status, 200, page)
+        self.assertIn(f"Your account alice@{self.HOST} is ready", page)
+        self.assertTrue(self.login("alice", "a long password"))
+        self.assertEqual(post(dict(form, user="bob"))[0], 410)  # used: no second account
+        self.assertFalse(self.login("bob", "a long password"))
+        second = mint()
+        status, page = post(dict(form, token=second))  # a taken name: the invite is not used
+        self.assertEqual(status, 409, page)
+        self.assertTrue(ia.check_invite(ia.Store(self.db), second)["valid"])
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice")
+        self.assertEqual(code, 0, err)
+        reset = out.strip().rsplit("?", 1)[1]
+        status, page = post({"token": reset, "password": "a new password", "password_confirm": "a new password"})
+        self.assertEqual(status, 200, page)
+        self.assertTrue(self.login("alice", "a new password"))
+        self.assertFalse(self.login("alice", "a long password"))
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn("a new password", proc.stderr.read())
 
 
 # ---------------------------------------------------------------------------
@@ -3340,7 +3437,7 @@ def require_program(name):
 
 
 # The longest classes start first, so the pool ends together.
-SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "Prosody13Test", "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "ProsodyTest",
+SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "Prosody13Test", "EjabberdTest", "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "ProsodyTest",
               "BrowserTest", "ServerProcessTest", "HealthAndMetricsTest", "ThousandConnectionsTest")
 
 
