@@ -2041,9 +2041,10 @@ _COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById
                 "function(){document.execCommand('copy');b.textContent='Copied'})})")
 
 
-def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None):
+def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None, in_apps=True):
     """Return the landing page for a valid invite: who invites where, the main button (the app's
-    xmpp: URI, or with signup_url our sign-up form), its QR code, the link, apps."""
+    xmpp: URI, or with signup_url our sign-up form), its QR code, the link, apps. in_apps=False (a
+    built-in invite on a server that makes no accounts): no button, but where it is used."""
     import html
     esc = html.escape
     host = esc(invite["host"])
@@ -2063,20 +2064,24 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
     target, action = (signup_url, "Create your account") if signup_url else (invite["uri"], "Open in your XMPP app")
     if invite["type"] == "reset":
         action = "Set a new password"
-    qr = _invite_qr(target, invite["host"])
+    if signup_url or in_apps:
+        main = (f'<a class="button" href="{esc(target)}">{action}</a><h2>On another device?</h2>'
+                f"<figure>{_invite_qr(target, invite['host'])}<figcaption>Scan this with your "
+                f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>")
+    else:  # nothing here makes the account: say where the invite is used, offer no path that fails
+        main = (f'<p class="note">This invite is used on the sign-up of whoever sent it to you: open the '
+                f"sign-up link you were given, or ask them for it. (For the site: it checks the invite at "
+                f"<code>/invite/{esc(invite['token'])}.json</code> and uses it through the redeem API.)</p>")
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>You have been invited to join {host}</h1>{note}"
-        f'<p class="muted">{details}</p>'
-        f'<a class="button" href="{esc(target)}">{action}</a>'
-        f"<h2>On another device?</h2>"
-        f"<figure>{qr}<figcaption>Scan this with your "
-        f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>"
+        f'<p class="muted">{details}</p>{main}'
         f'<h2><label for="link">Or copy the link to this page</label></h2>'
         f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
         f'<button id="copy" type="button" hidden>Copy</button></p>'
         f"<h2>No app yet?</h2>"
-        f"<p>Install one of these, then come back to this page and press the button above:</p>"
-        f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
+        + ("<p>Install one of these, then come back to this page and press the button above:</p>"
+           if signup_url or in_apps else "<p>To chat once your account exists, install one of these:</p>")
+        + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
 
 
 def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
@@ -2088,7 +2093,7 @@ def render_signup_page(invite, form_url, site_name, nonce, username="", error=No
     bound = invite["username"]
     jid = f"{bound}@{invite['host']}" if bound else invite["host"]
     title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
-    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly>' if bound else
+    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly autocomplete="username">' if bound else
                   f'<input id="user" name="user" value="{esc(username)}" required maxlength="64" '
                   'autocomplete="username" autocapitalize="none" spellcheck="false" pattern="[A-Za-z0-9._-]+">')
     return render_page(title, (
@@ -2671,15 +2676,18 @@ class InviteRequests:
         page_url = f"{base}/invite?{invite['token']}"
         signup = f"{base}/register?t={invite['token']}" if app.accounts and invite["backend"] == "builtin" else None
         headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
-        self.respond(200, render_invite_page(invite, page_url, site_name, app.apps, nonce, signup), headers,
-                     content_type=html_type)
+        page = render_invite_page(invite, page_url, site_name, app.apps, nonce, signup,
+                                  in_apps=invite["backend"] != "builtin")
+        self.respond(200, page, headers, content_type=html_type)
 
     def signup_page(self, _):
         """The sign-up form of a built-in invite: GET /register?t=TOKEN (as mod_invites_register_web)."""
         token = self.params("t").get("t", "")
         invite, status = find_invite(self.server.app.store, token)
-        if status != "valid" or invite["backend"] != "builtin" or self.server.app.accounts is None:
-            return self.respond_page(404 if invite is None else 410, status if invite is not None else None)
+        if invite is None or invite["backend"] != "builtin" or self.server.app.accounts is None:
+            return self.respond_page(404, None)
+        if status != "valid":
+            return self.respond_page(410, status)
         self.respond_page(200, invite=invite)
 
     def signup(self, _):

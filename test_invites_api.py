@@ -396,6 +396,8 @@ class ApiTest(LiveServerTestCase):
 class ServingTest(LiveServerTestCase):
     """A thread per connection; every write through the group committer, answered after its COMMIT."""
 
+    app_options = {"accounts": ia.Accounts(["true"])}  # (so that an invite page has its QR code)
+
     def committer_connection(self):
         return self.store.write(lambda conn: conn)
 
@@ -671,7 +673,12 @@ class InviteUrlTemplateTest(LiveServerTestCase):
         self.assertEqual(match.group(2), quote(f"xmpp:example.com?register;preauth={match.group(1)}", safe=""))
 
 
+# A server that makes accounts (the program does nothing): its pages lead to the sign-up form.
+MAKES_ACCOUNTS = {"accounts": ia.Accounts(["true"])}
+
+
 class InvitePageTest(LiveServerTestCase):
+    app_options = MAKES_ACCOUNTS
 
     def new_token(self, extra=""):
         return self.token_of(self.create(extra=extra)[1]["location"])
@@ -688,7 +695,7 @@ class InvitePageTest(LiveServerTestCase):
             self.assertEqual(headers["link"], f'<xmpp:example.com?register;preauth={token}>; rel="alternate"')
             self.assertIn("<header>example.com</header>", page)  # the site name defaults to the host
             self.assertIn("You have been invited to join example.com", page)
-            self.assertIn(f'href="xmpp:example.com?register;preauth={token}">Open in your XMPP app</a>', page)
+            self.assertIn(f'href="http://127.0.0.1:{self.port}/register?t={token}">Create your account</a>', page)
             self.assertIn("expires in 6 days (21 November 2023, 22:13 UTC)", page)
             self.assertIn("&lt;b&gt;Welcome&lt;/b&gt; to the choir", page)  # the note, escaped
             self.assertNotIn("<b>Welcome", page)
@@ -747,6 +754,19 @@ class InvitePageTest(LiveServerTestCase):
             self.assertIn(words, body)
             self.assertIn(b"ask the person who invited you for a new invite", body)
             self.assertIn("default-src 'none'", headers["content-security-policy"])
+
+    def test_without_accounts_the_page_offers_no_path_that_cannot_work(self):
+        self.app.accounts = None
+        token = self.new_token()
+        status, _, body = self.request("GET", f"/invite?{token}")
+        page = body.decode()
+        self.assertEqual(status, 200)
+        self.assertNotIn('href="xmpp:', page)  # the server never saw this token: an app would be refused
+        self.assertNotIn("/register?t=", page)
+        self.assertNotIn("<svg", page)
+        self.assertIn("used on the sign-up of whoever sent it to you", page)
+        self.assertIn(f"/invite/{token}.json", page)
+        self.assertEqual(self.request("GET", f"/register?t={token}")[0], 404)
 
     def test_expiry_boundary(self):
         with mock.patch.object(ia, "now", return_value=1_000):
@@ -1147,6 +1167,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 class BrowserTest(LiveServerTestCase):
     """Headless Chromium opens the page; zbar reads the QR off the screenshot."""
 
+    app_options = MAKES_ACCOUNTS
+
     def chromium(self, url, width, height, *extra):
         """Open url; return (screenshot path, console lines, page-initiated request URLs)."""
         chromium = require_program("chromium")
@@ -1167,8 +1189,8 @@ class BrowserTest(LiveServerTestCase):
     def test_the_page_in_a_phone_and_a_desktop_browser(self):
         status, headers, _ = self.create(extra="&note=See%20you%20at%20rehearsal")
         url = headers["location"]
-        uri = self.store.invite(self.token_of(url))["uri"]
         origin = f"http://127.0.0.1:{self.port}"
+        uri = f"{origin}/register?t={self.token_of(url)}"  # the phone's camera opens the sign-up form
         for width, height, extra in ((390, 844, ()), (1280, 800, ("--blink-settings=preferredColorScheme=0",))):
             shot, console, requests = self.chromium(url, width, height, *extra)
             self.assertEqual(zbar(shot), [uri], f"{width}x{height}")
@@ -1179,6 +1201,19 @@ class BrowserTest(LiveServerTestCase):
               "<img src='https://example.org/x.png'>"
         _, console, _ = self.chromium(bad, 390, 844)
         self.assertTrue(any("violates the following Content Security Policy" in line for line in console))
+
+    def test_the_sign_up_form_at_phone_width(self):
+        token = self.token_of(self.create(extra="&username=erin")[1]["location"])
+        origin = f"http://127.0.0.1:{self.port}"
+        for query, name in ((f"t={self.token_of(self.create()[1]['location'])}", "signup"), (f"t={token}", "bound")):
+            shot, console, requests = self.chromium(f"{origin}/register?{query}", 390, 844)
+            self.assertEqual(console, [])
+            self.assertEqual([r for r in requests if not r.startswith(origin)], [])
+            with open(shot, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+            if os.environ.get("INVITES_API_KEEP_SCREENSHOTS"):  # to look at them
+                import shutil
+                shutil.copy(shot, os.path.join(os.environ["INVITES_API_KEEP_SCREENSHOTS"], f"{name}-390.png"))
 
     def test_the_error_pages_render_and_say_what_happened(self):
         token = self.token_of(self.create()[1]["location"])
