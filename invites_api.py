@@ -2318,8 +2318,9 @@ class App:
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
                  backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
-                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, accounts=None):
+                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, accounts=None, notify=None):
         self.store = store
+        self.notify = notify  # an argv run after each use of an invite on our page (token, username, host)
         self.accounts = accounts  # who creates the accounts built-in invites are for (None: no one here)
         self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
         # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
@@ -2623,7 +2624,8 @@ class InviteRequests:
         invites = list_invites(self.server.app.store, key["host"], key["id"],
                                include_all=parse_bool("all", params.get("all", "")))
         store, backend = self.server.app.store, self.server.app.backend
-        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, backend)) for i in invites])
+        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, backend),
+                                            store.accounts(i["token"])) for i in invites])
 
     def api_show(self, token):
         """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
@@ -2716,6 +2718,8 @@ class InviteRequests:
             return self.respond_page(502, invite=invite, username=fields.get("user", ""),
                                      error="The server could not create the account just now. Please try again later.")
         self.respond_page(200, invite=used, username=username, done=True)
+        if app.notify:  # after the answer: the inviter's news must not hold up the invitee
+            notify_use(app.notify, used["token"], username, used["host"], app.log_line)
 
     def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
         """Answer with one of the HTML pages: an invite unavailable (410/404), the sign-up form, its result."""
@@ -3157,6 +3161,23 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
     return server
 
 
+def notify_use(argv, token, username, host, log):
+    """Run the --notify-command with the invite's token, the username and the host as its last
+    arguments, in the background (never a shell); log a failure."""
+    import subprocess
+
+    def run():
+        try:
+            proc = subprocess.run([*argv, token, username, host], capture_output=True, timeout=60,
+                                  stdin=subprocess.DEVNULL)
+            failed = proc.returncode and f"exited with status {proc.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failed = str(e)
+        if failed:
+            log(f"--notify-command failed: {failed}")
+    threading.Thread(target=run, daemon=True).start()
+
+
 def start_purging(store, grace, app=None, every=3600):
     """Start a thread that purges old invites every hour, in small batches between requests."""
     def purge_forever():
@@ -3394,7 +3415,8 @@ def cmd_serve(args):
     apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
               invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
-              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, accounts=accounts)
+              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, accounts=accounts,
+              notify=split_command(args.notify_command, "--notify-command", "") if args.notify_command else None)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
                          systemd_socket(), args.request_timeout)
     start_purging(store, args.purge_after, app)
@@ -3597,6 +3619,9 @@ def build_parser(argv=None):
     sub.add_argument("--accounts-command", metavar="TEMPLATE",
                      help="accounts command: program and arguments with {action} (create or reset), {username}, "
                           "{host}; the password comes on its standard input; exit 3 means the name is taken")
+    sub.add_argument("--notify-command", metavar="TEMPLATE",
+                     help="run after each use of an invite on the sign-up page, with the invite's token, the "
+                          "username and the host added as arguments (to tell the inviter)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 

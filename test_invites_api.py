@@ -1205,15 +1205,16 @@ class BrowserTest(LiveServerTestCase):
     def test_the_sign_up_form_at_phone_width(self):
         token = self.token_of(self.create(extra="&username=erin")[1]["location"])
         origin = f"http://127.0.0.1:{self.port}"
-        for query, name in ((f"t={self.token_of(self.create()[1]['location'])}", "signup"), (f"t={token}", "bound")):
-            shot, console, requests = self.chromium(f"{origin}/register?{query}", 390, 844)
+        free = f"t={self.token_of(self.create()[1]['location'])}"
+        for query, name, width in ((free, "signup", 390), (f"t={token}", "bound", 390), (free, "narrow", 360)):
+            shot, console, requests = self.chromium(f"{origin}/register?{query}", width, 740)
             self.assertEqual(console, [])
             self.assertEqual([r for r in requests if not r.startswith(origin)], [])
             with open(shot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
             if os.environ.get("INVITES_API_KEEP_SCREENSHOTS"):  # to look at them
                 import shutil
-                shutil.copy(shot, os.path.join(os.environ["INVITES_API_KEEP_SCREENSHOTS"], f"{name}-390.png"))
+                shutil.copy(shot, os.path.join(os.environ["INVITES_API_KEEP_SCREENSHOTS"], f"{name}-{width}.png"))
 
     def test_the_error_pages_render_and_say_what_happened(self):
         token = self.token_of(self.create()[1]["location"])
@@ -1464,6 +1465,20 @@ case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
         self.assertNotIn("pass word", self.log.getvalue())
         self.assertNotIn("a long password", self.log.getvalue())
         self.assertEqual([a["username"] for a in self.store.accounts(token)], ["dora"])
+        # The inviter hears of it: --notify-command gets the token, the username and the host.
+        notified = os.path.join(os.path.dirname(self.calls), "notified")
+        self.app.notify = [write_program(os.path.dirname(self.calls), "notify", f'echo "$@" > {notified}\n')]
+        self.assertEqual(self.sign_up(token, "emil")[0], 200)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(notified) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with open(notified) as f:
+            self.assertEqual(f.read().split(), [token, "emil", "example.com"])
+        listed = json.loads(self.request("GET", f"/invites_api/invites?key={self.key}")[2])
+        self.assertEqual([a["jid"] for a in listed[0]["accounts"]], ["dora@example.com", "emil@example.com"])
+        # Sign-up attempts are limited per address.
+        statuses = [self.sign_up(token, "x y")[0] for _ in range(12)]
+        self.assertEqual(statuses[-1], 429)
         # The page of a built-in invite leads to the sign-up form, when this server makes accounts.
         status, _, page = self.request("GET", f"/invite?{token}")
         self.assertIn(f"/register?t={token}".encode(), page)
