@@ -2700,7 +2700,7 @@ class InviteRequests:
         if invite is None or app.accounts is None:
             return self.respond_page(404, None)
         origin = self.headers.get("Origin")  # the CSRF defence: only our own pages post here
-        if (origin and origin != self.public_base(invite["host"])
+        if (origin and origin != self.public_base(invite["host"]) and origin.partition("://")[2] != self.authority
                 or (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none")):
             raise Forbidden("this form can only be sent from its own page")
         wait = app.signup_limiter.hit(self.client)
