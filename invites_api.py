@@ -2408,6 +2408,7 @@ class InviteRequests:
         # turn the close into a reset, which can destroy our last answer
         # before the client has read it.
         import socket
+        self.server.waiting(self.tracked)  # (a lingering connection makes room for a new one when full)
         try:
             socket.socket.shutdown(self.connection, socket.SHUT_WR)
             self.connection.settimeout(1)
