@@ -1187,13 +1187,7 @@ class Backend:
 
     def argv(self, host, ttl, uses, username):
         """Return the program's argv for one invite; host must already be a valid domain."""
-        values = {"{host}": host, "{ttl}": str(ttl), "{uses}": str(uses), "{username}": username or ""}
-        argv = []
-        for element in self.template:
-            for placeholder, value in values.items():
-                element = element.replace(placeholder, value)
-            argv.append(element)
-        return argv
+        return fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "")
 
     def parse(self, output):
         """Return (uri, url) from the program's output; either may be None."""
@@ -1523,8 +1517,8 @@ class Accounts:
 
     name = "command"
 
-    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT, log=None):
-        self.template, self.timeout, self.log = list(argv), timeout, log
+    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT):
+        self.template, self.timeout = list(argv), timeout
 
     def create(self, host, username, password):
         """Create username@host with password; raise Conflict if it exists, BackendError if it fails."""
@@ -1536,10 +1530,8 @@ class Accounts:
 
     def run(self, action, host, username, password):
         import subprocess
-        values = {"{action}": action, "{username}": username, "{host}": host}
-        argv = [functools.reduce(lambda a, kv: a.replace(*kv), values.items(), arg) for arg in self.template]
         try:
-            proc = subprocess.run(argv, input=password.encode("utf-8") + b"\n", capture_output=True,
+            proc = subprocess.run(fill(self.template, action=action, username=username, host=host), input=password.encode("utf-8") + b"\n", capture_output=True,
                                   timeout=self.timeout)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise BackendError(f"the accounts program failed: {e}") from None
@@ -1613,6 +1605,16 @@ def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIME
     if name == "ejabberd":
         return EjabberdAccounts(ejabberdctl, timeout)
     return Accounts(split_command(command, "--accounts-command", "{action} {username} {host}"), timeout)
+
+
+def fill(template, **values):
+    """Return a program's argv template with each {name} in its elements replaced by values[name]."""
+    argv = []
+    for element in template:
+        for name, value in values.items():
+            element = element.replace(f"{{{name}}}", str(value))
+        argv.append(element)
+    return argv
 
 
 def split_command(command, option, placeholders):
