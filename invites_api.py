@@ -308,6 +308,26 @@ def check_password(password, confirmation, username):
         raise ValueError("the password must not be the username")
 
 
+def parse_fields(text, allowed, what):
+    """Return a query string's or form's name=value pairs as a dict; raise BadRequest on names not
+    allowed, repeats, more than 20, or text that is not UTF-8 once decoded."""
+    from urllib.parse import parse_qsl
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=20, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the {what}s are not valid UTF-8") from None
+    except ValueError:
+        raise BadRequest(f"too many {what}s") from None
+    fields = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise BadRequest(f"unknown {what} {name[:40]!r}")
+        if name in fields:
+            raise BadRequest(f"{what} {name!r} given more than once")
+        fields[name] = value
+    return fields
+
+
 def parse_note(text):
     """Return an invite's note (one line, at most 200 characters); raise ValueError."""
     return _one_line(text, "note", 200)
@@ -2741,38 +2761,18 @@ class InviteRequests:
 
     def params(self, *allowed):
         """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
-        from urllib.parse import parse_qsl
-        try:
-            pairs = parse_qsl(self.query, keep_blank_values=True, max_num_fields=20, errors="strict")
-        except UnicodeDecodeError:
-            raise BadRequest("the query string is not valid UTF-8") from None
-        except ValueError:
-            raise BadRequest("too many query parameters") from None
-        params = {}
-        for name, value in pairs:
-            if name not in allowed:
-                raise BadRequest(f"unknown parameter {name[:40]!r}")
-            if name in params:
-                raise BadRequest(f"parameter {name!r} given more than once")
-            params[name] = value
-        return params
+        return parse_fields(self.query, allowed, "parameter")
 
     def form_body(self, *allowed):
         """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
-        from urllib.parse import parse_qsl
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
             raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not {ctype!r}")
         try:
-            pairs = parse_qsl(self.body.decode("ascii"), keep_blank_values=True, max_num_fields=20, errors="strict")
-        except (UnicodeError, ValueError):
-            raise BadRequest("the form is not valid") from None
-        fields = {}
-        for name, value in pairs:
-            if name not in allowed or name in fields:
-                raise BadRequest(f"unexpected form field {name[:40]!r}")
-            fields[name] = value
-        return fields
+            text = self.body.decode("ascii")
+        except UnicodeError:
+            raise BadRequest("the form is not valid: a form body is percent-encoded ASCII") from None
+        return parse_fields(text, allowed, "form field")
 
     def json_body(self):
         """Return the request body's JSON object of plain values ({} for no body); raise BadRequest."""

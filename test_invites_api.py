@@ -1486,6 +1486,21 @@ case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
         status, _, page = self.request("GET", f"/invite?{token}")
         self.assertIn(f"/register?t={token}".encode(), page)
 
+    def test_a_malformed_form_is_refused_with_its_reason_and_uses_nothing(self):
+        token = self.token_of(self.create()[1]["location"])
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        good = f"token={token}&password=a+long+password&password_confirm=a+long+password"
+        for body, reason in [(good + "&user=bob&user=eve", b"form field 'user' given more than once"),
+                             (good + "&user=bob&admin=1", b"unknown form field 'admin'"),
+                             (good + "&user=%ED%A0%80", b"the form fields are not valid UTF-8"),  # a lone surrogate
+                             (good.encode() + "&user=bø".encode(), b"percent-encoded ASCII"),
+                             (good + "&user=bob" + "&x=" * 30, b"too many form fields")]:
+            status, _, answer = self.request("POST", "/register", form, body)
+            self.assertEqual((status, reason in answer), (400, True), answer)
+        self.assertEqual(self.request("POST", "/register", {"Content-Type": "application/json"}, good)[0], 415)
+        self.assertFalse(os.path.exists(self.calls))  # the account program never ran
+        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+
 
 class BackendServerTest(ServerProcessMixin, TempDirTestCase):
     """Our server as a process, minting through stand-in programs."""
