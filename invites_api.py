@@ -2125,7 +2125,7 @@ def render_signup_page(invite, form_url, site_name, nonce, username="", error=No
         f'<input type="hidden" name="token" value="{esc(invite["token"])}">'
         f'<p><label for="user">Username</label>{name_field}'
         + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@{esc(invite["host"])}: '
-                            "letters, digits, dots, dashes</span>") + "</p>"
+                            "letters, digits, dots, dashes, underscores</span>") + "</p>"
         '<p><label for="password">Password</label><input id="password" name="password" type="password" '
         'required minlength="10" autocomplete="new-password"><span class="muted">10 characters or more</span></p>'
         '<p><label for="password_confirm">Password again</label><input id="password_confirm" '
