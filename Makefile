@@ -1,10 +1,18 @@
 # invites_api: `make test` runs the suite (standard library only).
 PYTHON ?= python3
 
-.PHONY: test check bench bench-compare clean
+.PHONY: test test-debian12 test-debian13 check bench bench-compare clean
 
 test:
 	$(PYTHON) test_invites_api.py
+
+# The CI script for the other Debian release, in a fresh debootstrap root (as root; .ci/run
+# runs the one that is not this machine's).
+test-debian12:
+	contrib/test-in-root bookworm
+
+test-debian13:
+	contrib/test-in-root trixie
 
 # Python 3.9 compatibility (needs `pip install vermin`).
 check:
