@@ -24,6 +24,7 @@ Example:
 import argparse
 import base64
 import bisect
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -297,15 +298,45 @@ def parse_account_name(text):
     return name
 
 
+# XMPP servers store at most this many bytes of a password (ejabberd: 1,023 in UTF-8).
+MAX_PASSWORD_BYTES = 1023
+
+
 def check_password(password, confirmation, username):
-    """Raise ValueError unless password is at least 10 characters, equal to confirmation, not the username."""
-    if len(password) < 10 or len(password) > 1024:
+    """Raise ValueError, never quoting the password, unless it is 10 characters or more, at most
+    MAX_PASSWORD_BYTES in UTF-8, one SASLprep takes, equal to confirmation and not the username."""
+    if len(password) < 10:
         raise ValueError("the password must be 10 characters or longer")
-    _one_line(password, "the password", 1024)
+    if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
+        raise ValueError(f"the password is too long: at most {MAX_PASSWORD_BYTES} bytes in UTF-8 "
+                         f"(about {MAX_PASSWORD_BYTES // 2} accented letters)")
+    problem = saslprep_problem(password)
+    if problem:
+        raise ValueError(f"the password cannot be used: it contains {problem}")
     if password != confirmation:
         raise ValueError("the two passwords are not the same")
     if password.lower() == username.lower():
         raise ValueError("the password must not be the username")
+
+
+def saslprep_problem(text):
+    """Return what in text SASLprep (RFC 4013) refuses, or None: its prohibited characters and bidi
+    rule; unassigned code points pass, as they do in Prosody's SASLprep (emoji are such)."""
+    import stringprep
+    import unicodedata
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    mapped = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    for c in mapped:
+        if stringprep.in_table_c21_c22(c) or stringprep.in_table_c8(c) or stringprep.in_table_c9(c):
+            return f"a control or formatting character (U+{ord(c):04X}; tabs and line breaks are such)"
+        if (stringprep.in_table_c3(c) or stringprep.in_table_c4(c) or stringprep.in_table_c5(c)
+                or stringprep.in_table_c6(c) or stringprep.in_table_c7(c)):
+            return f"a character meant for no text (U+{ord(c):04X})"
+    right_to_left = [stringprep.in_table_d1(c) for c in mapped]
+    if any(right_to_left) and (any(map(stringprep.in_table_d2, mapped))
+                               or not (right_to_left[0] and right_to_left[-1])):
+        return "right-to-left letters mixed with left-to-right ones in a way SASLprep refuses"
+    return None
 
 
 def parse_fields(text, allowed, what):
@@ -425,14 +456,18 @@ MIGRATIONS = [
         )""",
         "CREATE INDEX accounts_by_token ON accounts (token)",
     ),
+    (  # 7: password-reset invites are a key's permission, off unless given (off for existing keys)
+        "ALTER TABLE keys ADD COLUMN may_reset INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX accounts_by_name ON accounts (host, username, created_at)",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
-                "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses")
+                "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses, may_reset")
 # An unknown id finds the decoy row by the same two index lookups a known one takes.
 _KEY_OR_DECOY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = coalesce((SELECT id FROM keys WHERE id = ?), '')"
 # Settable with `create` and `update`.
-KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses")
+KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses", "may_reset")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
                    "username, note, revoked_at, done_at, backend")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
@@ -720,6 +755,11 @@ class Store:
             "INSERT INTO accounts (token, host, username, action, created_at) VALUES (?, ?, ?, ?, ?)",
             (token, host, username, action, at)))
 
+    def account_created_since(self, host, username, at):
+        """Return whether we made username@host after time at (a reset older than it is not its own)."""
+        return bool(self.read("SELECT 1 FROM accounts WHERE host = ? AND username = ? AND action = 'create' "
+                              "AND created_at > ? LIMIT 1", (host, username, at)))
+
     def accounts(self, token):
         """Return the accounts an invite made or reset, oldest first."""
         return self.read("SELECT username, host, action, created_at FROM accounts WHERE token = ? "
@@ -875,7 +915,7 @@ def create_key(store, host, name="", **policy):
     """Make an API key for host and return "KEY_ID/SECRET" (the only time the secret exists).
 
     policy: any of KEY_POLICY (expires_at, max_invites, rate_count,
-    rate_period, max_ttl, max_uses); None means no limit.
+    rate_period, max_ttl, max_uses, may_reset); None means no limit.
     """
     key_id, secret = _random_id(KEY_ID_BYTES), _random_id(SECRET_BYTES)
     key = {"id": key_id, "host": host, "name": name, "secret_hash": hash_secret(secret), "created_at": now()}
@@ -891,7 +931,7 @@ def key_info(row):
             "created_at": iso(row["created_at"]), "last_used_at": iso(row["last_used_at"]),
             "invites_created": row["invites_created"], "expires_at": iso(row["expires_at"]),
             "max_invites": row["max_invites"], "rate": rate, "max_ttl": row["max_ttl"],
-            "max_uses": row["max_uses"]}
+            "max_uses": row["max_uses"], "may_reset": bool(row["may_reset"])}
 
 
 def list_keys(store, host):
@@ -975,6 +1015,9 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
             if backend is not None and name not in ("note", "type") and name not in backend.options:
                 raise ValueError(f"the {backend.name} backend cannot honour {name!r}{backend.why_not(name)}")
         if checked["type"] == "reset":
+            if key is not None and not key["may_reset"]:
+                raise Forbidden("this key may not make password-reset invites (an operator can allow it: "
+                                "update HOST KEY_ID --allow-resets)")
             if not checked["username"] or checked["uses"] != 1 or checked["roles"] or checked["groups"]:
                 raise ValueError("a password-reset invite needs the username (and is for one use, with no roles or "
                                  "groups)")
@@ -988,7 +1031,7 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
 
 
 def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
-                  backend=None):
+                  backend=None, exists=None):
     """Mint an account invite, store it durably, and return it (a dict).
 
     credentials: the "KEY_ID/SECRET" a request presented; it is checked in
@@ -998,7 +1041,8 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     ttl, uses, username, note values (see invite_options). Built-in by
     default; with a backend, the XMPP server mints it and we record it.
     Raises Unauthorized, Forbidden, BadRequest, TooManyRequests,
-    BackendError or Unavailable.
+    BackendError or Unavailable. exists(host, username): whether an account exists, which a
+    password reset needs to be told (None: no one can tell, so no reset).
     """
     def insert(conn):
         key = authenticate(store, credentials, conn) if credentials is not None else None
@@ -1012,6 +1056,12 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
 
     extra = {}
     invite = store.write(insert)
+    if invite["type"] == "reset":
+        try:
+            _check_account_exists(exists, invite["host"], invite["username"])
+        except BaseException:
+            store.drop_invite(invite["token"])  # (its token was never shown to anyone)
+            raise
     if backend is None:
         return invite
     try:
@@ -1024,6 +1074,19 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     invite.update(token=minted["token"] or slot, uri=minted["uri"] or "", url=minted["url"])
     store.finish_invite(slot, invite["token"], invite["uri"], invite["url"])
     return invite
+
+
+def _check_account_exists(exists, host, username):
+    """Raise unless exists says username@host is an account (a reset is for existing ones only)."""
+    if exists is None:
+        raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a reset "
+                         "needs --accounts (or a backend that can ask the XMPP server)")
+    try:
+        found = exists(host, username)
+    except BackendError as e:
+        raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was made: {e}") from None
+    if not found:
+        raise BadRequest(f"there is no account {username}@{host} to reset")
 
 
 def _new_invite(host, key, ttl, uses, username, note, type="register", backend=None):
@@ -1112,6 +1175,9 @@ def redeem_invite(store, token, host, username=None):
     invite = get_invite(store, token, host)
     if invite["backend"] != "builtin":
         raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
+    if invite["type"] == "reset":
+        raise BadRequest("this is a password-reset invite: it is used on this server's sign-up page, "
+                         "never redeemed for a new account")
     try:
         username = None if username is None else parse_username(username)
     except ValueError as e:
@@ -1125,19 +1191,21 @@ def redeem_invite(store, token, host, username=None):
 
 
 def check_invite(store, token):
-    """Return the public facts about an invite: {valid, host, expires_at, username}; nothing secret."""
+    """Return the public facts about an invite: {valid, type, host, expires_at, username}; nothing
+    secret. type: register (a new account) or reset (a password)."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
     if invite is None or invite["backend"] != "builtin" or invite_status(invite) != "valid":
-        return {"valid": False, "host": None, "expires_at": None, "username": None}
-    return {"valid": True, "host": invite["host"], "expires_at": iso(invite["expires_at"]),
+        return {"valid": False, "type": None, "host": None, "expires_at": None, "username": None}
+    return {"valid": True, "type": invite["type"], "host": invite["host"], "expires_at": iso(invite["expires_at"]),
             "username": invite["username"]}
 
 
 def sign_up(store, accounts, token, username, password, confirmation):
     """Use a built-in invite: create its account (a reset invite: set its password) and return
-    (the invite as used, the username); raise NotFound, Gone, BadRequest, Conflict (the name is
-    taken, or a reset's account is missing) or BackendError. A use whose account could not be
-    made is given back."""
+    (the invite as used, the username); raise NotFound, Gone, Forbidden, BadRequest, Conflict (the
+    name is taken, or a reset's account is missing), BackendError, or OutcomeUnknown (the use is
+    kept: nobody can tell whether the account was made). Invariant: an invite never makes more
+    accounts than its uses, and every account it made is recorded."""
     invite = store.invite(token) if TOKEN_RE.match(token or "") else None
     if invite is None or invite["backend"] != "builtin":
         raise NotFound("we could not find this invite")
@@ -1148,17 +1216,38 @@ def sign_up(store, accounts, token, username, password, confirmation):
         check_password(password, confirmation, username)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+    reset = invite["type"] == "reset"
+    if reset and store.account_created_since(invite["host"], username, invite["created_at"]):
+        raise Forbidden(f"this reset was made before {username}@{invite['host']} was created, so it cannot "
+                        "set its password: ask for a new one")
     used = store.use_invite(token, now())
     if used is None:
         raise Gone(f"this invite is {invite_status(store.invite(token))}")
-    action = "reset" if invite["type"] == "reset" else "create"
     try:
-        (accounts.reset if action == "reset" else accounts.create)(invite["host"], username, password)
+        (accounts.reset if reset else accounts.create)(invite["host"], username, password)
+    except OutcomeUnknown:
+        # A reset cannot be seen from outside, and a creation nobody can confirm keeps its use.
+        if reset or not _made_after_all(store, accounts, token, invite["host"], username):
+            raise
     except BaseException:
         store.give_back_use(token)
         raise
-    store.record_account(token, invite["host"], username, action, now())
+    store.record_account(token, invite["host"], username, "reset" if reset else "create", now())
     return used, username
+
+
+def _made_after_all(store, accounts, token, host, username):
+    """After a creation whose answer was lost: return True if the account exists; if it surely does
+    not (the program was killed), give the use back and raise BackendError; if nobody can tell,
+    return False (the use is kept)."""
+    try:
+        made = accounts.exists(host, username)
+    except BackendError:
+        return False
+    if not made and accounts.missing_is_final:
+        store.give_back_use(token)
+        raise BackendError(f"the server did not make {username}@{host} in time; nothing was used") from None
+    return made
 
 
 def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
@@ -1184,6 +1273,95 @@ _SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{12,64}/[A-Za-z0-9_-]{16,}|[A-Za-
 def redact(text):
     """Return text with anything key-like (KEY_ID/SECRET) or token-like (16+ URL-safe characters) replaced."""
     return _SECRET_LOOKING_RE.sub("[redacted]", text)
+
+
+# What a program may print that we keep (the rest is read and dropped): enough for an invite URL
+# or an error message, bounded against a program that prints without end.
+PROGRAM_OUTPUT_LIMIT = 64 * 1024
+
+
+class OutcomeUnknown(BackendError):
+    """The XMPP server may or may not have done what it was asked (a timeout, a lost connection)."""
+
+
+def run_program(argv, what, timeout, stdin=b"", env=None):
+    """Run argv (never a shell) in a session of its own; return (exit status, stdout, stderr).
+
+    Raises BackendError if it cannot start, OutcomeUnknown after killing it and every process it
+    started at the timeout. No error text holds the arguments (they may hold a password or token).
+    """
+    import selectors
+    import subprocess
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, env=env)
+    except OSError as e:
+        raise BackendError(f"{what}: cannot run {os.path.basename(argv[0])!r}: {e.strerror}") from None
+    deadline = time.monotonic() + timeout
+    output = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    with proc, selectors.DefaultSelector() as selector:
+        try:
+            proc.stdin.write(stdin)  # (small: a password line; the pipe holds it)
+            proc.stdin.close()
+        except OSError:  # it did not wait for its input
+            pass
+        for stream in output:
+            selector.register(stream, selectors.EVENT_READ)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            events = selector.select(left) if left > 0 else []
+            if not events:
+                _kill_tree(proc.pid)
+                proc.wait()
+                raise OutcomeUnknown(f"{what} timed out after {timeout:g} s") from None
+            for key, _ in events:
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif len(output[key.fileobj]) < PROGRAM_OUTPUT_LIMIT:
+                    output[key.fileobj] += data[:PROGRAM_OUTPUT_LIMIT - len(output[key.fileobj])]
+        try:
+            status = proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:  # it closed its output but goes on
+            _kill_tree(proc.pid)
+            proc.wait()
+            raise OutcomeUnknown(f"{what} timed out after {timeout:g} s") from None
+    return status, bytes(output[proc.stdout]), bytes(output[proc.stderr])
+
+
+def _kill_tree(pid):
+    """SIGKILL a program's process group and every process descended from it (su and sh may start
+    sessions of their own, which a group kill misses): frozen first, so none forks meanwhile."""
+    import signal
+    family = {pid}
+    while True:
+        for member in family:
+            with contextlib.suppress(OSError):
+                os.kill(member, signal.SIGSTOP)
+        grown = family | _children_of(family)
+        if grown == family:
+            break
+        family = grown
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    for member in family:
+        with contextlib.suppress(OSError):
+            os.kill(member, signal.SIGKILL)
+
+
+def _children_of(parents):
+    """Return the pids whose parent is in parents (from /proc)."""
+    children = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    ppid = int(f.read().rpartition(b")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in parents:
+                children.add(int(name))
+    return children
 
 
 class Backend:
@@ -1258,29 +1436,16 @@ class Backend:
 
     def run(self, argv):
         """Run argv with the timeout and concurrency limits; return its stdout or raise."""
-        import subprocess
         if not self._slots.acquire(timeout=self.timeout):
             raise Unavailable(f"all {self.name} backend slots are busy; try again")
         try:
-            try:  # a new session, so that a timeout kills the program's children too
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, start_new_session=True)
-            except OSError as e:
-                self.fail(f"cannot run {argv[0]!r}: {e.strerror}")
-            try:
-                stdout, stderr = proc.communicate(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                import signal
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:  # it ended just now
-                    pass
-                stdout, stderr = proc.communicate()
-                self.fail(f"timed out after {self.timeout:g} s", stderr)
+            status, stdout, stderr = run_program(argv, f"the {self.name} backend", self.timeout)
+        except BackendError as e:
+            self.fail(str(e).replace(f"the {self.name} backend", "", 1).lstrip(": "))
         finally:
             self._slots.release()
-        if proc.returncode != 0:
-            self.fail(f"exited with status {proc.returncode}", stderr + stdout)
+        if status != 0:
+            self.fail(f"exited with status {status}", stderr + stdout)
         return stdout.decode("utf-8", "replace")
 
     def fail(self, reason, output=b""):
@@ -1342,7 +1507,8 @@ class ProsodyAdmin:
 
     def run(self, line):
         """Run one line of Lua in Prosody's admin shell and return its answer's text; raise
-        BackendError if Prosody answered an error or could not be reached, Unavailable if busy."""
+        BackendError if Prosody answered an error or could not be reached, Unavailable if busy,
+        OutcomeUnknown if the line was sent but no answer came (it is never sent twice)."""
         import queue
         from xml.etree.ElementTree import ParseError
         try:
@@ -1351,12 +1517,17 @@ class ProsodyAdmin:
             raise Unavailable("every connection to Prosody is busy; try again") from None
         try:
             for attempt in (1, 2):
+                sent = False
                 try:
                     conn = conn or self._connect()
-                    ok, text = self._exchange(conn, line)
+                    sent = self._send(conn, line)
+                    ok, text = self._answer(conn)
                     break
                 except (OSError, ParseError) as e:
+                    # (a late answer on this connection would be taken for the next command's)
                     conn = conn and conn["sock"].close()
+                    if sent:
+                        raise OutcomeUnknown(f"no answer from Prosody's admin socket: {e}") from None
                     if attempt == 2:
                         raise BackendError(f"cannot use Prosody's admin socket {self.path!r}: {e}") from None
         finally:
@@ -1386,9 +1557,19 @@ class ProsodyAdmin:
             raise
         return {"sock": sock, "parser": XMLPullParser(("start", "end")), "depth": 0, "stream": None}
 
-    def _exchange(self, conn, line):
+    def _send(self, conn, line):
+        """Send one line; return True (a failure raises OSError, and an unfinished line runs nothing)."""
+        import select
+        import socket
         from xml.sax.saxutils import escape
+        # A connection Prosody closed while idle (a restart) is seen before anything is sent on it.
+        if select.select([conn["sock"]], [], [], 0)[0] and not conn["sock"].recv(1, socket.MSG_PEEK):
+            raise OSError("Prosody closed the connection")
         conn["sock"].sendall(f"<repl-input>{escape(line)}</repl-input>".encode("utf-8"))
+        return True
+
+    def _answer(self, conn):
+        """Return (ok, text) of the next <repl-result>, with the <repl-output>s before it."""
         texts = []
         while True:
             for event, element in conn["parser"].read_events():
@@ -1410,6 +1591,8 @@ class ProsodyAdmin:
 # in as a Lua literal (lua_string, a number or nil), never as text pasted into the code.
 _PROSODY_INVITES = ('local m = require"core.modulemanager".get_module({host}, "invites") '
                     'if not m then error("mod_invites is not loaded on " .. {host}) end ')
+# (usermanager on a host Prosody does not serve fails with "attempt to index a nil value")
+_PROSODY_USERS = 'local um = require"core.usermanager" if not prosody.hosts[{host}] then return true, "nohost" end '
 _PROSODY_LUA = {
     "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, {extra}, {ttl})) '
                                    'return true, (i.landing_page or "") .. " " .. i.uri',
@@ -1417,12 +1600,14 @@ _PROSODY_LUA = {
                                 'return true, (i.landing_page or "") .. " " .. i.uri',
     "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e',
     "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
-    "create_user": 'local um = require"core.usermanager" if um.user_exists({username}, {host}) then '
-                   'return true, "taken" end local ok, e = um.create_user({username}, {password}, {host}) '
-                   'if not ok then error(e) end return true, "done"',
-    "set_password": 'local um = require"core.usermanager" if not um.user_exists({username}, {host}) then '
-                    'return true, "missing" end local ok, e = um.set_password({username}, {password}, {host}, nil) '
-                    'if not ok then error(e) end return true, "done"',
+    "create_user": _PROSODY_USERS + 'if um.user_exists({username}, {host}) then return true, "taken" end '
+                   'local ok, e = um.create_user({username}, {password}, {host}) '
+                   'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
+    "set_password": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, "missing" end '
+                    'local ok, e = um.set_password({username}, {password}, {host}, nil) '
+                    'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
+    "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" or "missing"',
+    "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end return true, table.concat(s, " ")',
     "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
                'return true, table.concat(s, " ")',
 }
@@ -1500,6 +1685,14 @@ class ProsodyBackend(Backend):
             super().revoke(invite)
         self.lua("delete", host=invite["host"], token=invite["token"])
 
+    def exists(self, host, username):
+        """Return whether username@host is an account of this Prosody; raise BackendError."""
+        answer = self.lua("user_exists", host=host, username=username)
+        if answer not in ("done", "missing"):
+            raise BackendError(f"{host} is not a host of this Prosody" if answer == "nohost"
+                               else f"Prosody gave an answer we do not know: {answer[:100]!r}")
+        return answer == "done"
+
     def missing_modules(self, host):
         """Return the invite modules Prosody lacks on host (invites, invites_register, invites_page)."""
         loaded = set(self.lua("modules", host=host).split())
@@ -1531,36 +1724,45 @@ class ProsodyBackend(Backend):
 class Accounts:
     """Creates the accounts that built-in invites are used for, or sets their passwords (serve
     --accounts): the `command` kind runs a program (an argv, never a shell) whose arguments may hold
-    {action} (create or reset), {username} and {host}; the password comes on its standard input,
-    never in its arguments. Exit status 0: done; 3: the name is taken (a reset: no such account);
-    anything else: the server failed (502)."""
+    {action} (create, reset or exists), {username} and {host}; the password comes on its standard
+    input, never in its arguments. Exit status 0: done (exists: it does); 3: the name is taken (a
+    reset, exists: no such account); anything else: the server failed (502)."""
 
     name = "command"
+    # After a timeout the program and all it started are killed: an account missing then stays so.
+    missing_is_final = True
 
     def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT):
         self.template, self.timeout = list(argv), timeout
 
     def create(self, host, username, password):
-        """Create username@host with password; raise Conflict if it exists, BackendError if it fails."""
-        self.run("create", host, username, password)
+        """Create username@host; raise Conflict (taken), BadRequest (the server refused the
+        password), BackendError, or OutcomeUnknown (it may have been made)."""
+        if self.run("create", host, username, password) == 3:
+            raise Conflict(f"{username}@{host} is taken; choose another name")
 
     def reset(self, host, username, password):
         """Set username@host's password; raise Conflict if there is no such account, BackendError."""
-        self.run("reset", host, username, password)
+        if self.run("reset", host, username, password) == 3:
+            raise Conflict(f"there is no account {username}@{host}")
+
+    def exists(self, host, username):
+        """Return whether username@host exists; raise BackendError if the server cannot tell."""
+        return self.run("exists", host, username, "") == 0
+
+    def check(self, hosts):
+        """Return warnings about what this setup lacks for these hosts."""
+        return []
 
     def run(self, action, host, username, password):
-        import subprocess
-        try:
-            proc = subprocess.run(fill(self.template, action=action, username=username, host=host), input=password.encode("utf-8") + b"\n", capture_output=True,
-                                  timeout=self.timeout)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise BackendError(f"the accounts program failed: {e}") from None
-        if proc.returncode == 3:
-            raise Conflict(f"{username}@{host} is taken; choose another name" if action == "create"
-                           else f"there is no account {username}@{host}")
-        if proc.returncode != 0:
-            detail = redact((proc.stderr or proc.stdout).decode("utf-8", "replace")).strip()[:300]
-            raise BackendError(f"the accounts program exited with status {proc.returncode}: {detail}")
+        """Run the program for one action; return its exit status, 0 or 3 (else raise)."""
+        argv = fill(self.template, action=action, username=username, host=host)
+        status, stdout, stderr = run_program(argv, "the accounts program", self.timeout,
+                                             password.encode("utf-8") + b"\n")
+        if status not in (0, 3):
+            detail = redact((stderr or stdout).decode("utf-8", "replace")).strip()[:300]
+            raise BackendError(f"the accounts program exited with status {status}: {detail}")
+        return status
 
 
 class ProsodyAccounts(Accounts):
@@ -1568,52 +1770,110 @@ class ProsodyAccounts(Accounts):
     password travels only on that socket, as a Lua string literal, never on a command line."""
 
     name = "prosody"
+    # A command sent but unanswered may still run in Prosody after another connection's question.
+    missing_is_final = False
 
     def __init__(self, backend):
         self.backend = backend  # a ProsodyBackend, for its admin connections
 
-    def run(self, action, host, username, password):
-        answer = self.backend.lua("create_user" if action == "create" else "set_password",
-                                  host=host, username=username, password=password)
-        if answer == "taken":
-            raise Conflict(f"{username}@{host} is taken; choose another name")
-        if answer == "missing":
-            raise Conflict(f"there is no account {username}@{host}")
+    def create(self, host, username, password):
+        self.answer("create_user", {"taken": Conflict(f"{username}@{host} is taken; choose another name")},
+                    host=host, username=username, password=password)
+
+    def reset(self, host, username, password):
+        self.answer("set_password", {"missing": Conflict(f"there is no account {username}@{host}")},
+                    host=host, username=username, password=password)
+
+    def exists(self, host, username):
+        return self.backend.exists(host, username)
+
+    def check(self, hosts):
+        served = self.backend.lua("hosts").split()
+        return [f"--accounts prosody: {host} is not a host of this Prosody: sign-ups for it will fail"
+                for host in hosts if host not in served]
+
+    def answer(self, name, meanings, **values):
+        """Run one of _PROSODY_LUA; return "done", or what meanings gives the answer (raised if an
+        Error); anything unrecognised is a failure."""
+        answer = self.backend.lua(name, **values)
+        if answer.startswith("refused "):
+            reason = answer[8:][:200]
+            if "assword" in reason or "SASLprep" in reason:  # the server's own check of the password
+                raise BadRequest(f"the server refused the password: {reason}")
+            raise BackendError(f"Prosody could not do it: {reason}")
+        if answer.startswith("nohost"):
+            raise BackendError(f"{values['host']} is not a host of this Prosody")
+        if answer == "done":
+            return answer
+        if answer in meanings:
+            if isinstance(meanings[answer], Exception):
+                raise meanings[answer]
+            return meanings[answer]
+        raise BackendError(f"Prosody gave an answer we do not know: {answer[:100]!r}")
 
 
 class EjabberdAccounts(Accounts):
-    """Accounts in ejabberd (23.01 and newer; change_password needs mod_admin_extra): `ejabberdctl
-    register USER HOST PASSWORD`, `ejabberdctl change_password USER HOST PASSWORD`. ejabberdctl takes
-    the password only as an argument (visible to local users in the process list for the moment it
-    runs); the README says so."""
+    """Accounts in ejabberd (23.01 and newer; check_account and change_password need mod_admin_extra):
+    `ejabberdctl register USER HOST PASSWORD`, `check_account`, `change_password`. ejabberdctl takes
+    the password only as an argument (visible to local users in the process list while it runs);
+    the README says so."""
 
     name = "ejabberd"
 
     def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
         self.ejabberdctl, self.timeout = ejabberdctl, timeout
 
-    def run(self, action, host, username, password):
-        import subprocess
+    def create(self, host, username, password):
+        code, output = self.ctl("register", username, host, password)
+        if code != 0 and "already registered" in output:
+            raise Conflict(f"{username}@{host} is taken; choose another name")
+        self.done(code, output)
 
-        def ctl(*args):
-            try:
-                proc = subprocess.run([self.ejabberdctl, *args], capture_output=True, timeout=self.timeout,
-                                      stdin=subprocess.DEVNULL)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise BackendError(f"ejabberdctl failed: {e}") from None
-            return proc.returncode, redact((proc.stdout + proc.stderr).decode("utf-8", "replace"))
-        if action == "reset":
-            if ctl("check_account", username, host)[0] != 0:
-                raise Conflict(f"there is no account {username}@{host}")
-            code, output = ctl("change_password", username, host, password)
-        else:
-            code, output = ctl("register", username, host, password)
-            if code != 0 and "already registered" in output:
-                raise Conflict(f"{username}@{host} is taken; choose another name")
+    def reset(self, host, username, password):
+        if not self.exists(host, username):
+            raise Conflict(f"there is no account {username}@{host}")
+        self.done(*self.ctl("change_password", username, host, password))
+
+    def exists(self, host, username):
+        code, output = self.ctl("check_account", username, host)
+        if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
+            self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): not an answer
+        return code == 0
+
+    def check(self, hosts):
+        code, output = self.ctl("status")
+        if code != 0:
+            return [f"--accounts ejabberd: ejabberd does not answer ejabberdctl: {output.strip()[:200]}"]
+        code, output = self.ctl("help", "check_account")
+        if code != 0 or "check_account" not in output or "nknown" in output or "No tag or command" in output:
+            return ["--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
+                    "mod_admin_extra): password resets cannot work"]
+        code, output = self.ctl("registered_vhosts")
+        served = output.split()
+        return [f"--accounts ejabberd: {host} is not a host of this ejabberd: sign-ups for it will fail"
+                for host in hosts if code == 0 and host not in served]
+
+    def ctl(self, *args):
+        """Run ejabberdctl with args; return (exit status, output redacted)."""
+        status, stdout, stderr = run_program([self.ejabberdctl, *args], "ejabberdctl", self.timeout)
+        return status, redact((stdout + stderr).decode("utf-8", "replace"))
+
+    def done(self, code, output):
+        """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
         if code != 0:
             lines = [line for line in output.splitlines() if line.strip() and "inet_config" not in line
                      and "ERROR REPORT" not in line]
+            if "password" in output.lower():
+                raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
             raise BackendError(f"ejabberdctl exited with status {code}: {' | '.join(lines)[:300]}")
+
+
+def account_exists(backend, accounts):
+    """Return what tells whether an account exists for resets: the XMPP server that mints them, else
+    the accounts of built-in invites; None if nothing can."""
+    if backend is not None:
+        return getattr(backend, "exists", None)
+    return accounts.exists if accounts is not None else None
 
 
 def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberdctl="ejabberdctl"):
@@ -2043,7 +2303,7 @@ def render_page(title, body_html, site_name, nonce, script=""):
     script = f'<script nonce="{nonce}">{script}</script>' if script else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<meta name="referrer" content="no-referrer">'
+            f'<meta name="referrer" content="same-origin">'
             f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style></head>'
             f"<body><header>{html.escape(site_name)}</header><main>{body_html}</main>{script}</body></html>\n")
 
@@ -2075,7 +2335,7 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
     details = f"This invite expires {in_words(left)} ({esc(expires)})."
     if invite["uses_left"] > 1:
         details += f" It can create {invite['uses_left']} more accounts."
-    if invite["username"]:
+    if invite["username"] and invite["type"] != "reset":
         details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
     note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
     platforms = {}
@@ -2094,8 +2354,10 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
         main = (f'<p class="note">This invite is used on the sign-up of whoever sent it to you: open the '
                 f"sign-up link you were given, or ask them for it. (For the site: it checks the invite at "
                 f"<code>/invite/{esc(invite['token'])}.json</code> and uses it through the redeem API.)</p>")
+    heading = (f"Set a new password for {esc(invite['username'])}@{host}" if invite["type"] == "reset"
+               else f"You have been invited to join {host}")
     return render_page(f"Invite to {invite['host']}", (
-        f"<h1>You have been invited to join {host}</h1>{note}"
+        f"<h1>{heading}</h1>{note}"
         f'<p class="muted">{details}</p>{main}'
         f'<h2><label for="link">Or copy the link to this page</label></h2>'
         f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
@@ -2117,7 +2379,7 @@ def render_signup_page(invite, form_url, site_name, nonce, username="", error=No
     title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
     name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly autocomplete="username">' if bound else
                   f'<input id="user" name="user" value="{esc(username)}" required maxlength="64" '
-                  'autocomplete="username" autocapitalize="none" spellcheck="false" pattern="[A-Za-z0-9._-]+">')
+                  'autocomplete="username" autocapitalize="none" spellcheck="false" pattern="[A-Za-z0-9._\\-]+">')
     return render_page(title, (
         f"<h1>{esc(title)}</h1>"
         + (f'<p class="error" role="alert">{esc(error)}</p>' if error else "")
@@ -2139,7 +2401,8 @@ def render_signup_done(invite, username, site_name, apps, nonce):
     import html
     esc = html.escape
     jid = f"{username}@{invite['host']}"
-    more = f"<p>This invite can create {invite['uses_left']} more accounts.</p>" if invite["uses_left"] else ""
+    left = invite["uses_left"] if invite["type"] != "reset" and invite_status(invite) == "valid" else 0
+    more = f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>" if left else ""
     links = "".join(f'<li><strong>{esc(a["platform"])}</strong>: <a href="{esc(a["url"])}" rel="noreferrer">'
                     f'{esc(a["name"])}</a></li>' for a in apps)
     first = "Your new password is set" if invite["type"] == "reset" else f"Your account {esc(jid)} is ready"
@@ -2158,6 +2421,23 @@ _UNAVAILABLE = {
 }
 
 
+_ERROR_TITLES = {
+    400: "This request cannot be used", 403: "This cannot be done from here", 404: "We could not find this page",
+    405: "This page cannot be used that way", 409: "This cannot be done", 410: "This invite is no longer valid",
+    413: "This request is too large", 415: "This request cannot be used", 429: "Too many attempts",
+    500: "Something went wrong on our side", 502: "The server could not do it just now",
+    503: "The server is busy",
+}
+
+
+def render_error_page(status, message, site_name, nonce):
+    """Return the page for an error a person sees: a heading for its status and its reason."""
+    import html
+    title = _ERROR_TITLES.get(status, "This cannot be done")
+    sentence = message[:1].upper() + message[1:] + ("" if message.endswith((".", "?", "!")) else ".")
+    return render_page(title, f"<h1>{title}</h1><p>{html.escape(sentence)}</p>", site_name, nonce)
+
+
 def render_unavailable_page(status, site_name, nonce):
     """Return the friendly page for a used, revoked, expired (status) or unknown (None) invite."""
     hint = ("Check that you opened the whole link. " if status is None else "") + \
@@ -2170,18 +2450,18 @@ def render_unavailable_page(status, site_name, nonce):
 # HTTP: a thin translation between requests and operations
 # ---------------------------------------------------------------------------
 
-# The whole URL space: (path pattern, {method: handler method}, cross-origin?).
-# Cross-origin routes answer OPTIONS preflights and carry CORS headers.
-ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors) for pattern, methods, cors in (
-    (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True),
-    (r"/invites_api/invites/?", {"GET": "api_list"}, True),
-    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True),
-    (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True),
-    (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True),
-    (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False),
-    (r"/register", {"GET": "signup_page", "POST": "signup"}, False),
-    (r"/health", {"GET": "health", "HEAD": "health"}, False),
-    (r"/metrics", {"GET": "metrics"}, False),
+# The whole URL space: (path pattern, {method: handler method}, cross-origin?, a page people read?).
+# Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages too.
+ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page) for pattern, methods, cors, page in (
+    (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True, False),
+    (r"/invites_api/invites/?", {"GET": "api_list"}, True, False),
+    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True, False),
+    (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True, False),
+    (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
+    (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
+    (r"/register", {"GET": "signup_page", "POST": "signup"}, False, True),
+    (r"/health", {"GET": "health", "HEAD": "health"}, False, False),
+    (r"/metrics", {"GET": "metrics"}, False, False),
 ))
 CORS_HEADERS = (
     ("Access-Control-Allow-Origin", "*"),
@@ -2198,7 +2478,9 @@ def page_headers(nonce, form=False):
         ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
                                     f"script-src 'nonce-{nonce}'; img-src data:; base-uri 'none'; "
                                     f"form-action {form_action}; frame-ancestors 'none'"),
-        ("Referrer-Policy", "no-referrer"),  # the token is in the URL
+        # The token is in the URL: no other site sees it in a Referer. (Not no-referrer: under that
+        # policy browsers send "Origin: null" with our own forms, which then look cross-site.)
+        ("Referrer-Policy", "same-origin"),
         ("X-Content-Type-Options", "nosniff"),
         ("Cache-Control", "no-store"),
     )
@@ -2351,6 +2633,8 @@ class App:
         self.metrics = Metrics()
         self.auth_limiter = RateLimiter(auth_failures_per_minute)
         self.backend = backend  # None: the built-in store mints invites
+        # Who can tell whether an account exists (a password reset needs to know), or None.
+        self.account_exists = account_exists(backend, accounts)
         self.site_name = site_name  # None: the invite's host
         self.apps = apps
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -2442,7 +2726,7 @@ class InviteRequests:
 
     def handle_one_request(self):
         """Read, check and answer one request (http.server's handle() calls this until close_connection)."""
-        self.command = self.path = self.headers = self.body = self.cors = self.started = None
+        self.command = self.path = self.headers = self.body = self.cors = self.started = self.page = None
         self.requestline, self.request_version, self.close_connection = "", "HTTP/1.1", True
         self.client = self.client_address[0]
         if self.client.startswith("::ffff:") and "." in self.client:  # IPv4 on a dual-stack socket
@@ -2550,7 +2834,7 @@ class InviteRequests:
         into a logged 500 (the one boundary)."""
         path, _, self.query = self.path.partition("?")
         try:
-            for pattern, methods, cors in ROUTES:
+            for pattern, methods, cors, self.page in ROUTES:
                 match = pattern.match(path)
                 if match:
                     break
@@ -2632,7 +2916,7 @@ class InviteRequests:
         credentials = self.presented_key(params.pop("key", ""))
         self.refuse_if_guessing()
         invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
-                               backend=app.backend)
+                               backend=app.backend, exists=app.account_exists)
         app.metrics.count("invite", (invite["host"], invite["backend"]))
         url = self.invite_url(invite)
         status = 303 if redirect else 201
@@ -2706,43 +2990,68 @@ class InviteRequests:
         self.respond(200, page, headers, content_type=html_type)
 
     def signup_page(self, _):
-        """The sign-up form of a built-in invite: GET /register?t=TOKEN (as mod_invites_register_web)."""
-        token = self.params("t").get("t", "")
-        invite, status = find_invite(self.server.app.store, token)
-        if invite is None or invite["backend"] != "builtin" or self.server.app.accounts is None:
+        """The sign-up form of a built-in invite: GET /register?t=TOKEN (as mod_invites_register_web);
+        with &account=NAME, after a sign-up, the page saying it is done (Post/Redirect/Get)."""
+        params = self.params("t", "account")
+        app = self.server.app
+        invite, status = find_invite(app.store, params.get("t", ""))
+        if invite is None or invite["backend"] != "builtin" or app.accounts is None:
             return self.respond_page(404, None)
+        if "account" in params:  # only an account this invite made (or reset)
+            if not any(a["username"] == params["account"] for a in app.store.accounts(invite["token"])):
+                return self.respond_page(404, None)
+            return self.respond_page(200, invite=invite, username=params["account"], done=True)
         if status != "valid":
             return self.respond_page(410, status)
         self.respond_page(200, invite=invite)
 
     def signup(self, _):
-        """Use a built-in invite to create its account: POST /register (user, password, token)."""
+        """Use a built-in invite to create its account: POST /register (user, password, token), then
+        redirect to the page saying it is done, which a reload cannot post again."""
         app = self.server.app
+        wait = app.signup_limiter.hit(self.client)  # (unknown tokens count too: no free guessing)
+        if wait:
+            raise TooManyRequests("too many sign-up attempts from your address; try again in a minute", wait)
         fields = self.form_body("token", "user", "password", "password_confirm")
         invite, status = find_invite(app.store, fields.get("token", ""))
         if invite is None or app.accounts is None:
             return self.respond_page(404, None)
-        origin = self.headers.get("Origin")  # the CSRF defence: only our own pages post here
-        if (origin and origin != self.public_base(invite["host"]) and origin.partition("://")[2] != self.authority
-                or (self.headers.get("Sec-Fetch-Site") or "same-origin") not in ("same-origin", "none")):
+        if not self.same_origin(invite["host"]):
             raise Forbidden("this form can only be sent from its own page")
-        wait = app.signup_limiter.hit(self.client)
-        if wait:
-            raise TooManyRequests("too many sign-up attempts from your address; try again in a minute", wait)
+        form = {"invite": invite, "username": fields.get("user", "")}
         try:
             used, username = sign_up(app.store, app.accounts, invite["token"], fields.get("user", ""),
                                      fields.get("password", ""), fields.get("password_confirm", ""))
         except (BadRequest, Conflict) as e:  # the form again, with the reason and the name kept
-            return self.respond_page(e.status, invite=invite, username=fields.get("user", ""), error=str(e))
+            return self.respond_page(e.status, error=str(e), **form)
         except Gone:
             return self.respond_page(410, invite_status(app.store.invite(invite["token"])))
+        except OutcomeUnknown as e:
+            app.log_problem(f"OutcomeUnknown on POST /register: {e}", cause=str(e))
+            return self.respond_page(502, error="The server did not answer in time, so we cannot tell whether "
+                                     "it was done. Try logging in with this name and password; if that does not "
+                                     "work, ask for a new invite.", **form)
         except BackendError as e:
             app.log_problem(f"BackendError on POST /register: {e}", cause=str(e))
-            return self.respond_page(502, invite=invite, username=fields.get("user", ""),
-                                     error="The server could not create the account just now. Please try again later.")
-        self.respond_page(200, invite=used, username=username, done=True)
+            return self.respond_page(502, error="The server could not do it just now. Please try again later.",
+                                     **form)
+        from urllib.parse import quote
+        done = f"{self.public_base(invite['host'])}/register?t={used['token']}&account={quote(username)}"
+        self.respond(303, b"", [("Location", done)])
         if app.notify:  # after the answer: the inviter's news must not hold up the invitee
             notify_use(app.notify, used["token"], username, used["host"], app.log_line)
+
+    def same_origin(self, host):
+        """Return whether a form post comes from our own pages (the cross-site request defence).
+
+        Sec-Fetch-Site, which every current browser sends, must be same-origin; without it, an Origin
+        must be ours, scheme included ("null" is not); a request with neither is no browser's form.
+        """
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site == "same-origin"
+        origin = self.headers.get("Origin")
+        return origin is None or origin in (self.public_base(host), f"{self.scheme}://{self.authority}")
 
     def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
         """Answer with one of the HTML pages: an invite unavailable (410/404), the sign-up form, its result."""
@@ -2846,6 +3155,11 @@ class InviteRequests:
     def respond_error(self, error):
         if self.wants_json():
             return self.respond_json(error.status, {"error": str(error)}, error.headers)
+        if self.page:  # a person reads it
+            nonce = _random_id(12)
+            page = render_error_page(error.status, str(error), self.server.app.site_name or "Invite", nonce)
+            return self.respond(error.status, page, tuple(error.headers) + page_headers(nonce),
+                                content_type="text/html; charset=utf-8")
         self.respond(error.status, f"{error}\n", error.headers)
 
     def respond_json(self, status, data, headers=()):
@@ -3164,17 +3478,19 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
     return server
 
 
-def notify_use(argv, token, username, host, log):
-    """Run the --notify-command with the invite's token, the username and the host as its last
-    arguments, in the background (never a shell); log a failure."""
-    import subprocess
+NOTIFY_TIMEOUT = 60  # a notification is not urgent; a program that hangs is still stopped
 
+
+def notify_use(argv, token, username, host, log):
+    """Run the --notify-command in the background (never a shell), with the username and the host
+    as its last arguments and the invite's token in $INVITES_API_TOKEN (not in its arguments, which
+    anyone on the machine can read); log a failure."""
     def run():
+        env = dict(os.environ, INVITES_API_TOKEN=token, INVITES_API_USERNAME=username, INVITES_API_HOST=host)
         try:
-            proc = subprocess.run([*argv, token, username, host], capture_output=True, timeout=60,
-                                  stdin=subprocess.DEVNULL)
-            failed = proc.returncode and f"exited with status {proc.returncode}"
-        except (OSError, subprocess.TimeoutExpired) as e:
+            status = run_program([*argv, username, host], "--notify-command", NOTIFY_TIMEOUT, env=env)[0]
+            failed = status and f"exited with status {status}"
+        except BackendError as e:
             failed = str(e)
         if failed:
             log(f"--notify-command failed: {failed}")
@@ -3270,6 +3586,8 @@ def _policy(args):
         policy["max_ttl"] = args.max_ttl
     if args.max_uses is not None:
         policy["max_uses"] = args.max_uses
+    if args.allow_resets is not None:
+        policy["may_reset"] = int(args.allow_resets)
     return {name: None if value is CLEAR else value for name, value in policy.items()}
 
 
@@ -3325,6 +3643,22 @@ def _backend(args, log=None, asking=False):
                         args.prosody_socket)
 
 
+def _accounts(args, backend, warnings):
+    """Return who makes accounts for built-in invites (--accounts), or None; append what it lacks
+    to warnings."""
+    if not args.accounts:
+        return None
+    prosody = backend if isinstance(backend, ProsodyBackend) else None
+    if args.accounts == "prosody" and prosody is None:
+        prosody = make_backend("prosody", args.prosodyctl, args.prosody_config, timeout=args.backend_timeout,
+                               prosody_socket=args.prosody_socket)
+        problem = prosody.check()
+        warnings.append(problem and f"--accounts prosody: {problem}")
+    else:
+        warnings.append(None)
+    return make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, args.ejabberdctl)
+
+
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
     options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note,
@@ -3334,10 +3668,12 @@ def cmd_invites_create(args):
             raise Error("--reset USER names the account; give no --username")
         options.update(type="reset", username=args.reset)
     backend = _backend(args, sys.stderr)
-    warning = backend and backend.check()  # (for Prosody: its admin socket, else prosodyctl)
-    if warning:
+    warnings = [backend and backend.check()]  # (for Prosody: its admin socket, else prosodyctl)
+    accounts = _accounts(args, backend, warnings) if args.reset is not None else None
+    for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr)
-    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend)
+    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend,
+                           exists=account_exists(backend, accounts))
     url = _cli_url(args, invite)
     if args.qr:
         print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
@@ -3397,15 +3733,12 @@ def cmd_serve(args):
     store = open_store(args)
     backend = _backend(args, log=sys.stderr)
     warnings = [backend.check()] if backend is not None else []
-    accounts = None
-    if args.accounts:
-        prosody = backend if isinstance(backend, ProsodyBackend) else None
-        if args.accounts == "prosody" and prosody is None:
-            prosody = make_backend("prosody", args.prosodyctl, args.prosody_config, timeout=args.backend_timeout,
-                                   prosody_socket=args.prosody_socket)
-            problem = prosody.check()
-            warnings.append(problem and f"--accounts prosody: {problem}")
-        accounts = make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, args.ejabberdctl)
+    accounts = _accounts(args, backend, warnings)
+    if accounts is not None and not warnings[-1]:
+        try:
+            warnings += accounts.check(store.key_hosts())
+        except Error as e:
+            warnings.append(f"--accounts {accounts.name}: {e}")
     if isinstance(backend, ProsodyBackend) and backend.use_socket and not warnings[0]:
         for host in store.key_hosts():  # what the invitee's journey needs, on each host a key mints for
             missing = backend.missing_modules(host)
@@ -3565,6 +3898,16 @@ def build_parser(argv=None):
         sub.add_argument("--backend-concurrency", type=_arg(parse_count), default=DEFAULT_BACKEND_CONCURRENCY,
                          metavar="N", help=f"backend programs run at once (default {DEFAULT_BACKEND_CONCURRENCY})")
 
+    def accounts_args(sub):
+        sub.add_argument("--accounts", choices=("prosody", "ejabberd", "command"),
+                         help="who creates the accounts built-in invites are used for, from their sign-up page "
+                              "(/register?t=TOKEN), and says which accounts exist (for resets): Prosody "
+                              "through its admin socket, ejabberdctl, or --accounts-command")
+        sub.add_argument("--accounts-command", metavar="TEMPLATE",
+                         help="accounts command: program and arguments with {action} (create, reset or "
+                              "exists), {username}, {host}; the password comes on its standard input; exit 3 "
+                              "means the name is taken (reset, exists: there is no such account)")
+
     def policy_args(sub, clear):
         none = " ('never' removes it)" if clear else ""
         sub.add_argument("--expires", type=_arg(parse_expiry, clear and "never"), metavar="WHEN",
@@ -3578,6 +3921,9 @@ def build_parser(argv=None):
                          help="longest invite lifetime a request may ask for (default 7d)")
         sub.add_argument("--max-uses", type=_arg(parse_count), metavar="N",
                          help="most uses a request may ask for per invite (default 1)")
+        sub.add_argument("--allow-resets", action=argparse.BooleanOptionalAction, default=None,
+                         help="the key may mint password-reset invites for existing accounts of its host "
+                              "(default: it may not; --no-allow-resets takes it back)")
 
     sub = command(commands, "serve", cmd_serve, "run the HTTP API")
     sub.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
@@ -3616,15 +3962,11 @@ def build_parser(argv=None):
                      help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
     sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
                      help=f"how long a write waits for another process's lock before 503 (default {BUSY_TIMEOUT:g})")
-    sub.add_argument("--accounts", choices=("prosody", "ejabberd", "command"),
-                     help="who creates the accounts built-in invites are used for, from their sign-up page "
-                          "(/register?t=TOKEN): Prosody through its admin socket, ejabberdctl, or --accounts-command")
-    sub.add_argument("--accounts-command", metavar="TEMPLATE",
-                     help="accounts command: program and arguments with {action} (create or reset), {username}, "
-                          "{host}; the password comes on its standard input; exit 3 means the name is taken")
+    accounts_args(sub)
     sub.add_argument("--notify-command", metavar="TEMPLATE",
-                     help="run after each use of an invite on the sign-up page, with the invite's token, the "
-                          "username and the host added as arguments (to tell the inviter)")
+                     help="run after each use of an invite on the sign-up page, with the username and the "
+                          "host added as arguments and the invite's token in $INVITES_API_TOKEN (to tell "
+                          "the inviter)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
@@ -3670,7 +4012,8 @@ def build_parser(argv=None):
     sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 with mod_invites_groups)")
     sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead (a day "
                                                      "unless --ttl): set on the sign-up page of serve --accounts, "
-                                                     "or made by the prosody backend")
+                                                     "or made by the prosody backend; the account must "
+                                                     "exist, which --accounts or the backend tells")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
@@ -3678,6 +4021,7 @@ def build_parser(argv=None):
                      help="also print a QR code to scan from the screen: of the page URL (a phone camera "
                           "opens it), or with --qr=uri of the xmpp: URI (for an XMPP app)")
     backend_args(sub)
+    accounts_args(sub)
 
     sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",
                   "invites list")

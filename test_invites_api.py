@@ -5,6 +5,7 @@ is missing, and fail instead when INVITES_API_REQUIRE_ALL=1 (as CI sets it).
 """
 
 import contextlib
+import html
 import http.client
 import io
 import json
@@ -713,7 +714,7 @@ class InvitePageTest(LiveServerTestCase):
         self.assertIn(f"script-src 'nonce-{nonce}'", csp)
         self.assertIn(f'<script nonce="{nonce}">'.encode(), body)
         self.assertIn(f'<style nonce="{nonce}">'.encode(), body)
-        self.assertEqual(headers["referrer-policy"], "no-referrer")
+        self.assertEqual(headers["referrer-policy"], "same-origin")
         self.assertEqual(headers["x-content-type-options"], "nosniff")
         self.assertEqual(headers["cache-control"], "no-store")
         self.assertNotRegex(body, rb'(src|href)="(https?:)?//[^"]*\.(js|css|png|svg|woff2?)"')
@@ -1026,12 +1027,12 @@ class KeyPolicyTest(LiveServerTestCase):
         status, headers, body = self.request("GET", f"/invite/{token}.json")
         data = json.loads(body)
         self.assertEqual(status, 200)
-        self.assertEqual(set(data), {"valid", "host", "expires_at", "username"})
+        self.assertEqual(set(data), {"valid", "type", "host", "expires_at", "username"})
         self.assertEqual((data["valid"], data["host"], data["username"]), (True, "example.com", "carol"))
         self.assertNotIn(key.split("/")[0].encode(), body)
         self.assertNotIn(b"secret note", body)
         status, _, body = self.request("GET", f"/invite/{'A' * 24}.json")
-        self.assertEqual(json.loads(body), {"valid": False, "host": None, "expires_at": None, "username": None})
+        self.assertEqual(json.loads(body), {"valid": False, "type": None, "host": None, "expires_at": None, "username": None})
         statuses = [self.request("GET", f"/invite/{token}.json")[0] for _ in range(4)]
         self.assertEqual(statuses, [200, 200, 200, 429])
 
@@ -1234,6 +1235,193 @@ class BrowserTest(LiveServerTestCase):
 
 
 # ---------------------------------------------------------------------------
+# An invitee in a real browser: Playwright driving Debian's Chromium
+# ---------------------------------------------------------------------------
+
+SIZES = ((390, 844), (1280, 800))  # a phone, a laptop
+
+
+class Invitee:
+    """A person in Chromium (Playwright, Debian's /usr/bin/chromium: no browser download), who keeps a
+    screenshot of every page at each size and records every request the browser makes."""
+
+    def __init__(self, test, shots):
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            if os.environ.get("INVITES_API_REQUIRE_ALL") == "1":
+                raise AssertionError("playwright is not installed (INVITES_API_REQUIRE_ALL=1)") from None
+            raise unittest.SkipTest("playwright is not installed (pip install playwright)") from None
+        chromium = require_program("chromium")
+        self.test, self.shots, self.requests = test, shots, []
+        self.playwright = sync_playwright().start()
+        test.addCleanup(self.playwright.stop)
+        self.browser = self.playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        test.addCleanup(self.browser.close)
+        self.page = self.browser.new_page(viewport={"width": SIZES[0][0], "height": SIZES[0][1]})
+        self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
+        self.console = []
+        self.page.on("console", lambda m: self.console.append(m.text))
+
+    def look(self, name):
+        """Screenshot the page at each size (full page) into shots/NAME-WxH.png."""
+        for width, height in SIZES:
+            self.page.set_viewport_size({"width": width, "height": height})
+            self.page.screenshot(path=os.path.join(self.shots, f"{name}-{width}x{height}.png"), full_page=True)
+        self.page.set_viewport_size({"width": SIZES[0][0], "height": SIZES[0][1]})
+
+    def text(self):
+        return self.page.inner_text("main")
+
+    def sign_up(self, bookmark, user, password, confirmation=None, name=None):
+        """Open the bookmark (mints and redirects), press the invite page's main action, fill in the
+        form and press its button; return the status of the answer to that press."""
+        self.page.goto(bookmark)
+        self.test.assertRegex(self.page.url, r"/invite\?[A-Za-z0-9_-]{24}$")
+        if name:
+            self.look(f"{name}-invite")
+        self.page.click("a.button")  # "Create your account"
+        self.test.assertIn("/register?t=", self.page.url)
+        if name:
+            self.look(f"{name}-form")
+        return self.submit(user, password, confirmation)
+
+    def submit(self, user, password, confirmation=None):
+        """Fill in the form on the page and press its button; return the final answer's status."""
+        if user is not None and not self.page.get_attribute("#user", "readonly"):
+            self.page.fill("#user", user)
+        self.page.fill("#password", password)
+        self.page.fill("#password_confirm", password if confirmation is None else confirmation)
+        with self.page.expect_navigation() as navigation:
+            self.page.click("button[type=submit]")
+        return navigation.value.status
+
+
+def browser_journey(test, port, key, host, login, reset_cli, shots):
+    """Take an invitee's whole path in Chromium against a serve --accounts on port: sign-up, a login
+    as the new account, refusals with the form kept, a reload, a reset, a cross-site form."""
+    person = Invitee(test, shots)
+    bookmark = f"http://127.0.0.1:{port}/invites_api?key={key}&redirect=true"
+    test.assertEqual(person.sign_up(bookmark, "alice", "a long password", name="signup"), 200)
+    test.assertIn(f"Your account alice@{host} is ready", person.text())
+    test.assertNotIn("already been used", person.text())
+    test.assertRegex(person.page.url, r"/register\?t=[A-Za-z0-9_-]{24}&account=alice$")
+    person.look("done")
+    test.assertTrue(login("alice", "a long password"))
+    posts = [r for r in person.requests if r[0] == "POST"]
+    person.page.reload()  # a reload shows the same page and posts nothing
+    test.assertIn(f"Your account alice@{host} is ready", person.text())
+    test.assertEqual([r for r in person.requests if r[0] == "POST"], posts)
+    # A taken name: the form again, the reason shown and the name kept; the invite is still there.
+    test.assertEqual(person.sign_up(bookmark, "alice", "a long password"), 409)
+    test.assertIn(f"alice@{host} is taken; choose another name", person.text())
+    test.assertEqual(person.page.input_value("#user"), "alice")
+    person.look("taken")
+    # A mismatch: refused by us, the reason shown. Too short: the browser itself keeps the form back.
+    test.assertEqual(person.submit("bob", "a long password", "another long one"), 400)
+    test.assertIn("the two passwords are not the same", person.text())
+    person.look("mismatch")
+    before = len(person.requests)
+    person.page.fill("#user", "bob")
+    person.page.fill("#password", "short")
+    person.page.fill("#password_confirm", "short")
+    person.page.click("button[type=submit]")
+    test.assertTrue(person.page.evaluate("!document.querySelector('#password').checkValidity()"))
+    test.assertEqual(person.requests[before:], [])  # nothing was sent
+    test.assertEqual(person.submit("bob", "bob's long password"), 200)
+    test.assertTrue(login("bob", "bob's long password"))
+    # A password reset: the new password logs in, the old one no longer does.
+    person.page.goto(reset_cli("alice"))
+    person.look("reset-invite")
+    person.page.click("a.button")  # "Set a new password"
+    test.assertIn(f"Set a new password for alice@{host}", person.text())
+    person.look("reset-form")
+    test.assertEqual(person.submit(None, "a new password"), 200)
+    test.assertIn("Your new password is set", person.text())
+    person.look("reset-done")
+    test.assertTrue(login("alice", "a new password"))
+    test.assertFalse(login("alice", "a long password"))
+    # A form on a page of another origin posts a valid token to /register, sent by the same browser.
+    person.page.goto(bookmark)
+    token = person.page.url.rsplit("?", 1)[1]
+    with contextlib.closing(ForeignSite(port, token)) as site:
+        person.page.goto(site.url)
+        with person.page.expect_navigation() as navigation:
+            person.page.click("button")
+        test.assertEqual(navigation.value.status, 403)
+        test.assertIn("can only be sent from its own page", person.text())
+        person.look("cross-site")
+    test.assertFalse(login("mallory", "mallory's password"))
+    # (Chromium notes each 4xx page it shows; nothing else may be said: no CSP violation, no script error)
+    test.assertEqual([m for m in person.console if "the server responded with a status of 4" not in m], [])
+    return token
+
+
+class ForeignSite:
+    """Another origin (its own loopback port) whose page holds a form posting to our /register."""
+
+    def __init__(self, port, token):
+        import http.server
+        page = (f'<!doctype html><form method="post" action="http://127.0.0.1:{port}/register">'
+                f'<input type="hidden" name="token" value="{token}"><input name="user" value="mallory">'
+                '<input name="password" value="mallory\'s password"><input name="password_confirm" '
+                'value="mallory\'s password"><button>Win a prize</button></form>').encode()
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ArgvWatch:
+    """Reads every process's /proc/PID/cmdline, over and over while a test runs, for secrets."""
+
+    def __init__(self, *secrets):
+        self.secrets, self.seen, self.samples = [x.encode() for x in secrets], [], 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while not self.stopped.wait(0.01):
+            for name in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        argv = f.read()
+                except OSError:
+                    continue
+                self.seen += [argv.replace(b"\0", b" ") for x in self.secrets if x in argv]
+            self.samples += 1
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join()
+
+
+def screenshot_dir(test, name):
+    """Return where a test keeps its screenshots: $INVITES_API_KEEP_SCREENSHOTS/NAME, else a temp dir."""
+    keep = os.environ.get("INVITES_API_KEEP_SCREENSHOTS")
+    path = os.path.join(keep, name) if keep else tempfile.mkdtemp(dir=test.dir)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------
 # The server as a process: signals, kill -9, logs, file modes
 # ---------------------------------------------------------------------------
 
@@ -1246,8 +1434,11 @@ class ServerProcessMixin:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self.addCleanup(self.reap, proc)
         line = self.banner = wait_for_line(proc.stdout)
-        port = int(re.search(r"https?://127\.0\.0\.1:(\d+)/invites_api", line).group(1))
-        return proc, port
+        match = re.search(r"https?://127\.0\.0\.1:(\d+)/invites_api", line)
+        if match is None:
+            proc.kill()
+            self.fail(f"serve did not start: {line!r}, {proc.stderr.read()[-2000:]!r}")
+        return proc, int(match.group(1))
 
     def reap(self, proc):
         if proc.poll() is None:
@@ -1431,45 +1622,76 @@ def write_program(directory, name, body):
 class AccountsCommandTest(LiveServerTestCase):
     """serve --accounts command: a program makes the accounts; the password only on its stdin."""
 
+    PASSWORD = "a long password"
+
     def setUp(self):
         tmp = tempfile.mkdtemp()
         self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
-        self.calls = os.path.join(tmp, "calls")
+        self.calls, self.made = os.path.join(tmp, "calls"), os.path.join(tmp, "made")
+        # Names choose what the stand-in does: taken, broken, and slow ones that outlive the timeout.
         program = write_program(tmp, "accounts", f"""echo "$@" >> '{self.calls}'
 read password
 echo "stdin:$password" >> '{self.calls}'
-case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
+case "$1:$2" in
+  exists:unknowable) exit 1;;
+  exists:ghost) exit 3;;
+  exists:slow*) grep -qx "$2" '{self.made}' 2>/dev/null && exit 0; exit 3;;
+  exists:*) exit 0;;
+  create:taken) exit 3;;
+  create:broken) echo 'backend on fire' >&2; exit 1;;
+  create:slowmade) echo slowmade >> '{self.made}'; sleep 30;;
+  create:slowchild) setsid sh -c "sleep 2; echo slowchild >> '{self.made}'" & sleep 30;;
+  create:unknowable) sleep 30;;
+esac
 """)
         self.notified = os.path.join(tmp, "notified")
-        self.app_options = {"accounts": ia.Accounts([program, "{action}", "{username}", "{host}"]),
-                            "notify": [write_program(tmp, "notify", f'echo "$@" >> {self.notified}\n')]}
+        self.app_options = {"accounts": ia.Accounts([program, "{action}", "{username}", "{host}"], timeout=1.5),
+                            "notify": [write_program(tmp, "notify", f'echo "$INVITES_API_TOKEN $@" >> '
+                                                                    f'{self.notified}\n')]}
         super().setUp()
 
-    def sign_up(self, token, user, password="a long password"):
-        body = f"token={token}&user={user}&password={quote(password)}&password_confirm={quote(password)}"
-        return self.request("POST", "/register", {"Content-Type": "application/x-www-form-urlencoded"}, body)
+    def post_form(self, token, user, password=PASSWORD, confirmation=None, headers=()):
+        """POST the sign-up form; return (status, headers, page)."""
+        body = (f"token={token}&user={quote(user)}&password={quote(password)}"
+                f"&password_confirm={quote(password if confirmation is None else confirmation)}")
+        return self.request("POST", "/register", {"Content-Type": "application/x-www-form-urlencoded",
+                                                  **dict(headers)}, body)
+
+    def sign_up(self, token, user, password=PASSWORD, confirmation=None, headers=()):
+        """POST the form and follow its redirect as a browser would; return (status, page)."""
+        status, answer, page = self.post_form(token, user, password, confirmation, headers)
+        if status != 303:
+            return status, page
+        self.assertTrue(answer["location"].startswith(f"http://127.0.0.1:{self.port}/register?t={token}&account="))
+        status, _, page = self.request("GET", answer["location"].split(str(self.port), 1)[1])
+        return status, page
+
+    def calls_made(self):
+        with open(self.calls) if os.path.exists(self.calls) else io.StringIO() as f:
+            return f.read().splitlines()
 
     def test_the_program_gets_the_password_on_stdin_never_in_its_arguments(self):
         ia.update_key(self.store, "example.com", self.key_id, max_uses=3)
         token = self.token_of(self.create(extra="&uses=3")[1]["location"])
-        status, _, page = self.sign_up(token, "taken")
+        status, page = self.sign_up(token, "taken")
         self.assertEqual(status, 409)
         self.assertIn(b"choose another name", page)
-        status, _, page = self.sign_up(token, "broken")
+        status, page = self.sign_up(token, "broken")
         self.assertEqual(status, 502)
         self.assertIn("backend on fire", self.log.getvalue())
         self.assertEqual(self.store.invite(token)["uses_left"], 3)  # both uses given back
-        status, _, page = self.sign_up(token, "dora", "pass word with spaces")
+        status, page = self.sign_up(token, "dora", "pass word with spaces")
         self.assertEqual(status, 200, page)
+        self.assertIn(b"Your account dora@example.com is ready", page)
         self.assertIn(b"can create 2 more accounts", page)
-        with open(self.calls) as f:
-            calls = f.read().splitlines()
+        calls = self.calls_made()
         self.assertEqual(calls[-2:], ["create dora example.com", "stdin:pass word with spaces"])
         self.assertFalse([c for c in calls if not c.startswith("stdin:") and "pass" in c])
         self.assertNotIn("pass word", self.log.getvalue())
-        self.assertNotIn("a long password", self.log.getvalue())
+        self.assertNotIn(self.PASSWORD, self.log.getvalue())
         self.assertEqual([a["username"] for a in self.store.accounts(token)], ["dora"])
-        # The inviter hears of it: --notify-command gets the token, the username and the host.
+        # The inviter hears of it: --notify-command gets the username and the host as arguments, the
+        # token in its environment.
         self.assertEqual(self.sign_up(token, "emil")[0], 200)
         deadline, lines = time.monotonic() + 10, []
         while len(lines) < 2 and time.monotonic() < deadline:  # (it runs after the answer)
@@ -1479,12 +1701,143 @@ case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
         self.assertEqual(sorted(lines), [f"{token} dora example.com", f"{token} emil example.com"])
         listed = json.loads(self.request("GET", f"/invites_api/invites?key={self.key}")[2])
         self.assertEqual([a["jid"] for a in listed[0]["accounts"]], ["dora@example.com", "emil@example.com"])
-        # Sign-up attempts are limited per address.
-        statuses = [self.sign_up(token, "x y")[0] for _ in range(12)]
-        self.assertEqual(statuses[-1], 429)
         # The page of a built-in invite leads to the sign-up form, when this server makes accounts.
         status, _, page = self.request("GET", f"/invite?{token}")
         self.assertIn(f"/register?t={token}".encode(), page)
+
+    def test_a_sign_up_redirects_to_a_page_a_reload_cannot_post_again(self):
+        token = self.token_of(self.create()[1]["location"])
+        status, answer, body = self.post_form(token, "alice")
+        self.assertEqual((status, body), (303, b""))
+        done = answer["location"].split(str(self.port), 1)[1]
+        self.assertEqual(done, f"/register?t={token}&account=alice")
+        for _ in range(2):  # a reload: the same page, and nothing runs again
+            status, _, page = self.request("GET", done)
+            self.assertEqual(status, 200)
+            self.assertIn(b"Your account alice@example.com is ready", page)
+            self.assertNotIn(b"already been used", page)
+            self.assertNotIn(b"more account", page)
+        self.assertEqual([c for c in self.calls_made() if not c.startswith("stdin:")], ["create alice example.com"])
+        # Only an account this invite made has such a page; the form itself now says the invite is used.
+        self.assertEqual(self.request("GET", f"/register?t={token}&account=bob")[0], 404)
+        self.assertEqual(self.request("GET", f"/register?t={token}")[0], 410)
+
+    def test_passwords_the_servers_refuse_are_refused_first_and_never_repeated(self):
+        token = self.token_of(self.create()[1]["location"])
+        for password, reason in [("my-secret\tpassword", "U+0009"), ("my-secret\x85password", "U+0085"),
+                                 ("a" * 1024, "at most 1023 bytes"), ("\u00e9" * 600, "at most 1023 bytes"),
+                                 ("short", "10 characters or longer")]:
+            status, page = self.sign_up(token, "carol", password)
+            text = html.unescape(page.decode())
+            self.assertEqual(status, 400, text)
+            self.assertIn(reason, text)
+            self.assertIn('value="carol"', text)  # the form again, the name kept
+            self.assertNotIn(password[:8] if len(password) > 8 else password, text.replace("carol", ""))
+        status, page = self.sign_up(token, "carol", confirmation="another long password")
+        self.assertIn(b"the two passwords are not the same", page)
+        self.assertNotIn("secret", self.log.getvalue())
+        self.assertEqual(self.calls_made(), [])  # nothing reached the program
+        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+
+    def test_a_program_that_outlives_the_timeout_is_killed_with_its_children_and_the_outcome_asked(self):
+        ia.update_key(self.store, "example.com", self.key_id, max_uses=5)
+        token = self.token_of(self.create(extra="&uses=5")[1]["location"])
+        # Its child in a session of its own would make the account 2 s later: killed, and asked, nothing was
+        # made, so the use is given back.
+        started = time.monotonic()
+        status, page = self.sign_up(token, "slowchild")
+        self.assertEqual(status, 502, page)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn(b"could not do it just now", page)
+        self.assertEqual(self.store.invite(token)["uses_left"], 5)
+        # Made before it hung: the account exists, so it is recorded and the invitee sees it made.
+        status, page = self.sign_up(token, "slowmade")
+        self.assertEqual(status, 200, page)
+        self.assertIn(b"Your account slowmade@example.com is ready", page)
+        # Nobody can tell: the use is kept, and the page says so.
+        status, page = self.sign_up(token, "unknowable")
+        self.assertEqual(status, 502, page)
+        self.assertIn(b"cannot tell whether it was done", page)
+        self.assertEqual(self.store.invite(token)["uses_left"], 3)
+        self.assertEqual([a["username"] for a in self.store.accounts(token)], ["slowmade"])
+        time.sleep(max(0, started + 3 - time.monotonic()))  # past when the killed child would have written
+        with open(self.made) as f:
+            self.assertEqual(f.read().split(), ["slowmade"])
+        self.assertNotIn(self.PASSWORD, self.log.getvalue())
+        self.assertNotIn("create", self.log.getvalue())  # no argv in any error text
+
+    def test_resets_are_a_key_permission_and_only_for_accounts_that_exist(self):
+        status, _, body = self.create(extra="&type=reset&username=alice")
+        self.assertEqual(status, 403)
+        self.assertIn(b"may not make password-reset invites", body)
+        ia.update_key(self.store, "example.com", self.key_id, may_reset=1)
+        status, _, body = self.create(extra="&type=reset&username=ghost")  # no such account
+        self.assertEqual((status, body), (400, b"there is no account ghost@example.com to reset\n"))
+        self.assertEqual(self.invite_count(), 0)
+        status, answer, _ = self.create(extra="&type=reset&username=alice", headers={"Accept": "application/json"})
+        self.assertEqual(status, 201)
+        reset = self.token_of(answer["location"])
+        check = json.loads(self.request("GET", f"/invite/{reset}.json")[2])
+        self.assertEqual((check["valid"], check["type"]), (True, "reset"))
+        status, _, body = self.request("POST", f"/invites_api/invites/{reset}/redeem?key={self.key}")
+        self.assertEqual(status, 400)
+        self.assertIn(b"password-reset invite", body)
+        # alice@ is made anew through us after the reset was minted: the reset cannot set her password.
+        minted = self.store.invite(reset)["created_at"]
+        while ia.now() <= minted:
+            time.sleep(0.05)
+        self.assertEqual(self.sign_up(self.token_of(self.create()[1]["location"]), "alice")[0], 200)
+        status, page = self.sign_up(reset, "alice")
+        self.assertEqual(status, 403, page)
+        self.assertIn(b"made before alice@example.com was created", page)
+        self.assertNotIn("reset alice example.com", self.calls_made())
+        self.assertEqual(self.store.invite(reset)["uses_left"], 1)
+
+    def test_the_cross_site_defence_passes_browsers_own_forms_and_refuses_others(self):
+        token = self.token_of(self.create()[1]["location"])
+        ours = f"http://127.0.0.1:{self.port}"
+        refused = [{"Origin": "null"}, {"Origin": "http://evil.example"}, {"Origin": f"https://127.0.0.1:{self.port}"},
+                   {"Sec-Fetch-Site": "cross-site", "Origin": ours}, {"Sec-Fetch-Site": "same-site", "Origin": ours}]
+        for headers in refused:
+            status, page = self.sign_up(token, "alice", headers=headers)
+            self.assertEqual(status, 403, headers)
+            self.assertIn(b"<h1>This cannot be done from here</h1>", page)  # a styled page
+            self.assertIn(b"can only be sent from its own page", page)
+        self.assertEqual(self.calls_made(), [])
+        # What Chromium sends under our Referrer-Policy, and under no-referrer: both are its own page.
+        self.assertEqual(self.sign_up(token, "alice", headers={"Origin": ours, "Sec-Fetch-Site": "same-origin"})[0],
+                         200)
+        token = self.token_of(self.create()[1]["location"])
+        self.assertEqual(self.sign_up(token, "bob", headers={"Origin": "null", "Sec-Fetch-Site": "same-origin"})[0],
+                         200)
+
+    def test_unknown_tokens_count_toward_the_per_address_limit_and_errors_are_pages(self):
+        status, page = self.sign_up("A" * 24, "alice")
+        self.assertEqual(status, 404)
+        self.assertIn(b"<h1>We could not find this invite</h1>", page)
+        statuses = [self.sign_up("B" * 24, "alice")[0] for _ in range(ia.SIGNUPS_PER_MINUTE)]
+        self.assertEqual(statuses[-1], 429)
+        token = self.token_of(self.create()[1]["location"])
+        status, page = self.sign_up(token, "alice")  # even a valid token, from this address, this minute
+        self.assertEqual(status, 429)
+        self.assertIn(b"<h1>Too many attempts</h1>", page)
+        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+
+    def test_a_notify_program_that_hangs_is_killed_with_its_children_and_no_token_is_logged(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
+        late = os.path.join(tmp, "late")
+        self.app.notify = [write_program(tmp, "notify", f"(sleep 2; echo late > {late}) & sleep 30\n")]
+        token = self.token_of(self.create()[1]["location"])
+        with mock.patch.object(ia, "NOTIFY_TIMEOUT", 1):
+            self.assertEqual(self.sign_up(token, "alice")[0], 200)
+            deadline = time.monotonic() + 10
+            while "--notify-command failed" not in self.log.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        self.assertIn("--notify-command failed: --notify-command timed out after 1 s", self.log.getvalue())
+        self.assertNotIn(token, self.log.getvalue())
+        time.sleep(2.5)  # past when its child would have written
+        self.assertFalse(os.path.exists(late))
 
     def test_a_malformed_form_is_refused_with_its_reason_and_uses_nothing(self):
         token = self.token_of(self.create()[1]["location"])
@@ -1496,7 +1849,8 @@ case "$2" in taken) exit 3;; broken) echo 'backend on fire' >&2; exit 1;; esac
                              (good.encode() + "&user=bø".encode(), b"percent-encoded ASCII"),
                              (good + "&user=bob" + "&x=" * 30, b"too many form fields")]:
             status, _, answer = self.request("POST", "/register", form, body)
-            self.assertEqual((status, reason in answer), (400, True), answer)
+            self.assertEqual((status, reason.lower() in html.unescape(answer.decode()).lower().encode()),
+                             (400, True), answer)
         self.assertEqual(self.request("POST", "/register", {"Content-Type": "application/json"}, good)[0], 415)
         self.assertFalse(os.path.exists(self.calls))  # the account program never ran
         self.assertEqual(self.store.invite(token)["uses_left"], 1)
@@ -1928,10 +2282,11 @@ modules_disabled = {{ "invites_page" }}
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
 
-    def cli(self, *argv):
+    def cli(self, *argv, status=0):
+        """Run the command line in-process; return its stdout (status 1: its stderr)."""
         code, out, err = run_main("--db", self.db, *argv)
-        self.assertEqual(code, 0, err)
-        return out
+        self.assertEqual(code, status, err)
+        return err if status else out
 
     def show(self, token, host=None):
         # (Prosody's tokens may begin with "-": after "--" they are not taken for options)
@@ -2088,6 +2443,8 @@ modules_disabled = {{ "invites_page" }}
             response = conn.getresponse()
             page = response.read().decode()
             conn.close()
+            if response.status == 303:  # after a sign-up, the page it leads to
+                return send("GET", response.getheader("Location").split(str(port), 1)[1])
             return response.status, page, response.getheader("Content-Security-Policy")
 
         def mint(query=""):
@@ -2134,7 +2491,13 @@ modules_disabled = {{ "invites_page" }}
         shown = self.show(token)
         self.assertEqual([a["jid"] for a in shown["accounts"]], [f"alice@{self.HOST}"])
         # A password reset from the built-in store: the new password works, the old one no longer.
-        url = self.cli("invites", "create", self.HOST, "--reset", "alice").strip()
+        self.assertIn("cannot tell whether alice@", self.cli("invites", "create", self.HOST, "--reset", "alice",
+                                                              status=1))  # who can say alice exists?
+        self.assertIn("there is no account ghost@", self.cli("invites", "create", self.HOST, "--reset", "ghost",
+                                                              "--accounts", "prosody", "--prosody-config",
+                                                              self.config, status=1))
+        url = self.cli("invites", "create", self.HOST, "--reset", "alice", "--accounts", "prosody",
+                       "--prosody-config", self.config).strip()
         reset = url.rsplit("?", 1)[1]
         status, page, _ = send("GET", f"/register?t={reset}")
         self.assertIn(f"Set a new password for alice@{self.HOST}", page)
@@ -2146,9 +2509,75 @@ modules_disabled = {{ "invites_page" }}
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
 
+    def test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client(self):
+        key = self.make_key_for(self.HOST)
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
+
+        def login(user, password):
+            client = Xmpp(self.c2s_port, self.HOST)
+            try:
+                return client.login(user, password)
+            finally:
+                client.close()
+
+        def reset(user):
+            return self.cli("invites", "create", self.HOST, "--reset", user, "--accounts", "prosody",
+                            "--prosody-config", self.config, "--public-url", f"http://127.0.0.1:{port}").strip()
+        secrets = ("a long password", "a new password", "bob's long password", key.split("/")[1])
+        with contextlib.closing(ArgvWatch(*secrets)) as watch:
+            token = browser_journey(self, port, key, self.HOST, login, reset,
+                                    screenshot_dir(self, f"prosody-{self.version}"))
+        self.assertEqual(watch.seen, [])
+        self.assertGreater(watch.samples, 10)
+        self.assertTrue(ia.check_invite(ia.Store(self.db), token)["valid"])  # the cross-site post used nothing
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        for secret in secrets + (token,):
+            self.assertNotIn(secret, log)
+
+    def test_a_creation_prosody_answers_too_late_is_never_sent_again_and_keeps_its_use(self):
+        key = self.make_key_for(self.HOST)
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config, "--backend-timeout", "1")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/invites_api?key={key}")
+        response = conn.getresponse()
+        response.read()
+        token = response.getheader("Location").rsplit("?", 1)[1]
+        with open(os.path.join(self.home, "prosody.pid")) as f:  # (Prosody itself, not runuser)
+            pid = int(f.read())
+        os.kill(pid, signal.SIGSTOP)  # a Prosody that is really slow: it answers nothing for 2.5 s
+        self.addCleanup(os.kill, pid, signal.SIGCONT)
+        resumed = threading.Timer(2.5, os.kill, (pid, signal.SIGCONT))
+        resumed.start()
+        form = f"token={token}&user=slow&password=a+long+password&password_confirm=a+long+password"
+        conn.request("POST", "/register", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        page = response.read().decode()
+        resumed.join()
+        self.assertEqual(response.status, 502, page)
+        self.assertIn("cannot tell whether it was done", page)
+        self.assertNotIn("taken", page)
+        self.assertEqual(ia.Store(self.db).invite(token)["uses_left"], 0)  # kept: it may have been made
+        deadline = time.monotonic() + 10
+        client = Xmpp(self.c2s_port, self.HOST)
+        while not client.login("slow", "a long password"):  # Prosody ran the one command it was sent
+            client.close()
+            self.assertLess(time.monotonic(), deadline, "the account was never made")
+            time.sleep(0.2)
+            client = Xmpp(self.c2s_port, self.HOST)
+        client.close()
+        conn.request("POST", "/register", form.replace("slow", "second"),
+                     {"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(conn.getresponse().status, 410)  # no second account from one use
+        conn.close()
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn("a long password", proc.stderr.read())
+
     def make_key_for(self, host):
         store = ia.Store(self.db)
-        key = ia.create_key(store, host)
+        key = ia.create_key(store, host, may_reset=1)
         store.close()
         return key
 
@@ -2239,6 +2668,7 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
     page (serve --accounts ejabberd)."""
 
     HOST = "example.test"
+    MODULES = "{mod_admin_extra: {}}"
 
     def setUp(self):
         super().setUp()
@@ -2257,7 +2687,7 @@ listen:
 auth_method: internal
 acl: {{local: {{user_regexp: ""}}}}
 access_rules: {{local: {{allow: local}}}}
-modules: {{mod_admin_extra: {{}}}}
+modules: {self.MODULES}
 """)
         with open(os.path.join(dirs["conf"], "ejabberdctl.cfg"), "w") as f:
             f.write(f"ERLANG_NODE=invites{os.getpid()}@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n"
@@ -2283,6 +2713,63 @@ modules: {{mod_admin_extra: {{}}}}
         finally:
             client.close()
 
+    def test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client(self):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST)
+        store.close()
+        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        self.assertNotIn("warning", self.banner)
+
+        def reset(user):
+            code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", user, "--accounts",
+                                      "ejabberd", "--ejabberdctl", self.ejabberdctl, "--public-url",
+                                      f"http://127.0.0.1:{port}")
+            self.assertEqual(code, 0, err)
+            return out.strip()
+        secret = key.split("/")[1]
+        # (the password itself is in ejabberdctl's arguments: the only way it takes one)
+        with contextlib.closing(ArgvWatch(secret)) as watch:
+            token = browser_journey(self, port, key, self.HOST, self.login, reset,
+                                    screenshot_dir(self, f"ejabberd-{self.version}"))
+            self.assertEqual(watch.seen, [])
+        self.assertTrue(ia.check_invite(ia.Store(self.db), token)["valid"])  # the cross-site post used nothing
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        for value in ("a long password", "a new password", secret, token):
+            self.assertNotIn(value, log)
+
+    def test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started(self):
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST)
+        store.close()
+        # Debian's ejabberdctl runs su, sh, then erl: 0.1 s is less than that VM takes to start.
+        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl,
+                                "--backend-timeout", "0.1")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/invites_api?key={key}")
+        response = conn.getresponse()
+        response.read()
+        token = response.getheader("Location").rsplit("?", 1)[1]
+        form = f"token={token}&user=late&password=Tr0ub4dor-and-3&password_confirm=Tr0ub4dor-and-3"
+        started = time.monotonic()
+        conn.request("POST", "/register", form, {"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        page = response.read().decode()
+        conn.close()
+        self.assertEqual(response.status, 502, page)
+        self.assertIn("cannot tell whether it was done", page)  # (check_account timed out as well)
+        time.sleep(max(0, started + 5 - time.monotonic()))  # well past when the VM would have registered it
+        self.assertFalse(self.login("late", "Tr0ub4dor-and-3"))
+        lingering = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
+                     and b"Tr0ub4dor" in open(f"/proc/{p}/cmdline", "rb").read()]
+        self.assertEqual(lingering, [])
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        self.assertIn("ejabberdctl timed out after 0.1 s", log)
+        self.assertNotIn("Tr0ub4dor", log)
+
     def test_sign_up_reset_and_refusals_with_real_ejabberd_accounts(self):
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST)
@@ -2296,6 +2783,12 @@ modules: {{mod_admin_extra: {{}}}}
             response = conn.getresponse()
             page = response.read().decode()
             conn.close()
+            if response.status == 303:  # after a sign-up, the page it leads to
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                conn.request("GET", response.getheader("Location").split(str(port), 1)[1])
+                response = conn.getresponse()
+                page = response.read().decode()
+                conn.close()
             return response.status, page
 
         def mint():
@@ -2316,7 +2809,11 @@ modules: {{mod_admin_extra: {{}}}}
         status, page = post(dict(form, token=second))  # a taken name: the invite is not used
         self.assertEqual(status, 409, page)
         self.assertTrue(ia.check_invite(ia.Store(self.db), second)["valid"])
-        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice")
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "ghost",
+                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        self.assertEqual((code, err), (1, f"error: there is no account ghost@{self.HOST} to reset\n"))
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
+                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
         self.assertEqual(code, 0, err)
         reset = out.strip().rsplit("?", 1)[1]
         status, page = post({"token": reset, "password": "a new password", "password_confirm": "a new password"})
@@ -2326,6 +2823,30 @@ modules: {{mod_admin_extra: {{}}}}
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn("a new password", proc.stderr.read())
+
+
+class EjabberdWithoutAdminExtraTest(EjabberdTest):
+    """ejabberd without mod_admin_extra: no check_account, so no resets, and serve says so."""
+
+    MODULES = "{}"
+    test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
+    test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started = None
+    test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
+
+    def test_serve_warns_and_a_reset_is_refused_as_a_failure_not_as_a_missing_account(self):
+        subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
+                       capture_output=True, timeout=60)
+        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        warning = wait_for_line(proc.stderr, 30)
+        self.assertIn("--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
+                      "mod_admin_extra)", warning)
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
+                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        self.assertEqual(code, 1)
+        self.assertIn(f"error: could not ask whether alice@{self.HOST} exists, so no reset was made", err)
+        self.assertNotIn("there is no account", err)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
 
 
 # ---------------------------------------------------------------------------
@@ -3337,6 +3858,27 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
                          (1, "", "error: key 'nosuchkey' not found for host 'example.com'\n"))
         self.assertEqual(self.cli("update", "example.com", key_id)[0], 1)
 
+    def test_resets_are_off_for_a_key_until_allowed_and_can_be_taken_back(self):
+        plain = self.cli("create", "example.com")[1].split("/")[0]
+        allowed = self.cli("create", "example.com", "--allow-resets")[1].split("/")[0]
+        listed = {k["id"]: k["may_reset"] for k in json.loads(self.cli("list", "example.com", "--json")[1])}
+        self.assertEqual(listed, {plain: False, allowed: True})
+        self.assertEqual(self.cli("update", "example.com", allowed, "--no-allow-resets"), (0, "", ""))
+        self.assertEqual(self.cli("update", "example.com", plain, "--allow-resets"), (0, "", ""))
+        listed = {k["id"]: k["may_reset"] for k in json.loads(self.cli("list", "example.com", "--json")[1])}
+        self.assertEqual(listed, {plain: True, allowed: False})
+
+    def test_keys_made_before_the_reset_permission_existed_do_not_have_it(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:  # a database of schema 6
+            for statements in ia.MIGRATIONS[:6]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 6")
+            conn.execute("INSERT INTO keys (id, host, secret_hash, created_at) VALUES ('oldkey', 'example.com', "
+                         "x'00', 0)")
+            conn.commit()
+        self.assertEqual([k["may_reset"] for k in json.loads(self.cli("list", "example.com", "--json")[1])], [False])
+
     def test_bad_policy_values_are_usage_errors(self):
         for option, value in (("--expires", "soon"), ("--rate", "10"), ("--rate", "ten/hour"), ("--rate", "5/fortnight"),
                               ("--max-invites", "0"), ("--max-ttl", "1y"), ("--max-uses", "-1")):
@@ -3540,7 +4082,7 @@ def require_program(name):
 
 # The longest classes start first, so the pool ends together.
 SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "ProsodyBackportsTest", "EjabberdTest",
-              "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "BrowserTest", "ServerProcessTest", "HealthAndMetricsTest", "ThousandConnectionsTest")
+              "EjabberdWithoutAdminExtraTest", "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "BrowserTest", "ServerProcessTest", "HealthAndMetricsTest", "ThousandConnectionsTest")
 
 
 def run_class(name):
