@@ -1299,28 +1299,36 @@ class Invitee:
         return navigation.value.status
 
 
-def browser_journey(test, port, key, host, login, reset_cli, shots):
+def journey_passwords():
+    """Return the passwords of one browser_journey: (first, bob's, new), unique to this run (the
+    suite's other processes may be typing passwords at the same time)."""
+    word = ia._random_id(6)
+    return f"first password {word}", f"bob's password {word}", f"new password {word}"
+
+
+def browser_journey(test, port, key, host, login, reset_cli, shots, passwords):
     """Take an invitee's whole path in Chromium against a serve --accounts on port: sign-up, a login
     as the new account, refusals with the form kept, a reload, a reset, a cross-site form."""
+    first, bobs, new = passwords
     person = Invitee(test, shots)
     bookmark = f"http://127.0.0.1:{port}/invites_api?key={key}&redirect=true"
-    test.assertEqual(person.sign_up(bookmark, "alice", "a long password", name="signup"), 200)
+    test.assertEqual(person.sign_up(bookmark, "alice", first, name="signup"), 200)
     test.assertIn(f"Your account alice@{host} is ready", person.text())
     test.assertNotIn("already been used", person.text())
     test.assertRegex(person.page.url, r"/register\?t=[A-Za-z0-9_-]{24}&account=alice$")
     person.look("done")
-    test.assertTrue(login("alice", "a long password"))
+    test.assertTrue(login("alice", first))
     posts = [r for r in person.requests if r[0] == "POST"]
     person.page.reload()  # a reload shows the same page and posts nothing
     test.assertIn(f"Your account alice@{host} is ready", person.text())
     test.assertEqual([r for r in person.requests if r[0] == "POST"], posts)
     # A taken name: the form again, the reason shown and the name kept; the invite is still there.
-    test.assertEqual(person.sign_up(bookmark, "alice", "a long password"), 409)
+    test.assertEqual(person.sign_up(bookmark, "alice", first), 409)
     test.assertIn(f"alice@{host} is taken; choose another name", person.text())
     test.assertEqual(person.page.input_value("#user"), "alice")
     person.look("taken")
     # A mismatch: refused by us, the reason shown. Too short: the browser itself keeps the form back.
-    test.assertEqual(person.submit("bob", "a long password", "another long one"), 400)
+    test.assertEqual(person.submit("bob", first, "another long one"), 400)
     test.assertIn("the two passwords are not the same", person.text())
     person.look("mismatch")
     before = len(person.requests)
@@ -1330,19 +1338,19 @@ def browser_journey(test, port, key, host, login, reset_cli, shots):
     person.page.click("button[type=submit]")
     test.assertTrue(person.page.evaluate("!document.querySelector('#password').checkValidity()"))
     test.assertEqual(person.requests[before:], [])  # nothing was sent
-    test.assertEqual(person.submit("bob", "bob's long password"), 200)
-    test.assertTrue(login("bob", "bob's long password"))
+    test.assertEqual(person.submit("bob", bobs), 200)
+    test.assertTrue(login("bob", bobs))
     # A password reset: the new password logs in, the old one no longer does.
     person.page.goto(reset_cli("alice"))
     person.look("reset-invite")
     person.page.click("a.button")  # "Set a new password"
     test.assertIn(f"Set a new password for alice@{host}", person.text())
     person.look("reset-form")
-    test.assertEqual(person.submit(None, "a new password"), 200)
+    test.assertEqual(person.submit(None, new), 200)
     test.assertIn("Your new password is set", person.text())
     person.look("reset-done")
-    test.assertTrue(login("alice", "a new password"))
-    test.assertFalse(login("alice", "a long password"))
+    test.assertTrue(login("alice", new))
+    test.assertFalse(login("alice", first))
     # A form on a page of another origin posts a valid token to /register, sent by the same browser.
     person.page.goto(bookmark)
     token = person.page.url.rsplit("?", 1)[1]
@@ -1854,6 +1862,29 @@ esac
         self.assertEqual(self.request("POST", "/register", {"Content-Type": "application/json"}, good)[0], 415)
         self.assertFalse(os.path.exists(self.calls))  # the account program never ran
         self.assertEqual(self.store.invite(token)["uses_left"], 1)
+
+
+class AccountAnswersTest(unittest.TestCase):
+    """What Prosody's admin shell answers is read strictly: an answer we do not know is a failure."""
+
+    def accounts(self, answer):
+        backend = mock.Mock(spec=["lua"])
+        backend.lua.return_value = answer
+        return ia.ProsodyAccounts(backend)
+
+    def test_only_done_is_success_and_anything_unknown_fails(self):
+        self.assertIsNone(self.accounts("done").create("example.com", "alice", "a long password"))
+        for answer, error, words in (("taken", ia.Conflict, "is taken"), ("", ia.BackendError, "answer we do not know"),
+                                     ("ok", ia.BackendError, "answer we do not know"),
+                                     ("nohost", ia.BackendError, "example.com is not a host of this Prosody"),
+                                     ("refused Password fails SASLprep.", ia.BadRequest, "refused the password"),
+                                     ("refused database is locked", ia.BackendError, "could not do it")):
+            with self.assertRaises(error) as caught:
+                self.accounts(answer).create("example.com", "alice", "a long password")
+            self.assertIn(words, str(caught.exception), answer)
+            self.assertNotIn("a long password", str(caught.exception))
+        with self.assertRaises(ia.BackendError):
+            self.accounts("maybe").reset("example.com", "alice", "a long password")
 
 
 class BackendServerTest(ServerProcessMixin, TempDirTestCase):
@@ -2523,10 +2554,11 @@ modules_disabled = {{ "invites_page" }}
         def reset(user):
             return self.cli("invites", "create", self.HOST, "--reset", user, "--accounts", "prosody",
                             "--prosody-config", self.config, "--public-url", f"http://127.0.0.1:{port}").strip()
-        secrets = ("a long password", "a new password", "bob's long password", key.split("/")[1])
+        passwords = journey_passwords()
+        secrets = passwords + (key.split("/")[1],)
         with contextlib.closing(ArgvWatch(*secrets)) as watch:
             token = browser_journey(self, port, key, self.HOST, login, reset,
-                                    screenshot_dir(self, f"prosody-{self.version}"))
+                                    screenshot_dir(self, f"prosody-{self.version}"), passwords)
         self.assertEqual(watch.seen, [])
         self.assertGreater(watch.samples, 10)
         self.assertTrue(ia.check_invite(ia.Store(self.db), token)["valid"])  # the cross-site post used nothing
@@ -2726,17 +2758,17 @@ modules: {self.MODULES}
                                       f"http://127.0.0.1:{port}")
             self.assertEqual(code, 0, err)
             return out.strip()
-        secret = key.split("/")[1]
+        secret, passwords = key.split("/")[1], journey_passwords()
         # (the password itself is in ejabberdctl's arguments: the only way it takes one)
         with contextlib.closing(ArgvWatch(secret)) as watch:
             token = browser_journey(self, port, key, self.HOST, self.login, reset,
-                                    screenshot_dir(self, f"ejabberd-{self.version}"))
+                                    screenshot_dir(self, f"ejabberd-{self.version}"), passwords)
             self.assertEqual(watch.seen, [])
         self.assertTrue(ia.check_invite(ia.Store(self.db), token)["valid"])  # the cross-site post used nothing
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         log = proc.stderr.read()
-        for value in ("a long password", "a new password", secret, token):
+        for value in passwords + (secret, token):
             self.assertNotIn(value, log)
 
     def test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started(self):
