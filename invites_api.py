@@ -1217,7 +1217,7 @@ def sign_up(store, accounts, token, username, password, confirmation):
     except ValueError as e:
         raise BadRequest(str(e)) from None
     reset = invite["type"] == "reset"
-    if reset and store.account_created_since(invite["host"], username, invite["created_at"]):
+    if reset and _made_since(store, accounts, invite["host"], username, invite["created_at"]):
         raise Forbidden(f"this reset was made before {username}@{invite['host']} was created, so it cannot "
                         "set its password: ask for a new one")
     used = store.use_invite(token, now())
@@ -1234,6 +1234,15 @@ def sign_up(store, accounts, token, username, password, confirmation):
         raise
     store.record_account(token, invite["host"], username, "reset" if reset else "create", now())
     return used, username
+
+
+def _made_since(store, accounts, host, username, at):
+    """Return whether username@host was made after time at: through us (our records), or as the
+    XMPP server says where it records it (Prosody 13)."""
+    if store.account_created_since(host, username, at):
+        return True
+    created = accounts.created_at(host, username)
+    return created is not None and created > at
 
 
 def _made_after_all(store, accounts, token, host, username):
@@ -1607,6 +1616,9 @@ _PROSODY_LUA = {
                     'local ok, e = um.set_password({username}, {password}, {host}, nil) '
                     'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
     "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" or "missing"',
+    # Prosody 13 records when an account was made (0.12 does not: "unknown").
+    "account_created": _PROSODY_USERS + 'local i = um.get_account_info and um.get_account_info({username}, {host}) '
+                       'return true, i and i.created and string.format("%d", i.created) or "unknown"',
     "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end return true, table.concat(s, " ")',
     "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
                'return true, table.concat(s, " ")',
@@ -1750,6 +1762,10 @@ class Accounts:
         """Return whether username@host exists; raise BackendError if the server cannot tell."""
         return self.run("exists", host, username, "") == 0
 
+    def created_at(self, host, username):
+        """Return when the server made username@host (epoch seconds), or None if it does not say."""
+        return None
+
     def check(self, hosts):
         """Return warnings about what this setup lacks for these hosts."""
         return []
@@ -1786,6 +1802,10 @@ class ProsodyAccounts(Accounts):
 
     def exists(self, host, username):
         return self.backend.exists(host, username)
+
+    def created_at(self, host, username):
+        answer = self.backend.lua("account_created", host=host, username=username)
+        return int(answer) if answer.isdigit() else None
 
     def check(self, hosts):
         served = self.backend.lua("hosts").split()
