@@ -2617,6 +2617,28 @@ modules_disabled = {{ "invites_page" }}
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn("a long password", proc.stderr.read())
 
+    def test_a_key_for_a_host_prosody_does_not_serve_is_named_at_start_and_at_sign_up(self):
+        key = self.make_key_for("exmaple.test")
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
+        self.assertIn("--accounts prosody: exmaple.test is not a host of this Prosody", wait_for_line(proc.stderr))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/invites_api?key={key}")
+        response = conn.getresponse()
+        response.read()
+        token = response.getheader("Location").rsplit("?", 1)[1]
+        conn.request("POST", "/register", f"token={token}&user=alice&password=a+long+password&password_confirm="
+                     "a+long+password", {"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        self.assertEqual(response.status, 502)
+        self.assertIn(b"could not do it just now", response.read())
+        conn.close()
+        self.assertEqual(ia.Store(self.db).invite(token)["uses_left"], 1)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        self.assertIn("exmaple.test is not a host of this Prosody", log)
+        self.assertNotIn("attempt to index a nil value", log)
+
     def test_a_reset_never_sets_the_password_of_an_account_made_after_it(self):
         key = self.make_key_for(self.HOST)
         proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
