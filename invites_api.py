@@ -460,6 +460,9 @@ MIGRATIONS = [
         "ALTER TABLE keys ADD COLUMN may_reset INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX accounts_by_name ON accounts (host, username, created_at)",
     ),
+    (  # 8: a reset names the account it was made for (a later account of the same name is another)
+        "ALTER TABLE invites ADD COLUMN account_mark TEXT",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
@@ -469,7 +472,7 @@ _KEY_OR_DECOY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = coalesce((SELECT id
 # Settable with `create` and `update`.
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses", "may_reset")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
-                   "username, note, revoked_at, done_at, backend")
+                   "username, note, revoked_at, done_at, backend, account_mark")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
 _INSERT_INVITE = f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})"
 
@@ -755,10 +758,14 @@ class Store:
             "INSERT INTO accounts (token, host, username, action, created_at) VALUES (?, ?, ?, ?, ?)",
             (token, host, username, action, at)))
 
-    def account_created_since(self, host, username, at):
-        """Return whether we made username@host after time at (a reset older than it is not its own)."""
-        return bool(self.read("SELECT 1 FROM accounts WHERE host = ? AND username = ? AND action = 'create' "
-                              "AND created_at > ? LIMIT 1", (host, username, at)))
+    def set_account_mark(self, token, mark):
+        """Record which account (by the server's mark for it) a reset invite is for."""
+        self.write(lambda conn: conn.execute("UPDATE invites SET account_mark = ? WHERE token = ?", (mark, token)))
+
+    def confirm_account(self, token, username):
+        """Record that an account whose creation nobody could confirm was made after all."""
+        self.write(lambda conn: conn.execute("UPDATE accounts SET action = 'create' WHERE token = ? AND "
+                                             "username = ? AND action = 'unconfirmed'", (token, username)))
 
     def accounts(self, token):
         """Return the accounts an invite made or reset, oldest first."""
@@ -1031,7 +1038,7 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
 
 
 def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
-                  backend=None, exists=None):
+                  backend=None, identify=None):
     """Mint an account invite, store it durably, and return it (a dict).
 
     credentials: the "KEY_ID/SECRET" a request presented; it is checked in
@@ -1041,8 +1048,8 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     ttl, uses, username, note values (see invite_options). Built-in by
     default; with a backend, the XMPP server mints it and we record it.
     Raises Unauthorized, Forbidden, BadRequest, TooManyRequests,
-    BackendError or Unavailable. exists(host, username): whether an account exists, which a
-    password reset needs to be told (None: no one can tell, so no reset).
+    BackendError or Unavailable. identify(host, username): the server's mark for an account (None:
+    there is none), which a password reset needs (identify None: no one can tell, so no reset).
     """
     def insert(conn):
         key = authenticate(store, credentials, conn) if credentials is not None else None
@@ -1058,7 +1065,9 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     invite = store.write(insert)
     if invite["type"] == "reset":
         try:
-            _check_account_exists(exists, invite["host"], invite["username"])
+            mark = _account_mark(identify, invite["host"], invite["username"])
+            store.set_account_mark(invite["token"], mark)
+            invite["account_mark"] = mark
         except BaseException:
             store.drop_invite(invite["token"])  # (its token was never shown to anyone)
             raise
@@ -1076,17 +1085,19 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     return invite
 
 
-def _check_account_exists(exists, host, username):
-    """Raise unless exists says username@host is an account (a reset is for existing ones only)."""
-    if exists is None:
+def _account_mark(identify, host, username):
+    """Return identify's mark for username@host; raise unless it is an account (a reset is for
+    existing ones only)."""
+    if identify is None:
         raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a reset "
                          "needs --accounts (or a backend that can ask the XMPP server)")
     try:
-        found = exists(host, username)
+        mark = identify(host, username)
     except BackendError as e:
         raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was made: {e}") from None
-    if not found:
+    if mark is None:
         raise BadRequest(f"there is no account {username}@{host} to reset")
+    return mark
 
 
 def _new_invite(host, key, ttl, uses, username, note, type="register", backend=None):
@@ -1098,7 +1109,7 @@ def _new_invite(host, key, ttl, uses, username, note, type="register", backend=N
             "key_id": key["id"] if key is not None else None, "created_at": created_at,
             "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
             "username": username, "note": note, "revoked_at": None, "done_at": None,
-            "backend": "builtin" if backend is None else backend.name}
+            "backend": "builtin" if backend is None else backend.name, "account_mark": None}
 
 
 def invite_status(invite, at=None):
@@ -1217,9 +1228,13 @@ def sign_up(store, accounts, token, username, password, confirmation):
     except ValueError as e:
         raise BadRequest(str(e)) from None
     reset = invite["type"] == "reset"
-    if reset and _made_since(store, accounts, invite["host"], username, invite["created_at"]):
-        raise Forbidden(f"this reset was made before {username}@{invite['host']} was created, so it cannot "
-                        "set its password: ask for a new one")
+    mark = accounts.mark(invite["host"], username) if reset else None
+    if reset and mark is None:
+        raise Conflict(f"there is no account {username}@{invite['host']}")
+    if reset and mark != invite["account_mark"]:  # the account was deleted and made again since
+        raise Forbidden(f"this reset was made for an earlier account named {username}@{invite['host']}, so it "
+                        "cannot set this one's password: ask for a new one")
+    _confirm_accounts(store, accounts, invite)
     used = store.use_invite(token, now())
     if used is None:
         raise Gone(f"this invite is {invite_status(store.invite(token))}")
@@ -1227,7 +1242,10 @@ def sign_up(store, accounts, token, username, password, confirmation):
         (accounts.reset if reset else accounts.create)(invite["host"], username, password)
     except OutcomeUnknown:
         # A reset cannot be seen from outside, and a creation nobody can confirm keeps its use.
-        if reset or not _made_after_all(store, accounts, token, invite["host"], username):
+        if reset:
+            raise
+        if not _made_after_all(store, accounts, token, invite["host"], username):
+            store.record_account(token, invite["host"], username, "unconfirmed", now())
             raise
     except BaseException:
         store.give_back_use(token)
@@ -1236,13 +1254,16 @@ def sign_up(store, accounts, token, username, password, confirmation):
     return used, username
 
 
-def _made_since(store, accounts, host, username, at):
-    """Return whether username@host was made after time at: through us (our records), or as the
-    XMPP server says where it records it (Prosody 13)."""
-    if store.account_created_since(host, username, at):
-        return True
-    created = accounts.created_at(host, username)
-    return created is not None and created > at
+def _confirm_accounts(store, accounts, invite):
+    """Ask the server again about the accounts of this invite whose creation nobody could confirm
+    (their uses are kept): record those that exist as made."""
+    for account in store.accounts(invite["token"]):
+        if account["action"] == "unconfirmed":
+            try:
+                if accounts.exists(account["host"], account["username"]):
+                    store.confirm_account(invite["token"], account["username"])
+            except BackendError:
+                pass  # still nobody can tell: it stays unconfirmed, its use kept
 
 
 def _made_after_all(store, accounts, token, host, username):
@@ -1616,9 +1637,11 @@ _PROSODY_LUA = {
                     'local ok, e = um.set_password({username}, {password}, {host}, nil) '
                     'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
     "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" or "missing"',
-    # Prosody 13 records when an account was made (0.12 does not: "unknown").
-    "account_created": _PROSODY_USERS + 'local i = um.get_account_info and um.get_account_info({username}, {host}) '
-                       'return true, i and i.created and string.format("%d", i.created) or "unknown"',
+    # In the account's own storage, which Prosody deletes with the account.
+    "account_mark": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, "missing" end '
+                    'local s = require"core.storagemanager".open({host}, "invites_api") '
+                    'local d = s:get({username}) or {{}} if not d.mark and {new} then d.mark = {new} '
+                    'assert(s:set({username}, d)) end return true, "mark " .. (d.mark or "none")',
     "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end return true, table.concat(s, " ")',
     "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
                'return true, table.concat(s, " ")',
@@ -1736,9 +1759,11 @@ class ProsodyBackend(Backend):
 class Accounts:
     """Creates the accounts that built-in invites are used for, or sets their passwords (serve
     --accounts): the `command` kind runs a program (an argv, never a shell) whose arguments may hold
-    {action} (create, reset or exists), {username} and {host}; the password comes on its standard
-    input, never in its arguments. Exit status 0: done (exists: it does); 3: the name is taken (a
-    reset, exists: no such account); anything else: the server failed (502)."""
+    {action} (create, reset, exists or mark), {username} and {host}; the password comes on its
+    standard input, never in its arguments. Exit status 0: done (exists: it does; mark: it printed
+    the account's mark); 3: the name is taken (a reset, exists, mark: no such account); anything
+    else: the server failed (502). An account's mark is any text that a later account of the same
+    name would not have (its creation time, say): a reset sets only the password of its own."""
 
     name = "command"
     # After a timeout the program and all it started are killed: an account missing then stays so.
@@ -1750,35 +1775,39 @@ class Accounts:
     def create(self, host, username, password):
         """Create username@host; raise Conflict (taken), BadRequest (the server refused the
         password), BackendError, or OutcomeUnknown (it may have been made)."""
-        if self.run("create", host, username, password) == 3:
+        if self.run("create", host, username, password)[0] == 3:
             raise Conflict(f"{username}@{host} is taken; choose another name")
 
     def reset(self, host, username, password):
         """Set username@host's password; raise Conflict if there is no such account, BackendError."""
-        if self.run("reset", host, username, password) == 3:
+        if self.run("reset", host, username, password)[0] == 3:
             raise Conflict(f"there is no account {username}@{host}")
 
     def exists(self, host, username):
         """Return whether username@host exists; raise BackendError if the server cannot tell."""
-        return self.run("exists", host, username, "") == 0
+        return self.run("exists", host, username, "")[0] == 0
 
-    def created_at(self, host, username):
-        """Return when the server made username@host (epoch seconds), or None if it does not say."""
-        return None
+    def mark(self, host, username, new=None):
+        """Return what tells username@host from a later account of the same name (None: there is no
+        such account); new: a mark to give it if it has none. Raise BackendError."""
+        status, output = self.run("mark", host, username, "")
+        if status == 0 and not output.strip():
+            raise BackendError("the accounts program printed no mark for the account")
+        return output.strip()[:200] if status == 0 else None
 
     def check(self, hosts):
         """Return warnings about what this setup lacks for these hosts."""
         return []
 
     def run(self, action, host, username, password):
-        """Run the program for one action; return its exit status, 0 or 3 (else raise)."""
+        """Run the program for one action; return its exit status, 0 or 3 (else raise), and output."""
         argv = fill(self.template, action=action, username=username, host=host)
         status, stdout, stderr = run_program(argv, "the accounts program", self.timeout,
                                              password.encode("utf-8") + b"\n")
         if status not in (0, 3):
             detail = redact((stderr or stdout).decode("utf-8", "replace")).strip()[:300]
             raise BackendError(f"the accounts program exited with status {status}: {detail}")
-        return status
+        return status, stdout.decode("utf-8", "replace")
 
 
 class ProsodyAccounts(Accounts):
@@ -1803,9 +1832,14 @@ class ProsodyAccounts(Accounts):
     def exists(self, host, username):
         return self.backend.exists(host, username)
 
-    def created_at(self, host, username):
-        answer = self.backend.lua("account_created", host=host, username=username)
-        return int(answer) if answer.isdigit() else None
+    def mark(self, host, username, new=None):
+        answer = self.backend.lua("account_mark", host=host, username=username, new=new)
+        if answer.startswith("mark "):
+            return answer[5:]
+        if answer == "missing":
+            return None
+        raise BackendError(f"{host} is not a host of this Prosody" if answer == "nohost"
+                           else f"Prosody gave an answer we do not know: {answer[:100]!r}")
 
     def check(self, hosts):
         served = self.backend.lua("hosts").split()
@@ -1860,10 +1894,24 @@ class EjabberdAccounts(Accounts):
             self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): not an answer
         return code == 0
 
+    def mark(self, host, username, new=None):
+        # Kept in the account's private XML storage (mod_private), which ejabberd deletes with it.
+        if not self.exists(host, username):
+            return None
+        for attempt in ("read", "written"):
+            code, output = self.ctl("private_get", username, host, "invites-api", "urn:x-invites-api")
+            found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", output)
+            if code == 0 and (found or new is None):
+                return found.group(1) if found else "none"
+            if code != 0 or attempt == "written":
+                raise BackendError("ejabberd kept no mark for the account (is mod_private enabled?)")
+            code, output = self.ctl("private_set", username, host,
+                                    f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>")
+
     def check(self, hosts):
         code, output = self.ctl("status")
         if code != 0:
-            return [f"--accounts ejabberd: ejabberd does not answer ejabberdctl: {output.strip()[:200]}"]
+            return [f"--accounts ejabberd: ejabberd does not answer ejabberdctl: {redact(output).strip()[:200]}"]
         code, output = self.ctl("help", "check_account")
         if code != 0 or "check_account" not in output or "nknown" in output or "No tag or command" in output:
             return ["--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
@@ -1874,26 +1922,27 @@ class EjabberdAccounts(Accounts):
                 for host in hosts if code == 0 and host not in served]
 
     def ctl(self, *args):
-        """Run ejabberdctl with args; return (exit status, output redacted)."""
+        """Run ejabberdctl with args; return (exit status, output)."""
         status, stdout, stderr = run_program([self.ejabberdctl, *args], "ejabberdctl", self.timeout)
-        return status, redact((stdout + stderr).decode("utf-8", "replace"))
+        return status, (stdout + stderr).decode("utf-8", "replace")
 
     def done(self, code, output):
         """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
         if code != 0:
-            lines = [line for line in output.splitlines() if line.strip() and "inet_config" not in line
+            lines = [line for line in redact(output).splitlines() if line.strip() and "inet_config" not in line
                      and "ERROR REPORT" not in line]
             if "password" in output.lower():
                 raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
             raise BackendError(f"ejabberdctl exited with status {code}: {' | '.join(lines)[:300]}")
 
 
-def account_exists(backend, accounts):
-    """Return what tells whether an account exists for resets: the XMPP server that mints them, else
-    the accounts of built-in invites; None if nothing can."""
+def account_identifier(backend, accounts):
+    """Return what names an existing account for a reset (see create_invite's identify): the XMPP
+    server that mints resets, else the accounts of built-in invites; None if nothing can."""
     if backend is not None:
-        return getattr(backend, "exists", None)
-    return accounts.exists if accounts is not None else None
+        exists = getattr(backend, "exists", None)
+        return exists and (lambda host, username: "" if exists(host, username) else None)
+    return accounts and (lambda host, username: accounts.mark(host, username, new=_random_id(12)))
 
 
 def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberdctl="ejabberdctl"):
@@ -2654,7 +2703,7 @@ class App:
         self.auth_limiter = RateLimiter(auth_failures_per_minute)
         self.backend = backend  # None: the built-in store mints invites
         # Who can tell whether an account exists (a password reset needs to know), or None.
-        self.account_exists = account_exists(backend, accounts)
+        self.account_identifier = account_identifier(backend, accounts)
         self.site_name = site_name  # None: the invite's host
         self.apps = apps
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -2936,7 +2985,7 @@ class InviteRequests:
         credentials = self.presented_key(params.pop("key", ""))
         self.refuse_if_guessing()
         invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
-                               backend=app.backend, exists=app.account_exists)
+                               backend=app.backend, identify=app.account_identifier)
         app.metrics.count("invite", (invite["host"], invite["backend"]))
         url = self.invite_url(invite)
         status = 303 if redirect else 201
@@ -3018,7 +3067,8 @@ class InviteRequests:
         if invite is None or invite["backend"] != "builtin" or app.accounts is None:
             return self.respond_page(404, None)
         if "account" in params:  # only an account this invite made (or reset)
-            if not any(a["username"] == params["account"] for a in app.store.accounts(invite["token"])):
+            if not any(a["username"] == params["account"] and a["action"] != "unconfirmed"
+                       for a in app.store.accounts(invite["token"])):
                 return self.respond_page(404, None)
             return self.respond_page(200, invite=invite, username=params["account"], done=True)
         if status != "valid":
@@ -3693,7 +3743,7 @@ def cmd_invites_create(args):
     for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr)
     invite = create_invite(open_store(args), host=args.host, options=options, backend=backend,
-                           exists=account_exists(backend, accounts))
+                           identify=account_identifier(backend, accounts))
     url = _cli_url(args, invite)
     if args.qr:
         print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
@@ -3924,9 +3974,9 @@ def build_parser(argv=None):
                               "(/register?t=TOKEN), and says which accounts exist (for resets): Prosody "
                               "through its admin socket, ejabberdctl, or --accounts-command")
         sub.add_argument("--accounts-command", metavar="TEMPLATE",
-                         help="accounts command: program and arguments with {action} (create, reset or "
-                              "exists), {username}, {host}; the password comes on its standard input; exit 3 "
-                              "means the name is taken (reset, exists: there is no such account)")
+                         help="accounts command: program and arguments with {action} (create, reset, "
+                              "exists or mark), {username}, {host}; the password comes on its standard input; "
+                              "exit 3 means the name is taken (reset, exists, mark: there is no such account)")
 
     def policy_args(sub, clear):
         none = " ('never' removes it)" if clear else ""
