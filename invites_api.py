@@ -758,6 +758,10 @@ class Store:
             "INSERT INTO accounts (token, host, username, action, created_at) VALUES (?, ?, ?, ?, ?)",
             (token, host, username, action, at)))
 
+    def backend_hosts(self, backend):
+        """Return the hosts with invites that a backend minted."""
+        return [row[0] for row in self.read("SELECT DISTINCT host FROM invites WHERE backend = ?", (backend,))]
+
     def set_account_mark(self, token, mark):
         """Record which account (by the server's mark for it) a reset invite is for."""
         self.write(lambda conn: conn.execute("UPDATE invites SET account_mark = ? WHERE token = ?", (mark, token)))
@@ -1129,10 +1133,19 @@ def invite_state(store, invite, backend=None):
     status = invite_status(invite)
     if invite["backend"] == "builtin" or status != "valid":
         return status
-    status = backend.status(invite) if backend is not None and backend.name == invite["backend"] else "unknown"
+    if backend is None or backend.name != invite["backend"]:
+        return "unknown"
+    status, account = backend.status(invite)
     if status == "used":
-        store.use_invite(invite["token"], now())
+        record_use(store, invite, account)
     return status
+
+
+def record_use(store, invite, account=None):
+    """Record a use that the XMPP server saw of an invite it minted, with the account it made."""
+    if store.use_invite(invite["token"], now()) and account:
+        username, _, host = account.rpartition("@")
+        store.record_account(invite["token"], host, username, "create", now())
 
 
 def invite_info(invite, url=None, status=None, accounts=()):
@@ -1280,8 +1293,11 @@ def _made_after_all(store, accounts, token, host, username):
     return made
 
 
-def purge_invites(store, grace=DEFAULT_PURGE_GRACE):
-    """Delete invites that stopped being valid more than grace seconds ago; return how many."""
+def purge_invites(store, grace=DEFAULT_PURGE_GRACE, backend=None):
+    """Delete invites that stopped being valid more than grace seconds ago; return how many. First,
+    a backend that keeps invites we know are done (ejabberd) is told to drop them."""
+    if hasattr(backend, "sweep"):
+        backend.sweep(store)
     total = 0
     while True:
         deleted = store.purge_invites(now() - grace, now() - 3600)
@@ -1453,8 +1469,9 @@ class Backend:
         return ""
 
     def status(self, invite):
-        """Return an invite's status as the XMPP server knows it: valid, used, expired or unknown."""
-        return "unknown"
+        """Return an invite's status as the XMPP server knows it (valid, used, expired or unknown)
+        and, if used, the account it made where the server says (else None)."""
+        return "unknown", None
 
     def revoke(self, invite):
         """Delete an invite in the XMPP server; raise BadRequest where it cannot be done from here."""
@@ -1485,6 +1502,10 @@ class Backend:
             self.log.write(f"{iso(now())} {self.name} backend {reason}: {detail or '(no output)'}\n")
             self.log.flush()
         raise BackendError(f"the {self.name} backend {reason}")
+
+    def check_hosts(self, hosts):
+        """Return warnings about what the XMPP server lacks for these hosts (serve's start)."""
+        return []
 
     def check(self):
         """Return a warning if the backend cannot work as configured, else None."""
@@ -1707,13 +1728,13 @@ class ProsodyBackend(Backend):
 
     def status(self, invite):
         if not self.use_socket:
-            return "unknown"
+            return "unknown", None
         try:
             state = self.lua("status", host=invite["host"], token=invite["token"])
         except Error:
-            return "unknown"
+            return "unknown", None
         # Prosody forgets an invite once it is used (or deleted there): gone, and not withdrawn by us, is used.
-        return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(state, "unknown")
+        return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(state, "unknown"), None
 
     def revoke(self, invite):
         if not self.use_socket:
@@ -1728,10 +1749,16 @@ class ProsodyBackend(Backend):
                                else f"Prosody gave an answer we do not know: {answer[:100]!r}")
         return answer == "done"
 
-    def missing_modules(self, host):
-        """Return the invite modules Prosody lacks on host (invites, invites_register, invites_page)."""
-        loaded = set(self.lua("modules", host=host).split())
-        return [name for name in ("invites", "invites_register", "invites_page") if name not in loaded]
+    def check_hosts(self, hosts):
+        warnings = []
+        for host in hosts if self.use_socket else ():  # what the invitee's journey needs, on each
+            loaded = set(self.lua("modules", host=host).split())
+            missing = [name for name in ("invites", "invites_register", "invites_page") if name not in loaded]
+            if missing:
+                warnings.append(f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
+                                "cannot " + ("be made" if "invites" in missing else "be used from an app" if
+                                             "invites_register" in missing else "have Prosody's page (ours is used)"))
+        return warnings
 
     def describe(self):
         how = f"its admin socket {self.admin.path}" if self.use_socket else f"{self.prefix[0]} shell (a process per invite)"
@@ -1798,6 +1825,10 @@ class Accounts:
     def check(self, hosts):
         """Return warnings about what this setup lacks for these hosts."""
         return []
+
+    def describe(self):
+        """Return who makes the accounts, for serve's start-up line."""
+        return self.name
 
     def run(self, action, host, username, password):
         """Run the program for one action; return its exit status, 0 or 3 (else raise), and output."""
@@ -1867,18 +1898,17 @@ class ProsodyAccounts(Accounts):
 
 
 class EjabberdAccounts(Accounts):
-    """Accounts in ejabberd (23.01 and newer; check_account and change_password need mod_admin_extra):
-    `ejabberdctl register USER HOST PASSWORD`, `check_account`, `change_password`. ejabberdctl takes
-    the password only as an argument (visible to local users in the process list while it runs);
-    the README says so."""
+    """Accounts in ejabberd (23.01 and newer), through an Ejabberd client: `register`, and for
+    resets `check_account`, `change_password` (mod_admin_extra) and the account's mark in its
+    private storage (mod_private, which ejabberd deletes with the account)."""
 
     name = "ejabberd"
 
-    def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
-        self.ejabberdctl, self.timeout = ejabberdctl, timeout
+    def __init__(self, ejabberd):
+        self.ejabberd = ejabberd  # an EjabberdApi or EjabberdCtl
 
     def create(self, host, username, password):
-        code, output = self.ctl("register", username, host, password)
+        code, output = self.ejabberd.call("register", user=username, host=host, password=password)
         if code != 0 and "already registered" in output:
             raise Conflict(f"{username}@{host} is taken; choose another name")
         self.done(code, output)
@@ -1886,45 +1916,43 @@ class EjabberdAccounts(Accounts):
     def reset(self, host, username, password):
         if not self.exists(host, username):
             raise Conflict(f"there is no account {username}@{host}")
-        self.done(*self.ctl("change_password", username, host, password))
+        self.done(*self.ejabberd.call("change_password", user=username, host=host, newpass=password))
 
     def exists(self, host, username):
-        code, output = self.ctl("check_account", username, host)
+        code, output = self.ejabberd.call("check_account", user=username, host=host)
         if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
             self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): not an answer
         return code == 0
 
     def mark(self, host, username, new=None):
-        # Kept in the account's private XML storage (mod_private), which ejabberd deletes with it.
         if not self.exists(host, username):
             return None
         for attempt in ("read", "written"):
-            code, output = self.ctl("private_get", username, host, "invites-api", "urn:x-invites-api")
+            code, output = self.ejabberd.call("private_get", user=username, host=host, element="invites-api",
+                                              ns="urn:x-invites-api")
             found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", output)
             if code == 0 and (found or new is None):
                 return found.group(1) if found else "none"
             if code != 0 or attempt == "written":
                 raise BackendError("ejabberd kept no mark for the account (is mod_private enabled?)")
-            code, output = self.ctl("private_set", username, host,
-                                    f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>")
+            code, output = self.ejabberd.call(
+                "private_set", user=username, host=host,
+                element=f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>")
 
     def check(self, hosts):
-        code, output = self.ctl("status")
-        if code != 0:
-            return [f"--accounts ejabberd: ejabberd does not answer ejabberdctl: {redact(output).strip()[:200]}"]
-        code, output = self.ctl("help", "check_account")
-        if code != 0 or "check_account" not in output or "nknown" in output or "No tag or command" in output:
+        problem = self.ejabberd.check()
+        if problem:
+            return [f"--accounts ejabberd: {problem}"]
+        try:
+            self.exists(hosts[0] if hosts else "localhost", "invites-api-probe")
+        except BackendError:
             return ["--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
                     "mod_admin_extra): password resets cannot work"]
-        code, output = self.ctl("registered_vhosts")
-        served = output.split()
         return [f"--accounts ejabberd: {host} is not a host of this ejabberd: sign-ups for it will fail"
-                for host in hosts if code == 0 and host not in served]
+                for host in hosts if host not in self.ejabberd.hosts()]
 
-    def ctl(self, *args):
-        """Run ejabberdctl with args; return (exit status, output)."""
-        status, stdout, stderr = run_program([self.ejabberdctl, *args], "ejabberdctl", self.timeout)
-        return status, (stdout + stderr).decode("utf-8", "replace")
+    def describe(self):
+        return f"ejabberd, {self.ejabberd.describe()}"
 
     def done(self, code, output):
         """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
@@ -1933,7 +1961,138 @@ class EjabberdAccounts(Accounts):
                      and "ERROR REPORT" not in line]
             if "password" in output.lower():
                 raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
-            raise BackendError(f"ejabberdctl exited with status {code}: {' | '.join(lines)[:300]}")
+            raise BackendError(f"{self.ejabberd.what} failed ({code}): {' | '.join(lines)[:300]}")
+
+
+class EjabberdCtl:
+    """ejabberd's commands through ejabberdctl: a new Erlang VM per call, arguments in its argv
+    (visible to local users while it runs, passwords included: the API is better)."""
+
+    what = "ejabberdctl"
+
+    def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
+        self.ejabberdctl, self.timeout = ejabberdctl, timeout
+
+    def call(self, command, **args):
+        """Run one command, its arguments in the given order; return (exit status, output)."""
+        status, stdout, stderr = run_program([self.ejabberdctl, command, *args.values()], "ejabberdctl",
+                                             self.timeout)
+        return status, (stdout + stderr).decode("utf-8", "replace")
+
+    def check(self):
+        """Return why ejabberd cannot be used (it does not answer), or None."""
+        code, output = self.call("status")
+        return f"ejabberd does not answer ejabberdctl: {redact(output).strip()[:200]}" if code else None
+
+    def hosts(self):
+        """Return the hosts ejabberd serves."""
+        return self.call("registered_vhosts")[1].split()
+
+    def describe(self):
+        return f"through ejabberdctl {self.ejabberdctl} (an Erlang VM per call)"
+
+
+# A list_invites row's fields, in ejabberdctl's order (the API's JSON names them).
+_EJABBERD_INVITE_FIELDS = ("token", "valid", "created_at", "expires", "type", "inviter", "invitee",
+                           "account_name", "token_uri", "landing_page")
+
+
+class EjabberdApi(EjabberdCtl):
+    """ejabberd's commands through its HTTP API (mod_http_api): POST URL/COMMAND with the arguments
+    as JSON, on persistent connections, optionally with basic auth ("user@host:password") or an
+    OAuth token. Answers read as ejabberdctl's: (0, or the failure's status, and its text)."""
+
+    what = "ejabberd's API"
+
+    def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise Error(f"--ejabberd-api {url!r}: expected http://HOST:PORT/api")
+        self.url, self.timeout, self.parts = url, timeout, parts
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if auth:
+            self.headers["Authorization"] = ("Basic " + base64.b64encode(auth.encode()).decode() if ":" in auth
+                                             else "Bearer " + auth)
+        self._idle, self._lock = [], threading.Lock()
+
+    def call(self, command, **args):
+        import http.client
+        import json
+        conn, sent = self._connection(), False
+        try:
+            conn.request("POST", f"{self.parts.path.rstrip('/')}/{command}", json.dumps(args), self.headers)
+            sent = True
+            response = conn.getresponse()
+            body = response.read(1 << 20)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            why = f"timed out after {self.timeout:g} s" if isinstance(e, TimeoutError) else type(e).__name__
+            raise (OutcomeUnknown if sent else BackendError)(f"ejabberd's API {why}") from None
+        with self._lock:
+            self._idle.append(conn)
+        try:
+            value = json.loads(body or b"null")
+        except ValueError:
+            value = body.decode("utf-8", "replace")
+        if isinstance(value, dict) and response.status != 200:
+            value = value.get("message", value)
+        if isinstance(value, list):  # list_invites: a row a line, as ejabberdctl prints them
+            value = "\n".join("\t".join(str(row.get(f, "")) for f in _EJABBERD_INVITE_FIELDS)
+                              if isinstance(row, dict) else str(row) for row in value)
+        elif isinstance(value, dict):
+            value = "\t".join(map(str, value.values()))
+        if response.status == 200:
+            return (value if isinstance(value, int) and command != "status" else 0), str(value)
+        return response.status, str(value)
+
+    def close(self):
+        """Close the idle connections."""
+        with self._lock:
+            for conn in self._idle:
+                conn.close()
+            self._idle.clear()
+
+    __del__ = close
+
+    def _connection(self):
+        """Return an idle connection that ejabberd has not closed, or a new one."""
+        import http.client
+        import select
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
+                    return conn
+                conn.close()  # (closed by ejabberd, or an answer nobody asked for)
+        factory = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        return factory(self.parts.hostname, self.parts.port, timeout=self.timeout)
+
+    def check(self):
+        try:
+            code, output = self.call("status")
+        except BackendError as e:
+            return f"ejabberd's API at {self.url} does not answer: {e}"
+        if code:
+            return f"ejabberd's API at {self.url} refused ({code}): {output.strip()[:200]} (see api_permissions)"
+        return None
+
+    def describe(self):
+        return f"through its HTTP API {self.url}"
+
+
+def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
+    """Return the client for ejabberd's commands: its HTTP API if a URL is given, else ejabberdctl."""
+    if not api:
+        return EjabberdCtl(ejabberdctl, timeout)
+    auth = None
+    if auth_file:
+        try:
+            with open(auth_file) as f:
+                auth = f.read().strip()
+        except OSError as e:
+            raise Error(f"--ejabberd-api-auth-file {auth_file!r}: {e.strerror}") from None
+    return EjabberdApi(api, timeout, auth)
 
 
 def account_identifier(backend, accounts):
@@ -1945,14 +2104,14 @@ def account_identifier(backend, accounts):
     return accounts and (lambda host, username: accounts.mark(host, username, new=_random_id(12)))
 
 
-def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberdctl="ejabberdctl"):
+def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberd=None):
     """Return who creates accounts for built-in invites (None: no one); raise Error if misconfigured."""
     if name is None:
         return None
     if name == "prosody":
         return ProsodyAccounts(prosody)
     if name == "ejabberd":
-        return EjabberdAccounts(ejabberdctl, timeout)
+        return EjabberdAccounts(ejabberd or EjabberdCtl(timeout=timeout))
     return Accounts(split_command(command, "--accounts-command", "{action} {username} {host}"), timeout)
 
 
@@ -1979,15 +2138,97 @@ def split_command(command, option, placeholders):
 
 
 class EjabberdBackend(Backend):
-    """ejabberd 26.01+ with mod_invites: `ejabberdctl generate_invite HOST`."""
+    """ejabberd 26.01+ with mod_invites, through an Ejabberd client: `generate_invite` (and
+    `generate_invite_with_username`, `generate_reset_token` of 26.07), an invite's state from
+    `list_invites`, `delete_invite_by_token`. ejabberd sets an invite's lifetime itself
+    (mod_invites' token_expire_seconds) and each is for one account."""
 
     name = "ejabberd"
+    options = frozenset({"username", "reset"})
 
-    def __init__(self, ejabberdctl="ejabberdctl", **kwargs):
-        super().__init__([ejabberdctl, "generate_invite", "{host}"], **kwargs)
+    def __init__(self, ejabberd, **kwargs):
+        super().__init__([getattr(ejabberd, "ejabberdctl", "ejabberdctl")], **kwargs)
+        self.ejabberd = ejabberd
+
+    def why_not(self, option):
+        return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' token_expire_seconds)",
+                "uses": ": ejabberd's invites are for one account each",
+                }.get(option, ": ejabberd's invites have no roles or groups")
+
+    def call(self, command, **args):
+        """Run one of ejabberd's commands; return its output, or fail (num_invites_exceeded: 503)."""
+        if not self._slots.acquire(timeout=self.timeout):
+            raise Unavailable(f"all {self.name} backend slots are busy; try again")
+        try:
+            code, output = self.ejabberd.call(command, **args)
+        except BackendError as e:
+            self.fail(str(e))
+        finally:
+            self._slots.release()
+        if "num_invites_exceeded" in output:
+            raise Unavailable("ejabberd refused: num_invites_exceeded (mod_invites keeps at most 1,000 "
+                              "invites of one inviter that are open or used; used ones go with our purge)")
+        if code != 0:
+            self.fail(f"{command} failed ({code})", output.encode())
+        return output
+
+    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
+        if kind == "reset":
+            return self.call("generate_reset_token", username=username, host=host)
+        if username:
+            return self.call("generate_invite_with_username", username=username, host=host)
+        return self.call("generate_invite", host=host)
+
+    def invites(self, host):
+        """Return ejabberd's invites of host: {token: row dict}."""
+        rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
+                for line in self.call("list_invites", host=host).splitlines())
+        return {row["token"]: row for row in rows if len(row) == len(_EJABBERD_INVITE_FIELDS)}
+
+    def status(self, invite):
+        try:
+            row = self.invites(invite["host"]).get(invite["token"])
+        except Error:
+            return "unknown", None
+        if row is None:  # deleted or cleaned up in ejabberd: we cannot tell which
+            return "unknown", None
+        if row["invitee"]:
+            return "used", row["invitee"]
+        return ("valid" if row["valid"] == "true" else "expired"), None
+
+    def revoke(self, invite):
+        self.call("delete_invite_by_token", host=invite["host"], token=invite["token"])
+
+    def sweep(self, store):
+        """Record the uses ejabberd saw of our invites, and delete from ejabberd those we know are
+        used or revoked (they count towards mod_invites' cap until deleted)."""
+        for host in store.backend_hosts(self.name):
+            for token, row in self.invites(host).items():
+                ours = store.invite(token)
+                if ours is None or ours["backend"] != self.name:
+                    continue
+                if row["invitee"] and invite_status(ours) == "valid":
+                    record_use(store, ours, row["invitee"])
+                if row["invitee"] or invite_status(ours) in ("used", "revoked"):
+                    self.call("delete_invite_by_token", host=host, token=token)
+
+    def exists(self, host, username):
+        """Return whether username@host is an account (for resets); raise BackendError."""
+        return EjabberdAccounts(self.ejabberd).exists(host, username)
+
+    def check(self):
+        problem = self.ejabberd.check()
+        return f"ejabberd backend: {problem}" if problem else None
+
+    def check_hosts(self, hosts):
+        return [f"ejabberd backend: {host} lacks mod_invites (ejabberd 26.01 or newer): invites for it "
+                "cannot be made" for host in hosts if self.ejabberd.call("list_invites", host=host)[0] != 0]
+
+    def describe(self):
+        return f"ejabberd backend, {self.ejabberd.describe()}"
 
 
-def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberdctl="ejabberdctl",
+def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberd=None,
                  command=None, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
                  log=None, prosody_socket=None):
     """Return the Backend called name, or None for the built-in store; raise Error if misconfigured."""
@@ -1997,7 +2238,7 @@ def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberdctl
     if name == "prosody":
         return ProsodyBackend(prosodyctl, prosody_config, prosody_socket, **limits)
     if name == "ejabberd":
-        return EjabberdBackend(ejabberdctl, **limits)
+        return EjabberdBackend(ejabberd or EjabberdCtl(timeout=timeout), **limits)
     if name == "command":
         return Backend(split_command(command, "--backend-command", "{host}"), **limits)
     raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
@@ -3572,7 +3813,7 @@ def start_purging(store, grace, app=None, every=3600):
     def purge_forever():
         while True:
             try:
-                deleted = purge_invites(store, grace)
+                deleted = purge_invites(store, grace, app and app.backend)
                 if deleted and app is not None:
                     app.log_line(f"purged {deleted} old invites")
             except Error as e:  # the database is busy or gone: try again next time
@@ -3708,7 +3949,7 @@ def _backend(args, log=None, asking=False):
     """Return the backend the command line asks for (None: built-in); asking (about invites already
     made): Prosody's, unless another is named."""
     name = "prosody" if asking and args.backend == "builtin" else args.backend
-    return make_backend(name, args.prosodyctl, args.prosody_config, args.ejabberdctl,
+    return make_backend(name, args.prosodyctl, args.prosody_config, _ejabberd(args),
                         args.backend_command, args.backend_timeout, args.backend_concurrency, log,
                         args.prosody_socket)
 
@@ -3726,7 +3967,13 @@ def _accounts(args, backend, warnings):
         warnings.append(problem and f"--accounts prosody: {problem}")
     else:
         warnings.append(None)
-    return make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, args.ejabberdctl)
+    ejabberd = backend.ejabberd if isinstance(backend, EjabberdBackend) else _ejabberd(args)
+    return make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, ejabberd)
+
+
+def _ejabberd(args):
+    """Return the client for ejabberd's commands the command line asks for (--ejabberd-api, else ejabberdctl)."""
+    return make_ejabberd(args.ejabberd_api, args.ejabberd_api_auth_file, args.ejabberdctl, args.backend_timeout)
 
 
 def cmd_invites_create(args):
@@ -3809,13 +4056,8 @@ def cmd_serve(args):
             warnings += accounts.check(store.key_hosts())
         except Error as e:
             warnings.append(f"--accounts {accounts.name}: {e}")
-    if isinstance(backend, ProsodyBackend) and backend.use_socket and not warnings[0]:
-        for host in store.key_hosts():  # what the invitee's journey needs, on each host a key mints for
-            missing = backend.missing_modules(host)
-            if missing:
-                warnings.append(f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
-                                "cannot " + ("be made" if "invites" in missing else "be used from an app" if
-                                             "invites_register" in missing else "have Prosody's page (ours is used)"))
+    if backend is not None and not warnings[0]:
+        warnings += backend.check_hosts(store.key_hosts())
     for warning in filter(None, warnings):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
@@ -3830,7 +4072,7 @@ def cmd_serve(args):
     shown = f"[{address}]" if ":" in address else address
     serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
                   f"/invites_api (database {store.path}" + (f"; {backend.describe()}" if backend else "")
-                  + (f"; accounts made by {accounts.name}" if accounts else "") + ")")
+                  + (f"; accounts made by {accounts.describe()}" if accounts else "") + ")")
 
 
 def systemd_socket():
@@ -3958,7 +4200,14 @@ def build_parser(argv=None):
                                                                    "where its admin socket is found")
         sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's admin socket "
                                                                    "(default: from the config)")
-        sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH", help="ejabberd backend: ejabberdctl")
+        sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH",
+                         help="ejabberd's ejabberdctl, where no --ejabberd-api is given")
+        sub.add_argument("--ejabberd-api", metavar="URL",
+                         help="ejabberd's HTTP API (mod_http_api), e.g. http://127.0.0.1:5280/api: used "
+                              "instead of ejabberdctl (no Erlang VM per call, no password in an argv)")
+        sub.add_argument("--ejabberd-api-auth-file", metavar="PATH",
+                         help="a file holding USER@HOST:PASSWORD (basic auth) or an OAuth token, for an "
+                              "api_permissions that asks for one")
         sub.add_argument("--backend-command", metavar="TEMPLATE",
                          help="command backend: program and arguments, split like a shell would but never run "
                               "by one; {host}, {ttl}, {uses}, {username} are filled in")

@@ -1911,8 +1911,10 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
     def setUp(self):
         super().setUp()
         self.runs = os.path.join(self.dir, "runs")
-        # Prints what `ejabberdctl generate_invite HOST` prints: the URI, then the landing page.
+        # Prints what `ejabberdctl generate_invite HOST` prints: the URI, then the landing page (and
+        # answers serve's start-up questions: status, list_invites).
         self.ejabberdctl = write_program(self.dir, "ejabberdctl", (
+            'case "$1" in status|list_invites) exit 0;; esac\n'
             f'echo run >> {self.runs}\n'
             '[ "$1" = generate_invite ] || exit 3\n'
             'token=$(head -c 18 /dev/urandom | base64 | tr "+/" "-_")\n'
@@ -1954,7 +1956,8 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
         self.assertEqual(listed[0]["invites_created"], 1)
         # Options the backend cannot honour are refused, not dropped.
         status, _, body = self.get(port, f"/invites_api?key={key}&ttl=1d")
-        self.assertEqual((status, body), (400, b"the ejabberd backend cannot honour 'ttl'\n"))
+        self.assertEqual((status, body), (400, b"the ejabberd backend cannot honour 'ttl': ejabberd gives every invite its "
+                                         b"own lifetime (mod_invites' token_expire_seconds)\n"))
         status, _, body = self.get(port, f"/invites_api?key={key}&note=fine")
         self.assertEqual(status, 201)
         self.assertEqual(self.run_count(), 2)
@@ -2778,6 +2781,7 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
 
     HOST = "example.test"
     MODULES = "{mod_admin_extra: {}, mod_private: {}}"
+    HANDLERS = '{"/api": mod_http_api}'
 
     def setUp(self):
         super().setUp()
@@ -2787,15 +2791,19 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
         dirs = {name: os.path.join(self.dir, "ejabberd", name) for name in ("conf", "spool", "logs")}
         for path in dirs.values():
             os.makedirs(path)
-        self.c2s_port = free_port()
+        self.c2s_port, self.http_port = free_port(), free_port()
+        self.api = f"http://127.0.0.1:{self.http_port}/api"
         with open(os.path.join(dirs["conf"], "ejabberd.yml"), "w") as f:
             f.write(f"""hosts: ["{self.HOST}"]
 loglevel: warning
 listen:
   - {{port: {self.c2s_port}, ip: "127.0.0.1", module: ejabberd_c2s, starttls: false}}
+  - {{port: {self.http_port}, ip: "127.0.0.1", module: ejabberd_http, request_handlers: {self.HANDLERS}}}
 auth_method: internal
+registration_timeout: infinity
 acl: {{local: {{user_regexp: ""}}}}
-access_rules: {{local: {{allow: local}}}}
+access_rules: {{local: {{allow: local}}, register: {{allow: all}}}}
+api_permissions: {{"loopback": {{who: {{ip: ["127.0.0.0/8"]}}, what: "*", from: [mod_http_api]}}}}
 modules: {self.MODULES}
 """)
         with open(os.path.join(dirs["conf"], "ejabberdctl.cfg"), "w") as f:
@@ -2814,6 +2822,11 @@ modules: {self.MODULES}
         subprocess.run([self.ejabberdctl, "started"], check=True, capture_output=True, timeout=60)
         status = subprocess.run([self.ejabberdctl, "status"], capture_output=True, text=True, timeout=60).stdout
         self.version = re.search(r"ejabberd (\S+) is running", status).group(1)
+        self.via = self.VIA()
+
+    # How invites_api reaches ejabberd's commands: ejabberdctl here, its HTTP API in EjabberdApiTest.
+    def VIA(self):
+        return ["--ejabberdctl", self.ejabberdctl]
 
     def login(self, user, password):
         client = Xmpp(self.c2s_port, self.HOST)
@@ -2826,18 +2839,18 @@ modules: {self.MODULES}
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST)
         store.close()
-        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        proc, port = self.start("--accounts", "ejabberd", *self.via)
         self.assertNotIn("warning", self.banner)
 
         def reset(user):
             code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", user, "--accounts",
-                                      "ejabberd", "--ejabberdctl", self.ejabberdctl, "--public-url",
+                                      "ejabberd", *self.via, "--public-url",
                                       f"http://127.0.0.1:{port}")
             self.assertEqual(code, 0, err)
             return out.strip()
         secret, passwords = key.split("/")[1], journey_passwords()
-        # (the password itself is in ejabberdctl's arguments: the only way it takes one)
-        with contextlib.closing(ArgvWatch(secret)) as watch:
+        # (through ejabberdctl the password itself is in its arguments: the only way it takes one)
+        with contextlib.closing(ArgvWatch(secret, *(passwords if "--ejabberd-api" in self.via else ()))) as watch:
             token = browser_journey(self, port, key, self.HOST, self.login, reset,
                                     screenshot_dir(self, f"ejabberd-{self.version}"), passwords)
             self.assertEqual(watch.seen, [])
@@ -2853,7 +2866,7 @@ modules: {self.MODULES}
         key = ia.create_key(store, self.HOST)
         store.close()
         # Debian's ejabberdctl runs su, sh, then erl: 0.1 s is less than that VM takes to start.
-        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl,
+        proc, port = self.start("--accounts", "ejabberd", *self.via,
                                 "--backend-timeout", "0.1")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", f"/invites_api?key={key}")
@@ -2883,7 +2896,7 @@ modules: {self.MODULES}
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST)
         store.close()
-        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        proc, port = self.start("--accounts", "ejabberd", *self.via)
 
         def post(form):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -2919,10 +2932,10 @@ modules: {self.MODULES}
         self.assertEqual(status, 409, page)
         self.assertTrue(ia.check_invite(ia.Store(self.db), second)["valid"])
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "ghost",
-                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+                                  "--accounts", "ejabberd", *self.via)
         self.assertEqual((code, err), (1, f"error: there is no account ghost@{self.HOST} to reset\n"))
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+                                  "--accounts", "ejabberd", *self.via)
         self.assertEqual(code, 0, err)
         reset = out.strip().rsplit("?", 1)[1]
         status, page = post({"token": reset, "password": "a new password", "password_confirm": "a new password"})
@@ -2932,7 +2945,7 @@ modules: {self.MODULES}
         # A reset for alice, who is then deleted and made again in ejabberd itself: another account (ejabberd
         # deletes an account's private storage, where her mark was, with it).
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+                                  "--accounts", "ejabberd", *self.via)
         self.assertEqual(code, 0, err)
         for command in (["unregister", "alice", self.HOST], ["register", "alice", self.HOST, "someone else's"]):
             subprocess.run([self.ejabberdctl, *command], check=True, capture_output=True, timeout=60)
@@ -2946,6 +2959,161 @@ modules: {self.MODULES}
         self.assertNotIn("a new password", proc.stderr.read())
 
 
+def ejabberd_release():
+    """Return the major version of the installed ejabberd package (23, 24, 26), or 0."""
+    found = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "ejabberd"], capture_output=True, text=True)
+    return int(found.stdout.split(".")[0]) if found.returncode == 0 and found.stdout[:2].isdigit() else 0
+
+
+class EjabberdApiTest(EjabberdTest):
+    """The same sign-ups, through ejabberd's HTTP API (mod_http_api): no password in any argv."""
+
+    test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started = None
+
+    def VIA(self):
+        return ["--ejabberd-api", self.api]
+
+    def test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown(self):
+        api = ia.EjabberdApi(self.api, timeout=2)
+        accounts = ia.EjabberdAccounts(api)
+        self.assertEqual(accounts.check([self.HOST]), [])
+        accounts.create(self.HOST, "fay", "a long password")
+        with self.assertRaises(ia.Conflict):
+            accounts.create(self.HOST, "fay", "a long password")
+        self.assertTrue(accounts.exists(self.HOST, "fay"))
+        def cmdline(pid):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read()
+            return b""
+        node = f"invites{os.getpid()}@localhost".encode()
+        beam = [p for p in os.listdir("/proc") if p.isdigit() and node in cmdline(p) and b"beam" in cmdline(p)]
+        self.assertEqual(len(beam), 1)
+        for pid in beam:
+            os.kill(int(pid), signal.SIGSTOP)  # ejabberd stops answering: a really slow server
+        try:
+            started = time.monotonic()
+            with self.assertRaises(ia.OutcomeUnknown) as raised:
+                accounts.create(self.HOST, "gus", "a long password")
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertIn("timed out after 2 s", str(raised.exception))
+            self.assertNotIn("a long password", str(raised.exception))
+        finally:
+            for pid in beam:
+                os.kill(int(pid), signal.SIGCONT)
+        port = free_port()
+        self.assertEqual(ia.EjabberdApi(f"http://127.0.0.1:{port}/api").check(), f"ejabberd's API at "
+                         f"http://127.0.0.1:{port}/api does not answer: ejabberd's API ConnectionRefusedError")
+
+
+class Ejabberd26Test(EjabberdApiTest):
+    """ejabberd 26 with mod_invites (trixie-backports' 26.07, installed by .ci/run on Debian 13):
+    --backend ejabberd over its HTTP API and through ejabberdctl, with a real client."""
+
+    wanted = ejabberd_release() >= 26 or os.environ.get("INVITES_API_EJABBERD_26") == "1"
+    MODULES = ("{mod_admin_extra: {}, mod_private: {}, mod_roster: {}, mod_adhoc: {}, "
+               "mod_register: {access: register, allow_modules: [mod_invites]}, mod_invites: {landing_page: auto}}")
+    HANDLERS = '{"/api": mod_http_api, "/invites": mod_invites}'
+    test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
+    test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
+    test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown = None
+
+    def client(self):
+        client = Xmpp(self.c2s_port, self.HOST)
+        self.addCleanup(client.close)
+        return client
+
+    def journey(self, via, count):
+        """Mint count invites through serve --backend ejabberd, register and log in with each, then a
+        username-bound one, their state, a revocation and a reset; return serve's log."""
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST, may_reset=1, max_uses=5)
+        ia.create_key(store, "other.test")
+        store.close()
+        proc, port = self.start("--backend", "ejabberd", *via)
+        self.assertIn("warning: ejabberd backend: other.test lacks mod_invites", wait_for_line(proc.stderr, 30))
+        self.assertIn("ejabberd backend, through " + ("its HTTP API" if "--ejabberd-api" in via else "ejabberdctl"),
+                      self.banner)
+
+        def mint(extra="", status=201):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", f"/invites_api?key={key}{extra}", headers={"Accept": "application/json"})
+            response = conn.getresponse()
+            body = response.read()
+            conn.close()
+            self.assertEqual(response.status, status, body)
+            return json.loads(body) if status == 201 else body.decode()
+
+        def show(token):
+            code, out, err = run_main("--db", self.db, "invites", "show", self.HOST, token, "--json",
+                                      "--backend", "ejabberd", *via)
+            self.assertEqual(code, 0, err)
+            return json.loads(out)
+        invites = [mint() for _ in range(count)]
+        for n, invite in enumerate(invites):
+            self.assertRegex(invite["url"], rf"^http://{self.HOST}:{self.http_port}/invites/{invite['token']}$")
+            self.assertEqual(self.client().register(invite["token"], f"user{n}", f"password {n} is long"),
+                             ("result", "result"))
+            self.assertTrue(self.client().login(f"user{n}", f"password {n} is long"))
+        state = show(invites[0]["token"])
+        self.assertEqual((state["status"], [a["jid"] for a in state["accounts"]]), ("used", [f"user0@{self.HOST}"]))
+        bound = mint("&username=erin")
+        self.assertEqual(bound["uri"], f"xmpp:erin@{self.HOST}?register;preauth={bound['token']}")
+        self.assertEqual(show(bound["token"])["status"], "valid")
+        self.assertEqual(self.client().register(bound["token"], "erin", "erin's long password"), ("result", "result"))
+        self.assertTrue(self.client().login("erin", "erin's long password"))
+        revoked = mint()
+        code, out, err = run_main("--db", self.db, "invites", "revoke", self.HOST, revoked["token"],
+                                  "--backend", "ejabberd", *via)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.client().register(revoked["token"], "mallory", "a long password")[0], "error")
+        self.assertFalse(self.client().login("mallory", "a long password"))
+        self.assertIn("there is no account ghost@", mint("&type=reset&username=ghost", 400))
+        reset = mint("&type=reset&username=user0")
+        self.assertEqual(reset["type"], "reset")
+        self.assertEqual(self.client().register(reset["token"], "user0", "user0's new password"),
+                         ("result", "result"))
+        self.assertTrue(self.client().login("user0", "user0's new password"))
+        self.assertFalse(self.client().login("user0", "password 0 is long"))
+        for option, words in (("&ttl=1h", "own lifetime"), ("&uses=2", "one account each"),
+                              ("&roles=prosody:member", "no roles")):
+            self.assertIn(words, mint(option, 400))
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        return proc.stderr.read()
+
+    def test_invites_through_the_api_become_accounts_a_real_client_logs_into(self):
+        with contextlib.closing(ArgvWatch("password", "is long")) as watch:
+            self.journey(["--ejabberd-api", self.api], 5)
+        self.assertEqual(watch.seen, [])
+
+    def test_invites_through_ejabberdctl_too(self):
+        self.journey(["--ejabberdctl", self.ejabberdctl], 2)
+
+    def test_the_open_invites_cap_is_a_503_and_our_purge_makes_room(self):
+        store = ia.Store(self.db)
+        self.addCleanup(store.close)
+        key = ia.create_key(store, self.HOST)
+        api = ia.EjabberdApi(self.api)
+        backend = ia.EjabberdBackend(api)
+        used = [ia.create_invite(store, key, backend=backend) for _ in range(3)]
+        for n, invite in enumerate(used):
+            self.assertEqual(self.client().register(invite["token"], f"cap{n}", "a long password"),
+                             ("result", "result"))
+        for _ in range(1000):  # directly, as another inviter would: until ejabberd's cap
+            code, output = api.call("generate_invite", host=self.HOST)
+            if code:
+                break
+        self.assertIn("num_invites_exceeded", output)
+        with self.assertRaises(ia.Unavailable) as raised:
+            ia.create_invite(store, key, backend=backend)
+        self.assertIn("ejabberd refused: num_invites_exceeded", str(raised.exception))
+        self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 3)  # nothing recorded, quota back
+        ia.purge_invites(store, backend=backend)  # records the three uses, deletes them from ejabberd
+        self.assertEqual([ia.invite_status(store.invite(i["token"])) for i in used], ["used"] * 3)
+        self.assertEqual([a["username"] for i in used for a in store.accounts(i["token"])], ["cap0", "cap1", "cap2"])
+        self.assertEqual(ia.create_invite(store, key, backend=backend)["backend"], "ejabberd")
+
+
 class EjabberdWithoutAdminExtraTest(EjabberdTest):
     """ejabberd without mod_admin_extra: no check_account, so no resets, and serve says so."""
 
@@ -2957,12 +3125,12 @@ class EjabberdWithoutAdminExtraTest(EjabberdTest):
     def test_serve_warns_and_a_reset_is_refused_as_a_failure_not_as_a_missing_account(self):
         subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
                        capture_output=True, timeout=60)
-        proc, port = self.start("--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+        proc, port = self.start("--accounts", "ejabberd", *self.via)
         warning = wait_for_line(proc.stderr, 30)
         self.assertIn("--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
                       "mod_admin_extra)", warning)
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+                                  "--accounts", "ejabberd", *self.via)
         self.assertEqual(code, 1)
         self.assertIn(f"error: could not ask whether alice@{self.HOST} exists, so no reset was made", err)
         self.assertNotIn("there is no account", err)
@@ -2982,7 +3150,7 @@ class EjabberdWithoutPrivateTest(EjabberdTest):
         subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
                        capture_output=True, timeout=60)
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", "--ejabberdctl", self.ejabberdctl)
+                                  "--accounts", "ejabberd", *self.via)
         self.assertEqual((code, out), (1, ""))
         self.assertIn("ejabberd kept no mark for the account (is mod_private enabled?)", err)
         self.assertEqual(ia.Store(self.db).read("SELECT count(*) FROM invites")[0][0], 0)
@@ -4220,7 +4388,7 @@ def require_program(name):
 
 
 # The longest classes start first, so the pool ends together.
-SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "ProsodyBackportsTest", "EjabberdTest",
+SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "ProsodyBackportsTest", "EjabberdTest", "EjabberdApiTest", "Ejabberd26Test", "EjabberdWithoutPrivateTest",
               "EjabberdWithoutAdminExtraTest", "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "BrowserTest", "ServerProcessTest", "HealthAndMetricsTest", "ThousandConnectionsTest")
 
 
