@@ -57,11 +57,13 @@ def wait_port(port, timeout=15):
 
 # -- load generation -----------------------------------------------------------
 
-def load(url, connections, seconds):
-    """Return (requests/s, p50 ms, p99 ms, non-2xx/3xx count, tool) for GETs of url."""
+def load(url, connections, seconds, script=None):
+    """Return (requests/s, p50 ms, p99 ms, non-2xx/3xx count, tool) for GETs of url (a wrk script:
+    other requests)."""
     wrk = shutil.which("wrk")
     if wrk:
-        result = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        result = subprocess.run([wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+                                + (["-s", script] if script else []),
                                 capture_output=True, text=True, timeout=seconds + 60)
         out = result.stdout
         if "Requests/sec" not in out:
@@ -369,6 +371,102 @@ class Prosody:
         self.proc.wait(30)
 
 
+EJABBERD_CONFIG = """hosts: ["example.com"]
+loglevel: warning
+listen:
+  - {{port: {http}, ip: "127.0.0.1", module: ejabberd_http, request_handlers: {{"/api": mod_http_api, "/invites": mod_invites}}}}
+auth_method: internal
+acl: {{local: {{user_regexp: ""}}}}
+access_rules: {{local: {{allow: local}}, register: {{allow: all}}}}
+api_permissions: {{"loopback": {{who: {{ip: ["127.0.0.0/8"]}}, what: "*", from: [mod_http_api]}}}}
+modules: {{mod_admin_extra: {{}}, mod_register: {{access: register, allow_modules: [mod_invites]}}, mod_invites: {{landing_page: auto}}}}
+"""
+
+
+class Ejabberd:
+    """ejabberd 26 (mod_invites, mod_http_api) on loopback, as root (ejabberdctl runs it as ejabberd)."""
+
+    def __init__(self, directory):
+        home = os.path.join(directory, "ejabberd")
+        dirs = [os.path.join(home, d) for d in ("conf", "spool", "logs")]
+        for d in dirs:
+            os.makedirs(d)
+        os.chmod(directory, 0o755)
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        with open(os.path.join(dirs[0], "ejabberd.yml"), "w") as f:
+            f.write(EJABBERD_CONFIG.format(http=self.port))
+        with open(os.path.join(dirs[0], "ejabberdctl.cfg"), "w") as f:
+            f.write(f"ERLANG_NODE=bench{os.getpid()}@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n"
+                    "INET_DIST_INTERFACE=127.0.0.1\n")
+        with open(os.path.join(dirs[0], "inetrc"), "w") as f:
+            f.write("{lookup, [file, native]}.\n")
+        subprocess.run(["chown", "-R", "ejabberd:ejabberd", home], check=True)
+        self.ctl = os.path.join(directory, "ejabberdctl")
+        with open(self.ctl, "w") as f:
+            f.write(f"#!/bin/sh\nexec ejabberdctl --config-dir {dirs[0]} --spool {dirs[1]} --logs {dirs[2]} \"$@\"\n")
+        os.chmod(self.ctl, 0o755)
+        subprocess.run([self.ctl, "start"], check=True, capture_output=True, timeout=60)
+        subprocess.run([self.ctl, "started"], check=True, capture_output=True, timeout=60)
+        self.client = ia.EjabberdApi(self.api)
+        self.script = os.path.join(directory, "generate_invite.lua")
+        with open(self.script, "w") as f:
+            f.write('wrk.method = "POST"\nwrk.body = \'{"host": "example.com"}\'\n'
+                    'wrk.headers["Content-Type"] = "application/json"\n')
+
+    def clear(self):
+        """Drop every invite of the host (mod_invites keeps at most 1,000 open or used ones)."""
+        self.client.call("expire_invite_tokens", username="", host="example.com")
+        self.client.call("cleanup_expired_invite_tokens")
+
+    def stop(self):
+        subprocess.run([self.ctl, "stop"], capture_output=True, timeout=60)
+        subprocess.run([self.ctl, "stopped"], capture_output=True, timeout=60)
+
+
+def compare_ejabberd(directory, rounds):
+    """Rows: real invites through --backend ejabberd (its API, then ejabberdctl) against calling
+    ejabberd's own POST /api/generate_invite, same load, the cap cleared before each run."""
+    found = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "ejabberd"], capture_output=True, text=True)
+    if not found.stdout[:2].isdigit() or int(found.stdout.split(".")[0]) < 26:
+        row("--backend ejabberd", "not measured: needs ejabberd 26 (Debian 13, trixie-backports)",
+            f"ejabberd here: {found.stdout or 'none'}")
+        return
+    # Runs of 1 s: at ejabberd's ~800 invites/s, under mod_invites' cap of 1,000 (cleared between runs).
+    # (ejabberd 26.07 itself answers a few percent of concurrent generate_invite calls with 500
+    # internal_error: the non-2xx of both sides.)
+    seconds = 1
+    ejabberd = Ejabberd(directory)
+    try:
+        api = OurServer(directory, db=os.path.join(directory, "ejabberd-api.db"),
+                        extra=("--backend", "ejabberd", "--ejabberd-api", ejabberd.api))
+        results = []
+        for _ in range(rounds):
+            ejabberd.clear()
+            direct = load(f"{ejabberd.api}/generate_invite", 8, seconds, ejabberd.script)
+            ejabberd.clear()
+            ours = load(api.url, 8, seconds)
+            results.append((ours, direct))
+        api.stop()
+        ratio = statistics.median(o[0] / d[0] for o, d in results)
+        median = lambda i, which: statistics.median(r[which][i] for r in results)  # noqa: E731
+        errors = f"{sum(o[3] for o, _ in results)} and {sum(d[3] for _, d in results)}"
+        row(f"--backend ejabberd ({found.stdout}, HTTP API) vs ejabberd's own POST /api/generate_invite",
+            f"{median(0, 0):,.0f} vs {median(0, 1):,.0f} invites/s: **{ratio:.2f}x**; p99 {median(2, 0):.1f} vs "
+            f"{median(2, 1):.1f} ms ({median(2, 0) / median(2, 1):.1f}x); non-2xx: {errors}",
+            f"wrk -t1 -c8 -d{seconds}s, {rounds} alternating rounds, median; the cap cleared before each")
+        ctl = OurServer(directory, db=os.path.join(directory, "ejabberd-ctl.db"),
+                        extra=("--backend", "ejabberd", "--ejabberdctl", ejabberd.ctl))
+        ejabberd.clear()
+        rate, _, p99, errors, _ = load(ctl.url, 8, 5)
+        ctl.stop()
+        row("--backend ejabberd through ejabberdctl (an Erlang VM per invite)",
+            f"{rate:,.1f} invites/s, p99 {p99:,.0f} ms" + (f"; {errors} non-2xx" if errors else ""),
+            "wrk -t1 -c8 -d5s, one round")
+    finally:
+        ejabberd.stop()
+
+
 def run_compare(args):
     for program in ("prosody", "prosodyctl"):
         if not shutil.which(program):
@@ -423,6 +521,7 @@ def run_compare(args):
         prosody.stop()
         row("Prosody + file storage, after 1,000 stored invites", f"{rate:,.0f} req/s, p99 {p99:.1f} ms",
             f"{tool} -t1 -c8 -d{DURATION:g}s")
+        compare_ejabberd(directory, rounds)
 
         # CLI: ours vs prosodyctl, in the same run.
         db = os.path.join(directory, "cli.db")
