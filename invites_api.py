@@ -2197,7 +2197,10 @@ class EjabberdBackend(Backend):
         return ("valid" if row["valid"] == "true" else "expired"), None
 
     def revoke(self, invite):
-        self.call("delete_invite_by_token", host=invite["host"], token=invite["token"])
+        try:
+            self.call("delete_invite_by_token", host=invite["host"], token=invite["token"])
+        except BackendError:  # (26.01 has only expire_invite_by_token)
+            self.call("expire_invite_by_token", host=invite["host"], token=invite["token"])
 
     def sweep(self, store):
         """Record the uses ejabberd saw of our invites, and delete from ejabberd those we know are

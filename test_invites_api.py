@@ -3059,8 +3059,15 @@ class Ejabberd26Test(EjabberdApiTest):
         bound = mint("&username=erin")
         self.assertEqual(bound["uri"], f"xmpp:erin@{self.HOST}?register;preauth={bound['token']}")
         self.assertEqual(show(bound["token"])["status"], "valid")
+        # The name is reserved for its invite: another invite cannot take it.
+        other = mint()
+        self.assertEqual(self.client().register(other["token"], "erin", "a long password")[1], "error")
         self.assertEqual(self.client().register(bound["token"], "erin", "erin's long password"), ("result", "result"))
         self.assertTrue(self.client().login("erin", "erin's long password"))
+        # ejabberd (26.07) lets the holder of a username-bound invite choose another name: the README says so.
+        loose = mint("&username=fred")
+        self.assertEqual(self.client().register(loose["token"], "notfred", "a long password"), ("result", "result"))
+        self.assertFalse(self.client().login("fred", "a long password"))
         revoked = mint()
         code, out, err = run_main("--db", self.db, "invites", "revoke", self.HOST, revoked["token"],
                                   "--backend", "ejabberd", *via)
