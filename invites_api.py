@@ -51,6 +51,9 @@ DEFAULT_BIND = "127.0.0.1"
 
 # 72 bits: ids are unique across hosts and can be listed without harm.
 KEY_ID_BYTES = 9
+# Invites a listing shows at once unless told (the API: at most MAX_LIST_LIMIT).
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
 # 192 bits: far beyond brute force, so one SHA-256 is a sound hash at rest
 # (a slow password hash would only slow every request down).
 SECRET_BYTES = 24
@@ -230,6 +233,14 @@ def parse_duration(text):
     return seconds
 
 
+def format_duration(seconds):
+    """Return seconds in the largest unit that divides them: "7d", "12h", "90m", "45s"."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _DURATION_UNITS[unit] == 0:
+            return f"{seconds // _DURATION_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
 _RATE_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
 
 
@@ -253,13 +264,23 @@ def parse_expiry(text):
     import calendar
     for layout in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
         try:
-            return calendar.timegm(time.strptime(text.strip(), layout))
+            at = calendar.timegm(time.strptime(text.strip(), layout))
         except ValueError:
-            pass
+            continue
+        if at <= now():
+            raise ValueError(f"expiry {text.strip()!r} is in the past (now is {iso(now())})")
+        return at
     try:
         return now() + parse_duration(text)
     except ValueError:
         raise ValueError(f"invalid expiry {text!r}: use a duration like 90d or a date like 2027-01-31") from None
+
+
+def parse_port(text):
+    """Return a TCP port, 0 to 65535 (0: any free one); raise ValueError."""
+    if not re.fullmatch(r"[0-9]{1,5}", text.strip()) or int(text) > 65535:
+        raise ValueError(f"invalid port {text!r}: 0 to 65535")
+    return int(text)
 
 
 def parse_count(text, what="count"):
@@ -474,6 +495,11 @@ KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
                    "username, note, revoked_at, done_at, backend, account_mark")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
+# What invite_status says, as SQL (each ? is the time).
+_INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires_at > ?",
+                      "used": "revoked_at IS NULL AND uses_left <= 0",
+                      "expired": "revoked_at IS NULL AND uses_left > 0 AND expires_at <= ?",
+                      "revoked": "revoked_at IS NOT NULL"}
 _INSERT_INVITE = f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})"
 
 
@@ -523,13 +549,16 @@ class Store:
             # opened. Never create one, nor touch the -wal of another file.
             self.check_file()
         else:
+            if os.path.isdir(self.path):
+                raise StoreError(f"database {self.path!r} is a directory: give the path of a file (it is made "
+                                 "if missing), e.g. --db /var/lib/invites_api/invites.db")
             try:
                 # Create the file ourselves so it is private from the first byte;
                 # SQLite gives the -wal and -shm files the same mode.
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                 os.close(fd)
             except FileExistsError:
-                pass
+                self._check_access()
             except OSError as e:
                 raise StoreError(f"cannot create database {self.path!r}: {e.strerror}") from None
         try:
@@ -550,6 +579,23 @@ class Store:
             info = os.stat(self.path)
             self._identity = (info.st_dev, info.st_ino)
         return conn
+
+    def _check_access(self):
+        """Raise StoreError, naming the owner, if this user may not read and write the database."""
+        if os.access(self.path, os.R_OK | os.W_OK):
+            return
+        import pwd
+
+        def name(uid):
+            try:
+                return pwd.getpwuid(uid).pw_name
+            except KeyError:
+                return str(uid)
+        info = os.stat(self.path)
+        raise StoreError(f"database {self.path!r} belongs to {name(info.st_uid)} (mode {info.st_mode & 0o777:o}) "
+                         f"and this user ({name(os.getuid())}) may "
+                         "not write it: run as its owner (e.g. sudo -u OWNER), or see the README's "
+                         "\"Which database\" to share it")
 
     def check_file(self):
         """Raise StoreError if the database file was deleted, replaced or made read-only under us.
@@ -716,15 +762,22 @@ class Store:
         rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,))
         return rows[0] if rows else None
 
-    def invites(self, host, key_id=None, pending_at=None, limit=1000):
-        """Return a host's invites (or one key's), newest first; only pending ones if pending_at is a time."""
-        sql, args = f"SELECT {_INVITE_COLUMNS} FROM invites WHERE host = ?", [host]
+    def invites(self, host, key_id=None, status=None, at=0, limit=1000, after=None):
+        """Return (up to limit of a host's invites (or one key's) newest first, after the invite
+        with token after; how many there are in all): of one status at time at, or any (None)."""
+        where, args = "host = ? AND uri != ''", [host]
         if key_id is not None:
-            sql, args = sql + " AND key_id = ?", args + [key_id]
-        if pending_at is not None:
-            sql += " AND revoked_at IS NULL AND uses_left > 0 AND expires_at > ?"
-            args.append(pending_at)
-        return self.read(sql + " ORDER BY created_at DESC, rowid DESC LIMIT ?", args + [limit])
+            where, args = where + " AND key_id = ?", args + [key_id]
+        if status is not None:
+            where += " AND " + _INVITE_STATUS_SQL[status]
+            args += [at] * _INVITE_STATUS_SQL[status].count("?")
+        total = self.read(f"SELECT count(*) FROM invites WHERE {where}", args)[0][0]
+        if after is not None:  # (the newest-first order of the index, from just past that invite)
+            where += " AND (created_at, rowid) < (SELECT created_at, rowid FROM invites WHERE token = ?)"
+            args.append(after)
+        rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE {where} "
+                         "ORDER BY created_at DESC, rowid DESC LIMIT ?", args + [limit])
+        return rows, total
 
     def revoke_invite(self, token, at):
         """Revoke an invite; return whether it was pending (not yet used up or revoked)."""
@@ -950,15 +1003,22 @@ def list_keys(store, host):
     return [key_info(row) for row in store.keys_for_host(host)]
 
 
+def _key_id(key_id):
+    """Return a key id as given to update and delete; refuse a whole KEY_ID/SECRET (never echoing it)."""
+    if "/" in key_id:
+        raise BadRequest("give the key's id alone (the part before the '/'), never its secret; `list HOST` shows ids")
+    return key_id
+
+
 def update_key(store, host, key_id, **changes):
     """Change a key's name or policy (None clears a limit); raise NotFound if there is no such key."""
-    if not store.update_key(host, key_id, changes):
+    if not store.update_key(host, _key_id(key_id), changes):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
 def delete_key(store, host, key_id, revoke_invites=False):
     """Revoke a key at once (its invites stay valid unless revoke_invites); raise NotFound if unknown."""
-    if not store.delete_key(host, key_id, revoke_invites, at=now()):
+    if not store.delete_key(host, _key_id(key_id), revoke_invites, at=now()):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
@@ -981,6 +1041,14 @@ def authenticate(store, presented, conn=None):
     return key
 
 
+def parse_limit(text, what="limit"):
+    """Return a listing's page size: 1 to MAX_LIST_LIMIT; raise ValueError."""
+    count = parse_count(text, what)
+    if count > MAX_LIST_LIMIT:
+        raise ValueError(f"{what} {text!r}: at most {MAX_LIST_LIMIT:,}")
+    return count
+
+
 def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=None):
     """Return checked ttl, uses, username, note from request options; raise BadRequest.
 
@@ -1001,11 +1069,13 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=No
             if name == "ttl":
                 checked["ttl"] = parse_duration(str(value))
                 if checked["ttl"] > max_ttl:
-                    raise ValueError(f"ttl {value!r} is over this key's limit of {max_ttl} s")
+                    raise ValueError(f"ttl {value!r} is over this key's limit of {format_duration(max_ttl)} "
+                                     "(an operator can raise it: update HOST KEY_ID --max-ttl)")
             elif name == "uses":
                 checked["uses"] = parse_count(value, "uses")
                 if checked["uses"] > max_uses:
-                    raise ValueError(f"uses {value!r} is over this key's limit of {max_uses}")
+                    raise ValueError(f"uses {value!r} is over this key's limit of {max_uses} (an operator can "
+                                     "raise it: update HOST KEY_ID --max-uses)")
             elif name == "username":
                 checked["username"] = parse_username(value)
             elif name == "note":
@@ -1178,9 +1248,14 @@ def find_invite(store, token, backend=None):
     return invite, invite_state(store, invite, backend)
 
 
-def list_invites(store, host, key_id=None, include_all=False):
-    """Return a host's invites (or one key's), newest first; pending ones only unless include_all."""
-    return store.invites(host, key_id, pending_at=None if include_all else now())
+def list_invites(store, host, key_id=None, status="valid", limit=DEFAULT_LIST_LIMIT, after=None):
+    """Return (a page of a host's invites (or one key's) of a status (None: any), newest first,
+    after the invite with token after; how many there are in all); raise BadRequest."""
+    if status is not None and status not in _INVITE_STATUS_SQL:
+        raise BadRequest(f"status {status!r}: valid, used, expired, revoked or all")
+    if after is not None and (not TOKEN_RE.match(after) or store.invite(after) is None):
+        raise BadRequest(f"after {after[:40]!r}: not an invite token of this listing")
+    return store.invites(host, key_id, status, now(), limit, after)
 
 
 def revoke_invite(store, token, host=None, key_id=None, backend=None):
@@ -1640,7 +1715,8 @@ class ProsodyAdmin:
 
 # Prosody's own mod_invites API, run in its admin shell (">" is a line of Lua): every value goes
 # in as a Lua literal (lua_string, a number or nil), never as text pasted into the code.
-_PROSODY_INVITES = ('local m = require"core.modulemanager".get_module({host}, "invites") '
+_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a host of this Prosody") end '
+                    'local m = require"core.modulemanager".get_module({host}, "invites") '
                     'if not m then error("mod_invites is not loaded on " .. {host}) end ')
 # (usermanager on a host Prosody does not serve fails with "attempt to index a nil value")
 _PROSODY_USERS = 'local um = require"core.usermanager" if not prosody.hosts[{host}] then return true, "nohost" end '
@@ -1750,8 +1826,10 @@ class ProsodyBackend(Backend):
         return answer == "done"
 
     def check_hosts(self, hosts):
-        warnings = []
-        for host in hosts if self.use_socket else ():  # what the invitee's journey needs, on each
+        served = self.lua("hosts").split() if self.use_socket and hosts else []
+        warnings = [f"prosody backend: {host} is not a host of this Prosody: invites for it cannot be made"
+                    for host in hosts if host not in served]
+        for host in [h for h in hosts if h in served]:  # what the invitee's journey needs, on each
             loaded = set(self.lua("modules", host=host).split())
             missing = [name for name in ("invites", "invites_register", "invites_page") if name not in loaded]
             if missing:
@@ -1956,6 +2034,8 @@ class EjabberdAccounts(Accounts):
 
     def done(self, code, output):
         """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
+        if code != 0 and ("Virtual host not known" in output or "nknown host" in output):
+            raise BackendError("that host is not a host of this ejabberd")
         if code != 0:
             lines = [line for line in redact(output).splitlines() if line.strip() and "inet_config" not in line
                      and "ERROR REPORT" not in line]
@@ -2165,6 +2245,8 @@ class EjabberdBackend(Backend):
             self.fail(str(e))
         finally:
             self._slots.release()
+        if "Virtual host not known" in output or "nknown host" in output:
+            raise BackendError(f"{args.get('host')} is not a host of this ejabberd")
         if "num_invites_exceeded" in output:
             raise Unavailable("ejabberd refused: num_invites_exceeded (mod_invites keeps at most 1,000 "
                               "invites of one inviter that are open or used; used ones go with our purge)")
@@ -2224,8 +2306,11 @@ class EjabberdBackend(Backend):
         return f"ejabberd backend: {problem}" if problem else None
 
     def check_hosts(self, hosts):
-        return [f"ejabberd backend: {host} lacks mod_invites (ejabberd 26.01 or newer): invites for it "
-                "cannot be made" for host in hosts if self.ejabberd.call("list_invites", host=host)[0] != 0]
+        served = self.ejabberd.hosts() if hosts else []
+        return [f"ejabberd backend: {host} is not a host of this ejabberd: invites for it cannot be made"
+                if host not in served else f"ejabberd backend: {host} lacks mod_invites (ejabberd 26.01 or "
+                "newer): invites for it cannot be made"
+                for host in hosts if host not in served or self.ejabberd.call("list_invites", host=host)[0] != 0]
 
     def describe(self):
         return f"ejabberd backend, {self.ejabberd.describe()}"
@@ -2580,7 +2665,8 @@ _PAGE_STYLE = """
 body{margin:0;padding:0 .75rem;background:var(--bg);color:var(--text);
 font:17px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
 header{padding:.75rem 1rem;font-weight:600;color:var(--muted);text-align:center}
-main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);border-radius:12px}
+main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);border-radius:12px;
+overflow-wrap:anywhere}
 h1{font-size:1.5rem;line-height:1.25;margin:0 0 .75rem}
 h2{font-size:1.1rem;margin:1.75rem 0 .5rem}
 p{margin:.5rem 0}
@@ -2647,15 +2733,11 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
     expires = time.strftime("%d %B %Y, %H:%M UTC", time.gmtime(invite["expires_at"])).lstrip("0")
     details = f"This invite expires {in_words(left)} ({esc(expires)})."
     if invite["uses_left"] > 1:
-        details += f" It can create {invite['uses_left']} more accounts."
+        details += f" It can create {invite['uses_left']} accounts."
     if invite["username"] and invite["type"] != "reset":
         details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
     note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
-    platforms = {}
-    for app in apps:
-        platforms.setdefault(app["platform"], []).append(
-            f'<a href="{esc(app["url"])}" rel="noreferrer">{esc(app["name"])}</a>')
-    app_list = "".join(f"<li><strong>{esc(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
+    app_list = render_app_list(apps)
     target, action = (signup_url, "Create your account") if signup_url else (invite["uri"], "Open in your XMPP app")
     if invite["type"] == "reset":
         action = "Set a new password"
@@ -2664,21 +2746,31 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
                 f"<figure>{_invite_qr(target, invite['host'])}<figcaption>Scan this with your "
                 f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>")
     else:  # nothing here makes the account: say where the invite is used, offer no path that fails
-        main = (f'<p class="note">This invite is used on the sign-up of whoever sent it to you: open the '
-                f"sign-up link you were given, or ask them for it. (For the site: it checks the invite at "
-                f"<code>/invite/{esc(invite['token'])}.json</code> and uses it through the redeem API.)</p>")
+        main = ('<p class="note">You cannot create your account on this page. Whoever invited you has a '
+                "sign-up page of their own where this invite is used: open the sign-up link they gave you, "
+                "or ask them for it.</p>")
     heading = (f"Set a new password for {esc(invite['username'])}@{host}" if invite["type"] == "reset"
                else f"You have been invited to join {host}")
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>{heading}</h1>{note}"
         f'<p class="muted">{details}</p>{main}'
-        f'<h2><label for="link">Or copy the link to this page</label></h2>'
+        f'<h2><label for="link">{"Or copy" if signup_url or in_apps else "Copy"} the link to this page</label></h2>'
         f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
         f'<button id="copy" type="button" hidden>Copy</button></p>'
         f"<h2>No app yet?</h2>"
         + ("<p>Install one of these, then come back to this page and press the button above:</p>"
-           if signup_url or in_apps else "<p>To chat once your account exists, install one of these:</p>")
+           if in_apps and not signup_url else "<p>To chat once your account exists, install one of these:</p>")
         + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
+
+
+def render_app_list(apps):
+    """Return the <li>s of the apps, one per platform: "Android: Conversations, Monocles"."""
+    import html
+    platforms = {}
+    for app in apps:
+        platforms.setdefault(app["platform"], []).append(
+            f'<a href="{html.escape(app["url"])}" rel="noreferrer">{html.escape(app["name"])}</a>')
+    return "".join(f"<li><strong>{html.escape(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
 
 
 def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
@@ -2716,8 +2808,7 @@ def render_signup_done(invite, username, site_name, apps, nonce):
     jid = f"{username}@{invite['host']}"
     left = invite["uses_left"] if invite["type"] != "reset" and invite_status(invite) == "valid" else 0
     more = f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>" if left else ""
-    links = "".join(f'<li><strong>{esc(a["platform"])}</strong>: <a href="{esc(a["url"])}" rel="noreferrer">'
-                    f'{esc(a["name"])}</a></li>' for a in apps)
+    links = render_app_list(apps)
     first = "Your new password is set" if invite["type"] == "reset" else f"Your account {esc(jid)} is ready"
     return render_page("Your account is ready", (
         f"<h1>{first}</h1>{more}"
@@ -2773,6 +2864,7 @@ ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page) for pattern, m
     (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
     (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
     (r"/register", {"GET": "signup_page", "POST": "signup"}, False, True),
+    (r"/", {"GET": "home", "HEAD": "home"}, False, True),
     (r"/health", {"GET": "health", "HEAD": "health"}, False, False),
     (r"/metrics", {"GET": "metrics"}, False, False),
 ))
@@ -3194,6 +3286,15 @@ class InviteRequests:
         if wait:
             raise TooManyRequests("too many failed authentications from your address", wait)
 
+    def home(self, _):
+        """What a person who opens the server's own address sees: GET /."""
+        self.params()
+        app, nonce = self.server.app, _random_id(12)
+        page = render_page("Invites", "<h1>This server makes account invites</h1><p>Invites come as links; open "
+                           "the link you were given. If you have none, ask the person who runs this server "
+                           "for one.</p>", app.site_name or "Invites", nonce)
+        self.respond(200, page, page_headers(nonce), content_type="text/html; charset=utf-8")
+
     def health(self, _):
         """Say whether the database answers a read and a write: GET /health."""
         self.params()
@@ -3238,14 +3339,26 @@ class InviteRequests:
         self.respond(status, b"", [("Location", url)])
 
     def api_list(self, _):
-        """List the key's invites: GET /invites_api/invites[?all=true]."""
-        params = self.params("key", "all")
+        """List the key's invites, a page at a time: GET /invites_api/invites[?status=S|all=true]
+        [&limit=N][&after=TOKEN]; X-Total-Count says how many, and a Link rel="next" the next page."""
+        params = self.params("key", "all", "status", "limit", "after")
         key = self.authenticate(params.get("key", ""))
-        invites = list_invites(self.server.app.store, key["host"], key["id"],
-                               include_all=parse_bool("all", params.get("all", "")))
+        status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
+        try:
+            limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        invites, total = list_invites(self.server.app.store, key["host"], key["id"],
+                                      None if status == "all" else status, limit, params.get("after"))
         store, backend = self.server.app.store, self.server.app.backend
+        headers = [("X-Total-Count", str(total))]
+        if len(invites) == limit and total > limit:
+            from urllib.parse import urlencode
+            query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
+                               "after": invites[-1]["token"]})
+            headers.append(("Link", f'<{self.public_base(key["host"])}/invites_api/invites?{query}>; rel="next"'))
         self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, backend),
-                                            store.accounts(i["token"])) for i in invites])
+                                            store.accounts(i["token"])) for i in invites], headers)
 
     def api_show(self, token):
         """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
@@ -3906,19 +4019,22 @@ def _policy(args):
 
 
 def cmd_create(args):
-    """create HOST [NAME]: print a new key."""
-    print(create_key(open_store(args), args.host, args.name, **_policy(args)))
+    """create HOST [NAME]: print a new key (and on stderr, which database holds it)."""
+    store = open_store(args)
+    print(create_key(store, args.host, args.name, **_policy(args)))
+    print(f"a key for {args.host}, in database {store.path}", file=sys.stderr)
 
 
 def cmd_list(args):
-    """list HOST: print the host's keys."""
-    keys = list_keys(open_store(args), args.host)
+    """list HOST: print the host's keys (and on stderr, how many, in which database)."""
+    store = open_store(args)
+    keys = list_keys(store, args.host)
     if args.json:
-        import json
-        print(json.dumps(keys, indent=2))
-        return
-    for key in keys:
+        _print_json(keys)
+    for key in keys if not args.json else ():
         print(f"{key['id']}\t{key['name']}")
+    print(f"{args.host}: {len(keys) or 'no'} key{'' if len(keys) == 1 else 's'} in database {store.path}",
+          file=sys.stderr)
 
 
 def cmd_update(args):
@@ -3950,7 +4066,18 @@ def _print_json(data):
 
 def _backend(args, log=None, asking=False):
     """Return the backend the command line asks for (None: built-in); asking (about invites already
-    made): Prosody's, unless another is named."""
+    made): Prosody's, unless another is named. Refuse options that would do nothing."""
+    accounts = getattr(args, "accounts", None)
+    for option, value, needs in (("--backend-command", args.backend_command, args.backend == "command"),
+                                 ("--accounts-command", getattr(args, "accounts_command", None),
+                                  accounts == "command"),
+                                 ("--ejabberd-api", args.ejabberd_api, "ejabberd" in (args.backend, accounts)),
+                                 ("--ejabberd-api-auth-file", args.ejabberd_api_auth_file, args.ejabberd_api)):
+        if value and not needs:
+            raise Error(f"{option} does nothing here: it is for " + {
+                "--backend-command": "--backend command", "--accounts-command": "--accounts command",
+                "--ejabberd-api": "--backend ejabberd or --accounts ejabberd",
+                "--ejabberd-api-auth-file": "--ejabberd-api"}[option])
     name = "prosody" if asking and args.backend == "builtin" else args.backend
     return make_backend(name, args.prosodyctl, args.prosody_config, _ejabberd(args),
                         args.backend_command, args.backend_timeout, args.backend_concurrency, log,
@@ -3995,25 +4122,38 @@ def cmd_invites_create(args):
     invite = create_invite(open_store(args), host=args.host, options=options, backend=backend,
                            identify=account_identifier(backend, accounts))
     url = _cli_url(args, invite)
+    if args.qr and re.match(r"https?://(127\.|localhost|\[::1\])", url):
+        print(f"warning: the QR code is of {url}, which only this machine can open (a phone cannot): give "
+              "--public-url or set INVITES_API_PUBLIC_URL", file=sys.stderr)
     if args.qr:
         print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
     _print_json(invite_info(invite, url)) if args.json else print(url)
 
 
 def cmd_invites_list(args):
-    """invites list HOST: print a table of the host's invites."""
+    """invites list HOST: print a page of the host's invites as a table (80 columns), and on
+    stderr how many there are and how to see the next page."""
     store, backend = open_store(args), _backend(args, sys.stderr, asking=True)
-    invites = list_invites(store, args.host, args.key, include_all=args.all)
+    status = None if args.all or args.status == "all" else args.status
+    invites, total = list_invites(store, args.host, args.key and _key_id(args.key), status, args.limit, args.after)
     states = [invite_state(store, i, backend) for i in invites]
     if args.json:
-        return _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
-    when = lambda ts: time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts))  # noqa: E731
-    rows = [("TOKEN", "CREATED", "EXPIRES", "USES LEFT", "STATUS", "KEY", "NOTE")]
-    rows += [(i["token"], when(i["created_at"]), when(i["expires_at"]), f"{i['uses_left']}/{i['uses']}",
-              state, i["key_id"] or "(cli)", i["note"] or "") for i, state in zip(invites, states)]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
+    else:
+        when = lambda ts: time.strftime("%Y-%m-%d", time.gmtime(ts))  # noqa: E731
+        rows = [("TOKEN", "EXPIRES", "USES", "STATUS", "KEY", "NOTE")]
+        rows += [(i["token"], when(i["expires_at"]), f"{i['uses_left']}/{i['uses']}", state,
+                  i["key_id"] or "(cli)", i["note"] or "") for i, state in zip(invites, states)]
+        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+        for row in rows:
+            line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  "
+            note = row[-1] if len(line) + len(row[-1]) <= 80 else row[-1][:max(0, 79 - len(line))] + "…"
+            print((line + note).rstrip())
+    shown = f"{args.host}: {total:,} {status + ' ' if status else ''}invite{'' if total == 1 else 's'}"
+    if len(invites) < total or args.after:
+        shown += f", {len(invites):,} shown"
+    more = total > len(invites) and len(invites) == args.limit and invites
+    print(shown + (f"; next page: --after {invites[-1]['token']}" if more else ""), file=sys.stderr)
 
 
 def cmd_invites_show(args):
@@ -4075,7 +4215,9 @@ def cmd_serve(args):
     shown = f"[{address}]" if ":" in address else address
     serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
                   f"/invites_api (database {store.path}" + (f"; {backend.describe()}" if backend else "")
-                  + (f"; accounts made by {accounts.describe()}" if accounts else "") + ")")
+                  + (f"; accounts made by {accounts.describe()}" if accounts else "") + ")"
+                  + ("" if backend or accounts else "; its invites become accounts only through a sign-up "
+                     "site of your own (the redeem API): --accounts makes them accounts on the invite's page"))
 
 
 def systemd_socket():
@@ -4250,7 +4392,7 @@ def build_parser(argv=None):
     sub = command(commands, "serve", cmd_serve, "run the HTTP API")
     sub.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
                      help=f"address to listen on (default {DEFAULT_BIND}; 0.0.0.0 or :: for all)")
-    sub.add_argument("--port", type=int, default=DEFAULT_PORT,
+    sub.add_argument("--port", type=_arg(parse_port), default=DEFAULT_PORT,
                      help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
     sub.add_argument("--public-url", metavar="URL", default=os.environ.get("INVITES_API_PUBLIC_URL"),
                      help="start of invite page URLs, may contain {host} (default: "
@@ -4263,7 +4405,7 @@ def build_parser(argv=None):
     sub.add_argument("--purge-after", type=_arg(parse_duration), default=DEFAULT_PURGE_GRACE,
                      metavar="DURATION", help="delete invites this long after they expired, "
                                               "were used up or revoked (default 30d)")
-    sub.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+    sub.add_argument("--max-connections", type=_arg(parse_count), default=DEFAULT_MAX_CONNECTIONS, metavar="N",
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
     sub.add_argument("--timeout", type=_arg(parse_seconds), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                      help=f"close connections idle this long (default {DEFAULT_TIMEOUT:g})")
@@ -4348,7 +4490,13 @@ def build_parser(argv=None):
     sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",
                   "invites list")
     host_arg(sub)
-    sub.add_argument("--all", action="store_true", help="include used, expired and revoked invites")
+    sub.add_argument("--status", default="valid", choices=("valid", "used", "expired", "revoked", "all"),
+                     help="only the invites of this status (default valid: the pending ones)")
+    sub.add_argument("--all", action="store_true", help="invites of any status (--status all)")
+    sub.add_argument("--limit", type=_arg(parse_limit), default=DEFAULT_LIST_LIMIT,
+                     metavar="N", help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr says how many "
+                                       "there are and how to see the next page")
+    sub.add_argument("--after", metavar="TOKEN", help="the page after this invite (as the last page ended)")
     sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="a JSON array")
@@ -4381,10 +4529,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        for name, value in (("--port", args.port), ("--max-connections", args.max_connections)):
-            if not (0 <= value <= 65535 if name == "--port" else value >= 1):
-                parser.error(f"argument {name}: invalid value {value}")
     try:
         args.func(args)
         sys.stdout.flush()  # inside the try, so a closed pipe is handled below

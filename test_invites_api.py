@@ -276,10 +276,14 @@ class ApiTest(LiveServerTestCase):
             self.assertEqual(headers["allow"], "GET, POST, OPTIONS")
         self.assertEqual(self.invite_count(), 0)
 
-    def test_unknown_path_is_404(self):
-        for path in ("/", "/invites", "/invites_api_x", f"/invites_apix?key={self.key}"):
+    def test_unknown_path_is_404_and_the_servers_own_address_a_page(self):
+        for path in ("/invites", "/invites_api_x", f"/invites_apix?key={self.key}"):
             status, _, _ = self.request("GET", path)
             self.assertEqual(status, 404, path)
+        status, headers, body = self.request("GET", "/")
+        self.assertEqual((status, headers["content-type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn(b"This server makes account invites", body)
+        self.assertIn("default-src 'none'", headers["content-security-policy"])
 
     def test_request_line_over_8_kib_is_414(self):
         answer = self.raw(b"GET /invites_api?key=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -731,7 +735,7 @@ class InvitePageTest(LiveServerTestCase):
         self.assertIn("<header>Choir Chat</header>", page)
         self.assertIn('<strong>Amiga</strong>: <a href="https://amiga.example/xmpp" rel="noreferrer">AmigaXMPP</a>', page)
         self.assertNotIn("Conversations", page)
-        self.assertIn("It can create 5 more accounts.", page)
+        self.assertIn("It can create 5 accounts.", page)
         self.assertIn("<strong>frank@example.com</strong>", page)
 
     def test_head_on_the_page_sends_headers_only(self):
@@ -765,8 +769,11 @@ class InvitePageTest(LiveServerTestCase):
         self.assertNotIn('href="xmpp:', page)  # the server never saw this token: an app would be refused
         self.assertNotIn("/register?t=", page)
         self.assertNotIn("<svg", page)
-        self.assertIn("used on the sign-up of whoever sent it to you", page)
-        self.assertIn(f"/invite/{token}.json", page)
+        self.assertIn("You cannot create your account on this page. Whoever invited you has a sign-up page", page)
+        self.assertNotIn(f"/invite/{token}.json", page)  # (no developer's words on an invitee's page)
+        self.assertNotIn("redeem", page)
+        self.assertIn("Copy the link to this page", page)
+        self.assertNotIn("Or copy", page)
         self.assertEqual(self.request("GET", f"/register?t={token}")[0], 404)
 
     def test_expiry_boundary(self):
@@ -1280,6 +1287,9 @@ class Invitee:
         for width, height in SIZES:
             self.page.set_viewport_size({"width": width, "height": height})
             self.page.screenshot(path=os.path.join(self.shots, f"{name}-{width}x{height}.png"), full_page=True)
+            past = self.page.evaluate("[...document.querySelectorAll('main *')].filter(e => "
+                                      "e.getBoundingClientRect().right > innerWidth).map(e => e.outerHTML.slice(0, 80))")
+            self.test.assertEqual(past, [], f"{name} at {width} px: these run past the right edge")
         self.page.set_viewport_size({"width": SIZES[0][0], "height": SIZES[0][1]})
 
     def text(self):
@@ -1348,8 +1358,12 @@ def browser_journey(test, port, key, host, login, reset_cli, shots, passwords):
     person.page.click("button[type=submit]")
     test.assertTrue(person.page.evaluate("!document.querySelector('#password').checkValidity()"))
     test.assertEqual(person.requests[before:], [])  # nothing was sent
-    test.assertEqual(person.submit("bob", bobs), 200)
-    test.assertTrue(login("bob", bobs))
+    # A long address wraps inside the card at 390 px (look() checks that nothing runs past the edge).
+    long_name = "bobwithaverylongaddress20261202"
+    test.assertEqual(person.submit(long_name, bobs), 200)
+    test.assertIn(f"Your account {long_name}@{host} is ready", person.text())
+    person.look("done-long-address")
+    test.assertTrue(login(long_name, bobs))
     # A password reset: the new password logs in, the old one no longer does.
     person.page.goto(reset_cli("alice"))
     person.look("reset-invite")
@@ -1637,6 +1651,63 @@ def write_program(directory, name, body):
     return path
 
 
+class ListingTest(LiveServerTestCase):
+    """Listings page through any number of invites, by status, and always say how many there are."""
+
+    def test_five_thousand_invites_each_reachable_by_paging_the_cli_and_the_api(self):
+        ia.update_key(self.store, "example.com", self.key_id, max_invites=None)
+        tokens = [ia.create_invite(self.store, self.key)["token"] for _ in range(5003)]
+        for token in tokens[:7]:
+            ia.revoke_invite(self.store, token)
+        for token in tokens[7:10]:
+            ia.redeem_invite(self.store, token, "example.com")
+        ia.create_invite(self.store, host="example.com")  # the operator's: in the CLI's listing, not the key's
+        newest_first = tokens[::-1]
+        valid = [t for t in newest_first if t not in tokens[:10]]
+        # The command line, 1,000 a page, then the last page.
+        seen, after, notes = [], [], []
+        while True:
+            code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--json", "--limit", "1000",
+                                      "--key", self.key_id, *after)
+            self.assertEqual(code, 0, err)
+            page = [i["token"] for i in json.loads(out)]
+            seen += page
+            notes.append(err)
+            if "next page" not in err:
+                break
+            after = ["--after", re.search(r"--after (\S+)", err).group(1)]
+            self.assertEqual(after[1], page[-1])
+        self.assertEqual(seen, valid)
+        self.assertEqual(notes[0], f"example.com: 4,993 valid invites, 1,000 shown; next page: --after {seen[999]}\n")
+        self.assertEqual(notes[-1], "example.com: 4,993 valid invites, 993 shown\n")
+        for status, expected in (("revoked", tokens[:7][::-1]), ("used", tokens[7:10][::-1])):
+            code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--status", status, "--json")
+            self.assertEqual([i["token"] for i in json.loads(out)], expected)
+        code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--all")
+        self.assertEqual(err, "example.com: 5,004 invites, 50 shown; next page: --after "
+                              f"{out.splitlines()[-1].split()[0]}\n")
+        self.assertEqual(len(out.splitlines()), 51)
+        self.assertLessEqual(max(map(len, out.splitlines())), 80)
+        # The API: Link rel="next" until the end, X-Total-Count throughout.
+        seen, path = [], f"/invites_api/invites?key={self.key}&status=all&limit=700"
+        while path:
+            status, headers, body = self.request("GET", path)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(headers["x-total-count"], "5003")
+            seen += [i["token"] for i in json.loads(body)]
+            link = re.fullmatch(r'<http://127\.0\.0\.1:\d+(/invites_api/invites\?[^>]+)>; rel="next"',
+                                headers.get("link", ""))
+            path = link and link.group(1) + f"&key={self.key}"
+        self.assertEqual(seen, newest_first)
+        status, headers, body = self.request("GET", f"/invites_api/invites?key={self.key}")
+        self.assertEqual((len(json.loads(body)), headers["x-total-count"]), (50, "4993"))
+        for query, words in (("limit=0", b"expected a whole number"), ("limit=1001", b"at most 1,000"),
+                             ("status=gone", b"status 'gone'"), ("after=nope", b"not an invite token")):
+            status, _, body = self.request("GET", f"/invites_api/invites?key={self.key}&{query}")
+            self.assertEqual(status, 400, query)
+            self.assertIn(words, body)
+
+
 class AccountsCommandTest(LiveServerTestCase):
     """serve --accounts command: a program makes the accounts; the password only on its stdin."""
 
@@ -1690,6 +1761,19 @@ esac
     def calls_made(self):
         with open(self.calls) if os.path.exists(self.calls) else io.StringIO() as f:
             return f.read().splitlines()
+
+    def test_the_pages_speak_of_the_web_sign_up_and_group_the_apps(self):
+        ia.update_key(self.store, "example.com", self.key_id, max_uses=2)
+        token = self.token_of(self.create(extra="&uses=2")[1]["location"])
+        page = self.request("GET", f"/invite?{token}")[2].decode()
+        self.assertIn("It can create 2 accounts.", page)
+        self.assertIn("To chat once your account exists, install one of these:", page)
+        self.assertNotIn("come back to this page", page)  # (the button makes the account: no app needed first)
+        status, page = self.sign_up(token, "dora")
+        self.assertEqual(status, 200)
+        self.assertIn(b"This invite can create 1 more account.</p>", page)
+        self.assertEqual(page.count(b"<strong>Android</strong>"), 1)
+        self.assertIn(b"Conversations</a>, <a", page)
 
     def test_the_program_gets_the_password_on_stdin_never_in_its_arguments(self):
         ia.update_key(self.store, "example.com", self.key_id, max_uses=3)
@@ -1912,9 +1996,9 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
         super().setUp()
         self.runs = os.path.join(self.dir, "runs")
         # Prints what `ejabberdctl generate_invite HOST` prints: the URI, then the landing page (and
-        # answers serve's start-up questions: status, list_invites).
+        # answers serve's start-up questions: status, registered_vhosts, list_invites).
         self.ejabberdctl = write_program(self.dir, "ejabberdctl", (
-            'case "$1" in status|list_invites) exit 0;; esac\n'
+            'case "$1" in status|list_invites) exit 0;; registered_vhosts) echo example.com; exit 0;; esac\n'
             f'echo run >> {self.runs}\n'
             '[ "$1" = generate_invite ] || exit 3\n'
             'token=$(head -c 18 /dev/urandom | base64 | tr "+/" "-_")\n'
@@ -2718,9 +2802,12 @@ modules_disabled = {{ "invites_page" }}
         invite = ia.create_invite(store, host=self.HOST, options={"username": "erin"}, backend=backend)
         self.assert_valid_at_prosody(invite["url"], username="erin")
         self.assertEqual(invite["uri"], f"xmpp:erin@{self.HOST}?register;preauth={invite['token']}")
-        with self.assertRaises(ia.BackendError):
+        with self.assertRaises(ia.BackendError) as raised:
             ia.create_invite(store, host="other.test", backend=backend)
+        self.assertIn("other.test is not a host of this Prosody", str(raised.exception))
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 1)
+        self.assertEqual(backend.check_hosts(["other.test"]), [
+            "prosody backend: other.test is not a host of this Prosody: invites for it cannot be made"])
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--backend", "prosody",
                                   "--prosodyctl", self.prosodyctl, "--prosody-config", self.config)
         self.assertEqual(code, 0, err)
@@ -2801,13 +2888,16 @@ listen:
   - {{port: {self.http_port}, ip: "127.0.0.1", module: ejabberd_http, request_handlers: {self.HANDLERS}}}
 auth_method: internal
 registration_timeout: infinity
-acl: {{local: {{user_regexp: ""}}}}
+acl: {{local: {{user_regexp: ""}}, loopback: {{ip: ["127.0.0.0/8", "::1/128"]}}}}
 access_rules: {{local: {{allow: local}}, register: {{allow: all}}}}
-api_permissions: {{"loopback": {{who: {{ip: ["127.0.0.0/8"]}}, what: "*", from: [mod_http_api]}}}}
+api_permissions: {{"invites_api on loopback": {{from: [mod_http_api], who: {{acl: loopback}},
+    what: [{EJABBERD_COMMANDS}]}}}}
 modules: {self.MODULES}
 """)
+        # A node name of each test's own: one that a previous test's node still holds would never start.
+        self.node = f"invites{os.getpid()}p{self.c2s_port}@localhost"
         with open(os.path.join(dirs["conf"], "ejabberdctl.cfg"), "w") as f:
-            f.write(f"ERLANG_NODE=invites{os.getpid()}@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n"
+            f.write(f"ERLANG_NODE={self.node}\nERL_EPMD_ADDRESS=127.0.0.1\n"
                     "INET_DIST_INTERFACE=127.0.0.1\n")
         with open(os.path.join(dirs["conf"], "inetrc"), "w") as f:
             f.write("{lookup, [file, native]}.\n")
@@ -2816,10 +2906,17 @@ modules: {self.MODULES}
                 shutil.chown(name, "ejabberd", "ejabberd")
         self.ejabberdctl = write_program(self.dir, "ejabberdctl", f"exec {real} --config-dir {dirs['conf']} "
                                          f"--spool {dirs['spool']} --logs {dirs['logs']} \"$@\"\n")
-        subprocess.run([self.ejabberdctl, "start"], check=True, capture_output=True, timeout=60)
+        start = subprocess.run([self.ejabberdctl, "start"], capture_output=True, text=True, timeout=60)
         self.addCleanup(lambda: subprocess.run([self.ejabberdctl, "stop"], capture_output=True, timeout=60)
                         and subprocess.run([self.ejabberdctl, "stopped"], capture_output=True, timeout=60))
-        subprocess.run([self.ejabberdctl, "started"], check=True, capture_output=True, timeout=60)
+        try:
+            subprocess.run([self.ejabberdctl, "started"], check=True, capture_output=True, timeout=60)
+        except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
+            logs = "".join(open(os.path.join(dirs["logs"], n)).read()[-1500:] for n in os.listdir(dirs["logs"]))
+            status = subprocess.run([self.ejabberdctl, "status"], capture_output=True, text=True, timeout=60)
+            names = subprocess.run(["epmd", "-names"], capture_output=True, text=True, timeout=10)
+            self.fail(f"ejabberd did not start: start said {start.stdout + start.stderr!r}; logs {logs!r}; "
+                      f"status {status.stdout + status.stderr!r}; epmd {names.stdout + names.stderr!r}")
         status = subprocess.run([self.ejabberdctl, "status"], capture_output=True, text=True, timeout=60).stdout
         self.version = re.search(r"ejabberd (\S+) is running", status).group(1)
         self.via = self.VIA()
@@ -2959,6 +3056,12 @@ modules: {self.MODULES}
         self.assertNotIn("a new password", proc.stderr.read())
 
 
+# The README's api_permissions: only the commands invites_api calls (ejabberd 23.01 and 26.07 alike).
+EJABBERD_COMMANDS = ("generate_invite, generate_invite_with_username, generate_reset_token, list_invites, "
+                     "delete_invite_by_token, expire_invite_by_token, status, registered_vhosts, register, "
+                     "check_account, change_password, private_get, private_set")
+
+
 def ejabberd_release():
     """Return the major version of the installed ejabberd package (23, 24, 26), or 0."""
     found = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "ejabberd"], capture_output=True, text=True)
@@ -2985,7 +3088,7 @@ class EjabberdApiTest(EjabberdTest):
             with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
                 return f.read()
             return b""
-        node = f"invites{os.getpid()}@localhost".encode()
+        node = self.node.encode()
         beam = [p for p in os.listdir("/proc") if p.isdigit() and node in cmdline(p) and b"beam" in cmdline(p)]
         self.assertEqual(len(beam), 1)
         for pid in beam:
@@ -3030,7 +3133,7 @@ class Ejabberd26Test(EjabberdApiTest):
         ia.create_key(store, "other.test")
         store.close()
         proc, port = self.start("--backend", "ejabberd", *via)
-        self.assertIn("warning: ejabberd backend: other.test lacks mod_invites", wait_for_line(proc.stderr, 30))
+        self.assertIn("warning: ejabberd backend: other.test is not a host of this ejabberd", wait_for_line(proc.stderr, 30))
         self.assertIn("ejabberd backend, through " + ("its HTTP API" if "--ejabberd-api" in via else "ejabberdctl"),
                       self.banner)
 
@@ -3081,6 +3184,8 @@ class Ejabberd26Test(EjabberdApiTest):
                          ("result", "result"))
         self.assertTrue(self.client().login("user0", "user0's new password"))
         self.assertFalse(self.client().login("user0", "password 0 is long"))
+        code, out, err = run_main("--db", self.db, "invites", "create", "other.test", "--backend", "ejabberd", *via)
+        self.assertEqual((code, err), (1, "error: other.test is not a host of this ejabberd\n"))
         for option, words in (("&ttl=1h", "own lifetime"), ("&uses=2", "one account each"),
                               ("&roles=prosody:member", "no roles")):
             self.assertIn(words, mint(option, 400))
@@ -3982,7 +4087,7 @@ class CliTest(TempDirTestCase):
 
     def test_create_prints_exactly_one_key_line_and_stores_only_a_hash(self):
         code, out, err = self.cli("create", "example.com", "My test key")
-        self.assertEqual((code, err), (0, ""))
+        self.assertEqual((code, err), (0, f"a key for example.com, in database {self.db}\n"))
         self.assertRegex(out, r"^[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\n$")
         key_id, secret = out.strip().split("/")
         with open(self.db, "rb") as f:
@@ -4025,8 +4130,8 @@ class CliTest(TempDirTestCase):
         self.assertRegex(data[0]["last_used_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
         self.assertNotIn(key.split("/")[1], out)
 
-    def test_list_of_a_host_without_keys_prints_nothing(self):
-        self.assertEqual(self.cli("list", "example.com"), (0, "", ""))
+    def test_list_of_a_host_without_keys_prints_nothing_and_says_so_on_stderr(self):
+        self.assertEqual(self.cli("list", "example.com"), (0, "", f"example.com: no keys in database {self.db}\n"))
         self.assertEqual(json.loads(self.cli("list", "example.com", "--json")[1]), [])
 
     def test_delete_revokes_and_unknown_ids_are_an_error(self):
@@ -4210,7 +4315,7 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
         self.assertRegex(url, r"^https://example\.com/invite\?[A-Za-z0-9_-]{24}\n$")
         token = url.strip().rsplit("?", 1)[1]
         code, out, _ = self.cli("invites", "list", "example.com")
-        self.assertEqual(out.splitlines()[0].split(), ["TOKEN", "CREATED", "EXPIRES", "USES", "LEFT", "STATUS", "KEY", "NOTE"])
+        self.assertEqual(out.splitlines()[0].split(), ["TOKEN", "EXPIRES", "USES", "STATUS", "KEY", "NOTE"])
         self.assertIn(token, out)
         self.assertIn("2/2", out)
         self.assertIn("choir", out)
@@ -4301,6 +4406,108 @@ class CliDatabaseErrorsTest(TempDirTestCase):
         self.assertIn("newer", err)
 
 
+class CliEdgeTest(TempDirTestCase):
+    """Mistakes at the command line's edge get an error that says what to do, and never a secret."""
+
+    def cli(self, *argv):
+        return run_main("--db", self.db, *argv)
+
+    def test_past_expiry_full_keys_and_limits_in_the_units_typed(self):
+        code, out, err = self.cli("create", "example.com", "--expires", "2020-01-01")
+        self.assertEqual(code, 2)
+        self.assertIn("argument --expires: expiry '2020-01-01' is in the past (now is 20", err)
+        key = self.cli("create", "example.com")[1].strip()
+        code, out, err = self.cli("update", "example.com", key.split("/")[0], "--expires", "2021-06-01T10:00")
+        self.assertEqual(code, 2)
+        for command in (("delete", "example.com", key), ("update", "example.com", key, "--name", "x"),
+                        ("invites", "list", "example.com", "--key", key)):
+            code, out, err = self.cli(*command)
+            self.assertEqual((code, out), (1, ""), command)
+            self.assertEqual(err, "error: give the key's id alone (the part before the '/'), never its secret; "
+                                  "`list HOST` shows ids\n")
+            self.assertNotIn(key.split("/")[1], err)
+        store = ia.Store(self.db)
+        self.addCleanup(store.close)
+        with self.assertRaises(ia.BadRequest) as raised:
+            ia.create_invite(store, key, options={"ttl": "30d"})
+        self.assertEqual(str(raised.exception), "ttl '30d' is over this key's limit of 1w (an operator can raise "
+                                                "it: update HOST KEY_ID --max-ttl)")
+        ia.update_key(store, "example.com", key.split("/")[0], max_ttl=86400)
+        with self.assertRaises(ia.BadRequest) as raised:
+            ia.create_invite(store, key, options={"ttl": "2d"})
+        self.assertIn("limit of 1d (an operator", str(raised.exception))
+
+    def test_serves_errors_use_its_own_usage_and_lone_options_are_refused(self):
+        code, out, err = self.cli("serve", "--port", "99999")
+        self.assertEqual(code, 2)
+        self.assertIn("usage: invites_api.py serve ", err)
+        self.assertIn("invites_api.py serve: error: argument --port: invalid port '99999': 0 to 65535", err)
+        for argv, words in ((["serve", "--accounts-command", "/bin/true {action}"], "--accounts-command does "
+                             "nothing here: it is for --accounts command"),
+                            (["invites", "create", "example.com", "--backend-command", "x {host}"],
+                             "--backend-command does nothing here: it is for --backend command"),
+                            (["serve", "--accounts", "prosody", "--ejabberd-api", "http://127.0.0.1:1/api"],
+                             "--ejabberd-api does nothing here: it is for --backend ejabberd or --accounts ejabberd")):
+            code, out, err = self.cli(*argv)
+            self.assertEqual((code, err), (1, f"error: {words}\n"), argv)
+
+    def test_a_directory_or_another_users_database_is_named_with_what_to_do(self):
+        code, out, err = run_main("--db", self.dir, "list", "example.com")
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, f"error: database {self.dir!r} is a directory: give the path of a file (it is made "
+                              "if missing), e.g. --db /var/lib/invites_api/invites.db\n")
+        if os.geteuid() != 0:
+            self.skipTest("another user's database needs root to make")
+        self.cli("create", "example.com")
+        os.chmod(self.dir, 0o755)
+        import shutil
+        script = shutil.copy(SCRIPT, self.dir)  # (where nobody can read it), run by Debian's Python
+        result = subprocess.run(["runuser", "-u", "nobody", "--", require_program("/usr/bin/python3"), script, "--db",
+                                 self.db, "list", "example.com"], capture_output=True, text=True, timeout=30, cwd="/")
+        self.assertEqual((result.returncode, result.stdout), (1, ""))
+        self.assertEqual(result.stderr, f"error: database {self.db!r} belongs to root (mode 600) and this user "
+                                        "(nobody) may not write it: run as its owner (e.g. sudo -u OWNER), or see "
+                                        "the README's \"Which database\" to share it\n")
+
+    def test_a_qr_code_of_a_loopback_address_is_warned_of(self):
+        code, out, err = self.cli("invites", "create", "example.com", "--qr")
+        self.assertEqual(code, 0)
+        self.assertIn("warning: the QR code is of http://127.0.0.1:5282/invite?", err)
+        self.assertIn("which only this machine can open (a phone cannot): give --public-url", err)
+        code, out, err = self.cli("invites", "create", "example.com", "--qr", "--public-url", "https://{host}")
+        self.assertEqual((code, err), (0, ""))
+
+
+def undocumented_options(parser, readme):
+    """Return (command, option) for each long option of every command that the README never names."""
+    import argparse
+    found = set()
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + (name,))
+            for option in action.option_strings:
+                if option.startswith("--") and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", readme):
+                    found.add((" ".join(path), option))
+    walk(parser, ())
+    return sorted(found)
+
+
+class ReadmeTest(unittest.TestCase):
+    """The README names every option of every command (a new one fails this until it is documented)."""
+
+    def test_every_option_is_in_the_readme(self):
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        self.assertEqual(undocumented_options(ia.build_parser(), readme), [])
+        parser = ia.build_parser()
+        serve = next(a for a in parser._actions if a.choices and "serve" in a.choices).choices["serve"]
+        serve.add_argument("--a-new-option")
+        self.assertEqual(undocumented_options(parser, readme), [("serve", "--a-new-option")])
+
+
 class CronStyleTest(TempDirTestCase):
     """The script run as a subprocess from another directory, as cron would."""
 
@@ -4313,10 +4520,11 @@ class CronStyleTest(TempDirTestCase):
         created = self.run_script("create", "example.com", "cron key")
         self.assertEqual(created.returncode, 0, created.stderr)
         self.assertRegex(created.stdout, r"^[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\n$")
-        self.assertEqual(created.stderr, "")
+        path = os.path.join(self.dir, ".local", "share", "invites_api", "invites.db")
+        self.assertEqual(created.stderr, f"a key for example.com, in database {path}\n")  # (stdout is the key alone)
         listed = self.run_script("list", "example.com")
         self.assertEqual(listed.stdout, created.stdout.split("/")[0] + "\tcron key\n")
-        path = os.path.join(self.dir, ".local", "share", "invites_api", "invites.db")
+        self.assertEqual(listed.stderr, f"example.com: 1 key in database {path}\n")
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
 
@@ -4340,7 +4548,7 @@ class CronStyleTest(TempDirTestCase):
                                 env=env, stderr=subprocess.PIPE, text=True, timeout=30)
         os.close(writer)
         self.assertNotIn("Traceback", result.stderr)
-        self.assertEqual(result.stderr, "")
+        self.assertNotIn("rror", result.stderr)
 
     def test_the_script_is_executable_with_a_shebang(self):
         with open(SCRIPT) as f:

@@ -197,12 +197,12 @@ def seed_invites(db, count):
         created = now - count + i  # tokens as invites_api makes them: 4 bytes of time, 14 random
         token = base64.urlsafe_b64encode((created % 2**31).to_bytes(4, "big") + os.urandom(14)).decode()
         batch.append((token, "example.com", "register", f"xmpp:example.com?register;preauth={token}", None,
-                      None, created, now + 7 * 86400, 1, 1, None, None, None, None, "builtin"))
+                      None, created, now + 7 * 86400, 1, 1, None, None, None, None, "builtin", None))
         if len(batch) == 50_000:
-            conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * 15)})", batch)
+            conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * len(ia._INVITE_COLUMN_NAMES))})", batch)
             batch = []
     if batch:
-        conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * 15)})", batch)
+        conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * len(ia._INVITE_COLUMN_NAMES))})", batch)
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -276,6 +276,15 @@ def run_bench(args):
             f" req/s; p99 with {args.seed:,}: {statistics.median(p for _, _, p in rounds):.2f} ms)",
             f"{tool}, 3 alternating rounds of {DURATION:g} s, median ratio; invites seeded through sqlite "
             f"in {seeded:.0f} s")
+
+        # The first page of `invites list` on a host with 100,000 invites (of the database above).
+        hundred = os.path.join(directory, "hundred.db")
+        ia.Store(hundred).close()
+        seed_invites(hundred, 100_000)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        listing = median_ms([python, SCRIPT, "--db", hundred, "invites", "list", "example.com"], runs=10)
+        row("invites list, first page of 100,000 invites", f"{listing:.0f} ms",
+            f"median of 10 runs, wall time, {python}; 50 rows and the count")
 
         # CLI start-up.
         db = os.path.join(directory, "cli.db")
