@@ -1989,7 +1989,7 @@ class EjabberdAccounts(Accounts):
         code, output = self.ejabberd.call("register", user=username, host=host, password=password)
         if code != 0 and "already registered" in output:
             raise Conflict(f"{username}@{host} is taken; choose another name")
-        self.done(code, output)
+        self.done(code, output, host)
 
     def reset(self, host, username, password):
         if not self.exists(host, username):
@@ -2032,10 +2032,10 @@ class EjabberdAccounts(Accounts):
     def describe(self):
         return f"ejabberd, {self.ejabberd.describe()}"
 
-    def done(self, code, output):
+    def done(self, code, output, host="that host"):
         """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
         if code != 0 and ("Virtual host not known" in output or "nknown host" in output):
-            raise BackendError("that host is not a host of this ejabberd")
+            raise BackendError(f"{host} is not a host of this ejabberd")
         if code != 0:
             lines = [line for line in redact(output).splitlines() if line.strip() and "inet_config" not in line
                      and "ERROR REPORT" not in line]
@@ -2087,6 +2087,8 @@ class EjabberdApi(EjabberdCtl):
     def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
         from urllib.parse import urlsplit
         parts = urlsplit(url)
+        if parts.username or parts.password:  # (a URL is shown in messages: no secret in it)
+            raise Error("--ejabberd-api: put credentials in --ejabberd-api-auth-file, not in the URL")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Error(f"--ejabberd-api {url!r}: expected http://HOST:PORT/api")
         self.url, self.timeout, self.parts = url, timeout, parts

@@ -1490,6 +1490,9 @@ class ServerProcessTest(ServerProcessMixin, TempDirTestCase):
     def test_startup_line_prints_the_real_address(self):
         proc, port = self.start()
         self.assertGreater(port, 0)
+        # Out of the box, it says how its invites become accounts.
+        self.assertIn(f"(database {self.db}); its invites become accounts only through a sign-up site of your own "
+                      "(the redeem API): --accounts makes them accounts on the invite's page", self.banner)
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
 
@@ -2869,6 +2872,7 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
     HOST = "example.test"
     MODULES = "{mod_admin_extra: {}, mod_private: {}}"
     HANDLERS = '{"/api": mod_http_api}'
+    API_WHO = "{acl: loopback}"  # who api_permissions lets call the API
 
     def setUp(self):
         super().setUp()
@@ -2890,7 +2894,7 @@ auth_method: internal
 registration_timeout: infinity
 acl: {{local: {{user_regexp: ""}}, loopback: {{ip: ["127.0.0.0/8", "::1/128"]}}}}
 access_rules: {{local: {{allow: local}}, register: {{allow: all}}}}
-api_permissions: {{"invites_api on loopback": {{from: [mod_http_api], who: {{acl: loopback}},
+api_permissions: {{"invites_api on loopback": {{from: [mod_http_api], who: {self.API_WHO},
     what: [{EJABBERD_COMMANDS}]}}}}
 modules: {self.MODULES}
 """)
@@ -3103,9 +3107,58 @@ class EjabberdApiTest(EjabberdTest):
         finally:
             for pid in beam:
                 os.kill(int(pid), signal.SIGCONT)
+        with self.assertRaises(ia.Error) as raised:
+            ia.EjabberdApi("http://admin@example.test:s3cret-pass@127.0.0.1:5280/api")
+        self.assertNotIn("s3cret", str(raised.exception))
         port = free_port()
         self.assertEqual(ia.EjabberdApi(f"http://127.0.0.1:{port}/api").check(), f"ejabberd's API at "
                          f"http://127.0.0.1:{port}/api does not answer: ejabberd's API ConnectionRefusedError")
+
+
+class EjabberdApiAuthTest(EjabberdApiTest):
+    """ejabberd's API where api_permissions asks for an account (HTTP basic auth): the credentials
+    come from a file, and without them serve says at start that the API refused."""
+
+    API_WHO = '{user: "robot@example.test"}'
+    test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
+    test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
+    test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown = None
+
+    def test_credentials_from_a_file_and_a_clear_refusal_without(self):
+        subprocess.run([self.ejabberdctl, "register", "robot", self.HOST, "the robot's password"], check=True,
+                       capture_output=True, timeout=60)
+        store = ia.Store(self.db)
+        key = ia.create_key(store, self.HOST)
+        store.close()
+        proc, port = self.start("--accounts", "ejabberd", "--ejabberd-api", self.api)
+        warning = wait_for_line(proc.stderr, 30)
+        self.assertIn(f"warning: --accounts ejabberd: ejabberd's API at {self.api} refused (", warning)
+        self.assertIn("(see api_permissions)", warning)
+        proc.terminate()
+        proc.wait(10)
+        secret = os.path.join(self.dir, "ejabberd-api-auth")
+        with open(secret, "w") as f:
+            f.write("robot@example.test:the robot's password\n")
+        with contextlib.closing(ArgvWatch("the robot's password", "a long password")) as watch:
+            proc, port = self.start("--accounts", "ejabberd", "--ejabberd-api", self.api,
+                                    "--ejabberd-api-auth-file", secret)
+            self.assertNotIn("warning", self.banner)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", f"/invites_api?key={key}")
+            response = conn.getresponse()
+            response.read()
+            token = response.getheader("Location").rsplit("?", 1)[1]
+            form = f"token={token}&user=hal&password=a+long+password&password_confirm=a+long+password"
+            conn.request("POST", "/register", form, {"Content-Type": "application/x-www-form-urlencoded"})
+            response = conn.getresponse()
+            response.read()
+            conn.close()
+            self.assertEqual(response.status, 303)
+        self.assertEqual(watch.seen, [])
+        self.assertTrue(self.login("hal", "a long password"))
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertNotIn("robot's password", proc.stderr.read())
 
 
 class Ejabberd26Test(EjabberdApiTest):
@@ -4603,7 +4656,7 @@ def require_program(name):
 
 
 # The longest classes start first, so the pool ends together.
-SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "ProsodyBackportsTest", "EjabberdTest", "EjabberdApiTest", "Ejabberd26Test", "EjabberdWithoutPrivateTest",
+SLOW_FIRST = ("SlowClientsTest", "SilentTlsClientsTest", "ProsodyTest", "ProsodyBackportsTest", "EjabberdTest", "EjabberdApiTest", "EjabberdApiAuthTest", "Ejabberd26Test", "EjabberdWithoutPrivateTest",
               "EjabberdWithoutAdminExtraTest", "ServingTest", "FuzzTest", "QrTest", "BackendServerTest", "BrowserTest", "ServerProcessTest", "HealthAndMetricsTest", "ThousandConnectionsTest")
 
 
