@@ -1998,6 +1998,9 @@ class EjabberdAccounts(Accounts):
 
     def exists(self, host, username):
         code, output = self.ejabberd.call("check_account", user=username, host=host)
+        if code in (401, 403):  # (only the API answers so)
+            raise BackendError(f"ejabberd's API refused check_account ({code}): {redact(output).strip()[:200]} "
+                               "(see api_permissions)")
         if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
             self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): not an answer
         return code == 0
@@ -2023,9 +2026,9 @@ class EjabberdAccounts(Accounts):
             return [f"--accounts ejabberd: {problem}"]
         try:
             self.exists(hosts[0] if hosts else "localhost", "invites-api-probe")
-        except BackendError:
-            return ["--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
-                    "mod_admin_extra): password resets cannot work"]
+        except BackendError as e:
+            return [f"--accounts ejabberd: {e}" if "refused" in str(e) else "--accounts ejabberd: ejabberd "
+                    "lacks check_account and change_password (enable mod_admin_extra): password resets cannot work"]
         return [f"--accounts ejabberd: {host} is not a host of this ejabberd: sign-ups for it will fail"
                 for host in hosts if host not in self.ejabberd.hosts()]
 
