@@ -4262,60 +4262,9 @@ _EXAMPLES = {
 }
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter, told the terminal width so that it does not import shutil (3 ms) to ask."""
-
-    def __init__(self, prog, **kwargs):
-        try:
-            columns = int(os.environ.get("COLUMNS", ""))
-        except ValueError:
-            columns = 0
-        if columns <= 0:
-            try:
-                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
-            except (AttributeError, ValueError, OSError):
-                columns = 80
-        super().__init__(prog, width=kwargs.pop("width", columns - 2), **kwargs)
-
-
-class _NotBuilt:
-    """Stands in for the parser of a command argv did not name: takes arguments, keeps none."""
-
-    def add_argument(self, *args, **kwargs):
-        pass
-
-    def add_subparsers(self, **kwargs):
-        return self
-
-
-def _command_words(argv):
-    """Return the command (and action) argv names, skipping options and --db's value."""
-    words, skip = [], False
-    for arg in argv:
-        if skip or arg in ("--db", "--"):
-            skip = arg == "--db" and not skip
-            if arg == "--":
-                break
-            continue
-        if not arg.startswith("-"):
-            words.append(arg)
-            if len(words) == 2:
-                break
-    return words
-
-
-def build_parser(argv=None):
-    """Return the argparse parser: for all commands, or only for the one argv names.
-
-    Building a subcommand's parser costs about half a millisecond (argparse
-    looks up translations for each); a cron job running `create` needs one.
-    """
-    wanted = _command_words(argv) if argv is not None else []
-    if wanted[:1] not in ([], ["invites"]) and wanted[0] not in _EXAMPLES:
-        wanted = []  # a mistyped command: build them all, for the error's list of choices
-    elif wanted[:1] == ["invites"] and len(wanted) > 1 and f"invites {wanted[1]}" not in _EXAMPLES:
-        wanted = ["invites"]
-    formatter = _HelpFormatter
+def build_parser():
+    """Return the argparse parser of every command."""
+    formatter = argparse.RawDescriptionHelpFormatter
     db_help = ("database file (default: $INVITES_API_DB, else "
                "~/.local/share/invites_api/invites.db)")
     common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)
@@ -4331,8 +4280,6 @@ def build_parser(argv=None):
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(group, name, func, help, full_name=None):
-        if not all(a == b for a, b in zip((full_name or name).split(), wanted)):
-            return _NotBuilt()
         sub = group.add_parser(name, parents=[common], help=help, description=help,
                                epilog=_EXAMPLES[full_name or name], formatter_class=formatter)
         sub.set_defaults(func=func)
@@ -4463,7 +4410,7 @@ def build_parser(argv=None):
     sub.add_argument("--revoke-invites", action="store_true",
                      help="also revoke the pending invites the key made (they stay valid otherwise)")
 
-    invites = _NotBuilt() if wanted[:1] not in ([], ["invites"]) else commands.add_parser(
+    invites = commands.add_parser(
         "invites", help="create, list, show, revoke or redeem invites",
         description="Manage invites directly, without HTTP.", epilog=_EXAMPLES["invites"], formatter_class=formatter)
     actions = invites.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -4532,7 +4479,7 @@ def build_parser(argv=None):
 def main(argv=None):
     """Run the command line; return the exit code (0 ok, 1 failed, 2 usage)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)

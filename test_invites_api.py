@@ -4280,22 +4280,7 @@ class CliTest(TempDirTestCase):
         result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=30)
         self.assertEqual(result.stderr.strip().splitlines()[-1], "[]", result.stderr)
 
-    def test_parser_built_for_one_command_parses_like_the_full_one(self):
-        argvs = [["create", "example.com", "a name", "--rate", "3/hour"], ["--db", "create", "list", "example.com"],
-                 ["--db=x", "invites", "create", "example.com", "--ttl", "1d"], ["list", "example.com", "--json"],
-                 ["invites", "show", "example.com", "t" * 20], ["delete", "--revoke-invites", "example.com", "k" * 12],
-                 ["serve", "--port", "0"], ["--", "create"], ["bogus"], ["invites"], ["invites", "bogus"],
-                 ["invites", "list"], ["create"], [], ["--version"], ["update", "example.com", "k" * 12, "--rate", "x"]]
-        for argv in argvs:
-            results = []
-            for parser in (ia.build_parser(), ia.build_parser(argv)):
-                out, err = io.StringIO(), io.StringIO()
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    try:
-                        results.append(vars(parser.parse_args(argv)))
-                    except SystemExit as e:
-                        results.append((e.code, out.getvalue(), err.getvalue()))
-            self.assertEqual(results[0], results[1], argv)
+    def test_a_mistyped_command_lists_the_commands(self):
         # (Python 3.12.8 and 3.13 stopped quoting the choices.)
         self.assertRegex(self._error(["bogus"]), r"invalid choice: 'bogus' \(choose from '?serve'?, '?create'?, "
                                                  r"'?list'?, '?update'?, '?delete'?, '?invites'?\)")
@@ -4304,7 +4289,7 @@ class CliTest(TempDirTestCase):
     def _error(argv):
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
-            ia.build_parser(argv).parse_args(argv)
+            ia.build_parser().parse_args(argv)
         return err.getvalue()
 
 
