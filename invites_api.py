@@ -2089,6 +2089,7 @@ class EjabberdApi(EjabberdCtl):
 
     def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
         from urllib.parse import urlsplit
+        self._idle, self._lock = [], threading.Lock()  # (first: close() runs even if the URL is refused)
         parts = urlsplit(url)
         if parts.username or parts.password:  # (a URL is shown in messages: no secret in it)
             raise Error("--ejabberd-api: put credentials in --ejabberd-api-auth-file, not in the URL")
@@ -2099,7 +2100,6 @@ class EjabberdApi(EjabberdCtl):
         if auth:
             self.headers["Authorization"] = ("Basic " + base64.b64encode(auth.encode()).decode() if ":" in auth
                                              else "Bearer " + auth)
-        self._idle, self._lock = [], threading.Lock()
 
     def call(self, command, **args):
         import http.client
@@ -4262,9 +4262,26 @@ _EXAMPLES = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter, told the terminal width so that it does not import shutil to ask (as
+    Python 3.13's argparse does for every parser it builds)."""
+
+    def __init__(self, prog, **kwargs):
+        try:
+            columns = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            columns = 0
+        if columns <= 0:
+            try:
+                columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+        super().__init__(prog, width=kwargs.pop("width", columns - 2), **kwargs)
+
+
 def build_parser():
     """Return the argparse parser of every command."""
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = _HelpFormatter
     db_help = ("database file (default: $INVITES_API_DB, else "
                "~/.local/share/invites_api/invites.db)")
     common = argparse.ArgumentParser(add_help=False, formatter_class=formatter)

@@ -35,6 +35,8 @@ KEY_RE = re.compile(r"[A-Za-z0-9_-]{12}/[A-Za-z0-9_-]{32}\Z")
 
 def run_main(*argv):
     """Run main(argv) in-process; return (exit code, stdout, stderr)."""
+    import gc
+    gc.collect()  # (an earlier command's unclosed Store warns now, not into this command's stderr)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -3092,8 +3094,11 @@ class EjabberdApiTest(EjabberdTest):
             with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
                 return f.read()
             return b""
-        node = self.node.encode()
-        beam = [p for p in os.listdir("/proc") if p.isdigit() and node in cmdline(p) and b"beam" in cmdline(p)]
+        def runs_the_node(pid):  # (an ejabberdctl's own VM names the node too, but not as its -name/-sname)
+            argv = cmdline(pid).split(b"\0")
+            return b"beam" in argv[0] and any(a in (b"-name", b"-sname") and v == self.node.encode()
+                                              for a, v in zip(argv, argv[1:]))
+        beam = [p for p in os.listdir("/proc") if p.isdigit() and runs_the_node(p)]
         self.assertEqual(len(beam), 1)
         for pid in beam:
             os.kill(int(pid), signal.SIGSTOP)  # ejabberd stops answering: a really slow server
@@ -4492,6 +4497,14 @@ class CliEdgeTest(TempDirTestCase):
                              "--ejabberd-api does nothing here: it is for --backend ejabberd or --accounts ejabberd")):
             code, out, err = self.cli(*argv)
             self.assertEqual((code, err), (1, f"error: {words}\n"), argv)
+
+    def test_a_bad_ejabberd_api_url_is_one_error_line(self):
+        for url, words in (("ftp://x/api", "--ejabberd-api 'ftp://x/api': expected http://HOST:PORT/api"),
+                           ("http://robot:s3cret@127.0.0.1/api", "--ejabberd-api: put credentials in "
+                            "--ejabberd-api-auth-file, not in the URL")):
+            result = subprocess.run([sys.executable, SCRIPT, "--db", self.db, "serve", "--accounts", "ejabberd",
+                                     "--ejabberd-api", url], capture_output=True, text=True, timeout=30)
+            self.assertEqual((result.returncode, result.stdout, result.stderr), (1, "", f"error: {words}\n"))
 
     def test_a_directory_or_another_users_database_is_named_with_what_to_do(self):
         code, out, err = run_main("--db", self.dir, "list", "example.com")
