@@ -2234,6 +2234,7 @@ class EjabberdBackend(Backend):
     def __init__(self, ejabberd, **kwargs):
         super().__init__([getattr(ejabberd, "ejabberdctl", "ejabberdctl")], **kwargs)
         self.ejabberd = ejabberd
+        self._listed = {}  # host: (when, its invites): a listing asks once for a page, not once an invite
 
     def why_not(self, option):
         return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' token_expire_seconds)",
@@ -2266,11 +2267,15 @@ class EjabberdBackend(Backend):
             return self.call("generate_invite_with_username", username=username, host=host)
         return self.call("generate_invite", host=host)
 
-    def invites(self, host):
-        """Return ejabberd's invites of host: {token: row dict}."""
-        rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
-                for line in self.call("list_invites", host=host).splitlines())
-        return {row["token"]: row for row in rows if len(row) == len(_EJABBERD_INVITE_FIELDS)}
+    def invites(self, host, fresh=False):
+        """Return ejabberd's invites of host: {token: row dict}, as asked at most 1 s ago unless fresh."""
+        when, listed = self._listed.get(host, (0, None))
+        if fresh or listed is None or time.monotonic() - when > 1:
+            rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
+                    for line in self.call("list_invites", host=host).splitlines())
+            listed = {row["token"]: row for row in rows if len(row) == len(_EJABBERD_INVITE_FIELDS)}
+            self._listed[host] = (time.monotonic(), listed)
+        return listed
 
     def status(self, invite):
         try:
@@ -2293,7 +2298,7 @@ class EjabberdBackend(Backend):
         """Record the uses ejabberd saw of our invites, and delete from ejabberd those we know are
         used or revoked (they count towards mod_invites' cap until deleted)."""
         for host in store.backend_hosts(self.name):
-            for token, row in self.invites(host).items():
+            for token, row in self.invites(host, fresh=True).items():
                 ours = store.invite(token)
                 if ours is None or ours["backend"] != self.name:
                     continue

@@ -3288,6 +3288,30 @@ class Ejabberd26Test(EjabberdApiTest):
         self.assertEqual(ia.create_invite(store, key, backend=backend)["backend"], "ejabberd")
 
 
+class EjabberdListingTest(TempDirTestCase):
+    """A listing of invites that ejabberd minted asks ejabberd once for the page, not once an invite."""
+
+    def test_one_list_invites_for_a_page(self):
+        ejabberd = mock.Mock(spec=["call"])
+        store = ia.Store(self.db)
+        self.addCleanup(store.close)
+        backend = ia.EjabberdBackend(ejabberd)
+        tokens = [f"tok{n:021d}" for n in range(3)]
+        ejabberd.call.side_effect = [(0, f"xmpp:example.com?register;preauth={t}\thttps://e/{t}") for t in tokens]
+        for _ in tokens:
+            ia.create_invite(store, host="example.com", backend=backend)
+        rows = "\n".join(f"{t}\t{'true' if n else 'false'}\t\t\taccount_only\texample.com\t{'' if n else 'ann@example.com'}"
+                         f"\t\txmpp:x\thttps://e/{t}" for n, t in enumerate(tokens))
+        ejabberd.call.side_effect = None
+        ejabberd.call.return_value = (0, rows)
+        with mock.patch.object(ia, "make_ejabberd", return_value=ejabberd):
+            code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--backend", "ejabberd",
+                                      "--status", "all", "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(sorted(i["status"] for i in json.loads(out)), ["used", "valid", "valid"])
+        self.assertEqual([c.args for c in ejabberd.call.call_args_list[3:]], [("list_invites",)])
+
+
 class EjabberdWithoutAdminExtraTest(EjabberdTest):
     """ejabberd without mod_admin_extra: no check_account, so no resets, and serve says so."""
 
