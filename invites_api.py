@@ -70,7 +70,7 @@ CHECKS_PER_MINUTE = 60
 SIGNUPS_PER_MINUTE = 10
 # A backend program that has not answered by then is killed (Prosody answers in ~50 ms).
 DEFAULT_BACKEND_TIMEOUT = 10.0
-# Backend programs running at once; each prosodyctl is a Lua process of ~15 MB.
+# Backend calls running at once (programs, or connections to the XMPP server).
 DEFAULT_BACKEND_CONCURRENCY = 4
 
 # A writer waits this long for another process's lock before giving up (503).
@@ -743,10 +743,11 @@ class Store:
                          (invite["created_at"], key["id"]))
         conn.execute(_INSERT_INVITE, [invite[c] for c in _INVITE_COLUMN_NAMES])
 
-    def finish_invite(self, slot, token, uri, url):
-        """Fill in a slot that insert_invite held while a backend minted the invite."""
-        self.write(lambda conn: conn.execute("UPDATE invites SET token = ?, uri = ?, url = ? WHERE token = ?",
-                                             (token, uri, url, slot)))
+    def finish_invite(self, held, invite):
+        """Record what the backend minted in the row insert_invite held (token held)."""
+        self.write(lambda conn: conn.execute(
+            "UPDATE invites SET token = ?, uri = ?, url = ?, account_mark = ? WHERE token = ?",
+            (invite["token"], invite["uri"], invite["url"], invite["account_mark"], held)))
 
     def drop_invite(self, token):
         """Delete an invite record (a slot whose backend failed), giving its quota back."""
@@ -814,10 +815,6 @@ class Store:
     def backend_hosts(self, backend):
         """Return the hosts with invites that a backend minted."""
         return [row[0] for row in self.read("SELECT DISTINCT host FROM invites WHERE backend = ?", (backend,))]
-
-    def set_account_mark(self, token, mark):
-        """Record which account (by the server's mark for it) a reset invite is for."""
-        self.write(lambda conn: conn.execute("UPDATE invites SET account_mark = ? WHERE token = ?", (mark, token)))
 
     def confirm_account(self, token, username):
         """Record that an account whose creation nobody could confirm was made after all."""
@@ -946,6 +943,149 @@ class GroupCommitter:
 
 
 # ---------------------------------------------------------------------------
+# Minting: the interface of whatever mints invites (the built-in store or an XMPP server)
+# ---------------------------------------------------------------------------
+
+class Backend:
+    """What mints invites, as the operations use it; this base is a server we cannot ask."""
+
+    options = frozenset()  # the per-invite options it honours, with "reset" if it makes resets
+    used_here = False  # its invites are used here (our sign-up page, the redeem API)
+    accounts = None  # who makes the accounts of built-in invites used here, if anyone
+
+    def __init__(self, name):
+        self.name = name
+
+    @property
+    def signs_up(self):
+        """Who makes its invites' accounts on our sign-up page (None: nobody)."""
+        return self.accounts if self.used_here else None
+
+    @property
+    def what(self):
+        return f"the {self.name} backend"
+
+    def why_not(self, option):
+        """Return why an option cannot be honoured, for its 400 (or "")."""
+        return ""
+
+    def held_uri(self, invite):
+        """Return the URI an invite's row holds while it is minted ("": a place held)."""
+        return ""
+
+    def mint(self, invite, roles=None, groups=None):
+        """Mint a held invite; return which of its token, uri and url differ from the row's."""
+        raise BackendError(f"{self.what} is not running here")
+
+    def account_mark(self, host, username):
+        """Return what names the account username@host for a reset (None: there is none); raise."""
+        exists = getattr(self, "exists", None)
+        return _ask_mark(host, username, exists and (lambda: "" if exists(host, username) else None))
+
+    def status(self, invite):
+        """Return (a valid invite's status as its server knows it, the account a use made)."""
+        return "unknown", None
+
+    def revoke(self, invite):
+        """Withdraw an invite in the server that minted it; raise BadRequest if we cannot."""
+        raise BadRequest(f"this invite was minted by the XMPP server ({self.name}): revoke it there")
+
+    def sweep(self, store):
+        """Tell the server to forget invites we know are done (before a purge)."""
+
+    def check(self):
+        """Return why it cannot work as configured (serve's start-up warning), or None."""
+        return None
+
+    def check_hosts(self, hosts):
+        """Return warnings about what the XMPP server lacks for these hosts."""
+        return []
+
+    def start_warnings(self, hosts):
+        """Return what keeps it (or its accounts) from working for these hosts, for serve's start."""
+        problem = self.check()
+        warnings = [problem] if problem else self.check_hosts(hosts)
+        if self.accounts is not None:
+            try:
+                warnings += self.accounts.check_accounts(hosts)
+            except Error as e:
+                warnings.append(f"--accounts {self.accounts.name}: {e}")
+        return warnings
+
+    def describe(self):
+        """Return how invites are minted, for serve's start-up line."""
+        return f"{self.name} backend"
+
+
+class Builtin(Backend):
+    """This tool's own store: its invites become accounts here, through an Accounts if given."""
+
+    name = "builtin"
+    used_here = True
+    what = "the built-in store"
+
+    def __init__(self, accounts=None):
+        self.accounts = accounts
+
+    @property
+    def options(self):
+        return frozenset({"ttl", "uses", "username"} | ({"reset"} if self.accounts else set()))
+
+    def why_not(self, option):
+        if option == "reset":
+            return " without --accounts, which can tell whether the account exists"
+        return ": it is for the XMPP server"
+
+    def held_uri(self, invite):
+        jid = f"{invite['username']}@{invite['host']}" if invite["username"] else invite["host"]
+        return f"xmpp:{jid}?register;preauth={invite['token']}"
+
+    def mint(self, invite, roles=None, groups=None):
+        return {}  # the held row is the invite
+
+    def account_mark(self, host, username):
+        accounts = self.accounts  # (a random mark, kept where the server deletes it with the account)
+        return _ask_mark(host, username,
+                         accounts and (lambda: accounts.mark(host, username, new=_random_id(12))))
+
+    def status(self, invite):
+        return invite_status(invite), None
+
+    def revoke(self, invite):
+        pass  # the store's revocation is all there is
+
+    def describe(self):
+        return ""  # (serve's start-up line says nothing of it)
+
+
+def _ask_mark(host, username, ask):
+    """Return ask()'s mark of an account for a reset; raise if there is no one to ask or it fails."""
+    if ask is None:
+        raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a "
+                         "reset needs --accounts (or a backend that can ask the XMPP server)")
+    try:
+        mark = ask()
+    except BackendError as e:
+        raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was "
+                           f"made: {e}") from None
+    if mark is None:
+        raise BadRequest(f"there is no account {username}@{host} to reset")
+    return mark
+
+
+BUILTIN = Builtin()  # the built-in store when no one makes accounts (the key commands, tests)
+
+
+def minted_by(invite, backend):
+    """Return the Backend that minted an invite: backend, the built-in store, or one not here."""
+    if invite["backend"] == backend.name:
+        return backend
+    if invite["backend"] == Builtin.name:
+        return Builtin(backend.accounts)
+    return Backend(invite["backend"])
+
+
+# ---------------------------------------------------------------------------
 # Operations: what a user can do; they return data or raise, never print
 # ---------------------------------------------------------------------------
 
@@ -1049,141 +1189,108 @@ def parse_limit(text, what="limit"):
     return count
 
 
-def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=None):
-    """Return checked ttl, uses, username, note from request options; raise BadRequest.
+def _invite_option(name, value):
+    """Return one invite option's value checked (options: query strings or JSON values)."""
+    if name != "uses" and not isinstance(value, str) and not (name == "ttl" and isinstance(value, int)):
+        raise ValueError(f"{name} must be a string")
+    if name == "ttl":
+        return parse_duration(str(value))
+    if name == "uses":
+        return parse_count(value, "uses")
+    if name == "username":
+        return parse_username(value)
+    if name == "note":
+        return parse_note(value) or None
+    if name in ("roles", "groups"):  # for the XMPP server: "prosody:member,team"
+        names = tuple(_one_line(n.strip(), name[:-1], 100) for n in value.split(","))
+        if not all(names):
+            raise ValueError(f"{name} {value!r}: names separated by commas")
+        return names
+    if name == "type" and value in ("register", "reset"):
+        return value
+    if name == "type":
+        raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
+    raise ValueError(f"unknown option {name!r}")
 
-    options maps names to strings (query) or JSON values (body). Without a
-    key (the command line) only sanity limits apply. An option the backend
-    cannot honour is refused, never silently dropped.
-    """
-    max_ttl = key["max_ttl"] if key is not None else 100 * 365 * 86400
-    max_uses = key["max_uses"] if key is not None else 1_000_000_000
-    checked = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register", "roles": None,
-               "groups": None}
+
+def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BUILTIN):
+    """Return an invite request's options checked against the key's policy and the backend."""
+    wanted = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register",
+              "roles": None, "groups": None}
     try:
         for name, value in options.items():
             if value is None:
                 continue
-            if name != "uses" and not isinstance(value, str) and not (name == "ttl" and isinstance(value, int)):
-                raise ValueError(f"{name} must be a string")
-            if name == "ttl":
-                checked["ttl"] = parse_duration(str(value))
-                if checked["ttl"] > max_ttl:
-                    raise ValueError(f"ttl {value!r} is over this key's limit of {format_duration(max_ttl)} "
-                                     "(an operator can raise it: update HOST KEY_ID --max-ttl)")
-            elif name == "uses":
-                checked["uses"] = parse_count(value, "uses")
-                if checked["uses"] > max_uses:
-                    raise ValueError(f"uses {value!r} is over this key's limit of {max_uses} (an operator can "
-                                     "raise it: update HOST KEY_ID --max-uses)")
-            elif name == "username":
-                checked["username"] = parse_username(value)
-            elif name == "note":
-                checked["note"] = parse_note(value) or None
-            elif name in ("roles", "groups"):  # for the XMPP server: "prosody:member,team"
-                names = tuple(_one_line(n.strip(), name[:-1], 100) for n in value.split(","))
-                if not all(names):
-                    raise ValueError(f"{name} {value!r}: names separated by commas")
-                checked[name] = names
-            elif name == "type":
-                if value not in ("register", "reset"):
-                    raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
-                checked["type"] = value
-            else:
-                raise ValueError(f"unknown option {name!r}")
-            if name in ("roles", "groups") and backend is None:
-                raise ValueError(f"the built-in store cannot honour {name!r}: it is for the XMPP server")
-            if backend is not None and name not in ("note", "type") and name not in backend.options:
-                raise ValueError(f"the {backend.name} backend cannot honour {name!r}{backend.why_not(name)}")
-        if checked["type"] == "reset":
-            if key is not None and not key["may_reset"]:
-                raise Forbidden("this key may not make password-reset invites (an operator can allow it: "
-                                "update HOST KEY_ID --allow-resets)")
-            if not checked["username"] or checked["uses"] != 1 or checked["roles"] or checked["groups"]:
-                raise ValueError("a password-reset invite needs the username (and is for one use, with no roles or "
-                                 "groups)")
-            if backend is not None and "reset" not in backend.options:
-                raise ValueError(f"the {backend.name} backend cannot make password-reset invites")
-        if checked["ttl"] is None:  # a reset is short-lived: a day
-            checked["ttl"] = min(RESET_INVITE_TTL if checked["type"] == "reset" else default_ttl, max_ttl)
+            wanted[name] = _invite_option(name, value)
+            if name not in ("note", "type") and name not in backend.options:
+                raise ValueError(f"{backend.what} cannot honour {name!r}{backend.why_not(name)}")
+        if key is not None and (wanted["ttl"] or 0) > key["max_ttl"]:
+            raise ValueError(f"ttl {options['ttl']!r} is over this key's limit of "
+                             f"{format_duration(key['max_ttl'])} (an operator can raise it: "
+                             "update HOST KEY_ID --max-ttl)")
+        if key is not None and wanted["uses"] > key["max_uses"]:
+            raise ValueError(f"uses {options['uses']!r} is over this key's limit of {key['max_uses']} "
+                             "(an operator can raise it: update HOST KEY_ID --max-uses)")
+        if wanted["type"] == "reset":
+            _check_reset(wanted, key, backend)
     except ValueError as e:
         raise BadRequest(str(e)) from None
-    return checked
+    if wanted["ttl"] is None:  # a reset is short-lived: a day
+        ttl = RESET_INVITE_TTL if wanted["type"] == "reset" else default_ttl
+        wanted["ttl"] = min(ttl, key["max_ttl"]) if key is not None else ttl
+    return wanted
+
+
+def _check_reset(wanted, key, backend):
+    """Raise unless a password-reset invite may be made so (ValueError) by this key (Forbidden)."""
+    if key is not None and not key["may_reset"]:
+        raise Forbidden("this key may not make password-reset invites (an operator can allow it: "
+                        "update HOST KEY_ID --allow-resets)")
+    if not wanted["username"] or wanted["uses"] != 1 or wanted["roles"] or wanted["groups"]:
+        raise ValueError("a password-reset invite needs the username (and is for one use, with no "
+                         "roles or groups)")
+    if "reset" not in backend.options:
+        raise ValueError(f"{backend.what} cannot make password-reset invites{backend.why_not('reset')}")
 
 
 def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
-                  backend=None, identify=None):
-    """Mint an account invite, store it durably, and return it (a dict).
-
-    credentials: the "KEY_ID/SECRET" a request presented; it is checked in
-    the same write transaction that stores the invite, so a deleted or
-    expired key, a used-up quota or a full rate window is always seen.
-    None (the command line): for host, with no key limits. options: raw
-    ttl, uses, username, note values (see invite_options). Built-in by
-    default; with a backend, the XMPP server mints it and we record it.
-    Raises Unauthorized, Forbidden, BadRequest, TooManyRequests,
-    BackendError or Unavailable. identify(host, username): the server's mark for an account (None:
-    there is none), which a password reset needs (identify None: no one can tell, so no reset).
-    """
-    def insert(conn):
+                  backend=BUILTIN):
+    """Mint an invite: check the key and options, hold its place, have the backend mint it."""
+    # credentials: the "KEY_ID/SECRET" a request presented (None: the command line, for host). The
+    # key is read in the write transaction that holds the invite's place, so a deleted or expired
+    # key, a used-up quota or a full rate window is always seen, by several servers too.
+    def hold(conn):
         key = authenticate(store, credentials, conn) if credentials is not None else None
-        checked = invite_options(options or {}, key, default_ttl, backend)
-        extra.update(roles=checked.pop("roles"), groups=checked.pop("groups"))
-        invite = _new_invite(key["host"] if key is not None else host, key, backend=backend, **checked)
-        if backend is not None:
-            invite["uri"] = ""  # a slot held while the backend mints: quota and rate are checked first
+        wanted = invite_options(options or {}, key, default_ttl, backend)
+        invite = _new_invite(key["host"] if key is not None else host, key, backend, wanted)
         store.insert_invite(conn, invite, key)
-        return invite
+        return invite, wanted
 
-    extra = {}
-    invite = store.write(insert)
-    if invite["type"] == "reset":
-        try:
-            mark = _account_mark(identify, invite["host"], invite["username"])
-            store.set_account_mark(invite["token"], mark)
-            invite["account_mark"] = mark
-        except BaseException:
-            store.drop_invite(invite["token"])  # (its token was never shown to anyone)
-            raise
-    if backend is None:
-        return invite
+    invite, wanted = store.write(hold)
+    held = invite["token"]
     try:
-        minted = backend.mint(invite["host"], ttl=invite["expires_at"] - invite["created_at"],
-                              uses=invite["uses"], username=invite["username"], kind=invite["type"], **extra)
+        if invite["type"] == "reset":
+            invite["account_mark"] = backend.account_mark(invite["host"], invite["username"])
+        minted = backend.mint(invite, wanted["roles"], wanted["groups"])
     except BaseException:
-        store.drop_invite(invite["token"])  # give the slot and its quota back
+        store.drop_invite(held)  # its place and quota back (its token was never shown)
         raise
-    slot = invite["token"]
-    invite.update(token=minted["token"] or slot, uri=minted["uri"] or "", url=minted["url"])
-    store.finish_invite(slot, invite["token"], invite["uri"], invite["url"])
+    if minted or invite["account_mark"] is not None:
+        invite.update(minted)
+        store.finish_invite(held, invite)
     return invite
 
 
-def _account_mark(identify, host, username):
-    """Return identify's mark for username@host; raise unless it is an account (a reset is for
-    existing ones only)."""
-    if identify is None:
-        raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a reset "
-                         "needs --accounts (or a backend that can ask the XMPP server)")
-    try:
-        mark = identify(host, username)
-    except BackendError as e:
-        raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was made: {e}") from None
-    if mark is None:
-        raise BadRequest(f"there is no account {username}@{host} to reset")
-    return mark
-
-
-def _new_invite(host, key, ttl, uses, username, note, type="register", backend=None):
-    token = _new_token()
+def _new_invite(host, key, backend, wanted):
+    """Return a new invite row for host, as it is held while the backend mints it."""
     created_at = now()
-    jid = f"{username}@{host}" if username else host
-    return {"token": token, "host": host, "type": type,
-            "uri": f"xmpp:{jid}?register;preauth={token}", "url": None,
-            "key_id": key["id"] if key is not None else None, "created_at": created_at,
-            "expires_at": created_at + ttl, "uses": uses, "uses_left": uses,
-            "username": username, "note": note, "revoked_at": None, "done_at": None,
-            "backend": "builtin" if backend is None else backend.name, "account_mark": None}
+    invite = {"token": _new_token(), "host": host, "type": wanted["type"], "url": None,
+              "key_id": key["id"] if key is not None else None, "created_at": created_at,
+              "expires_at": created_at + wanted["ttl"], "uses": wanted["uses"],
+              "uses_left": wanted["uses"], "username": wanted["username"], "note": wanted["note"],
+              "revoked_at": None, "done_at": None, "backend": backend.name, "account_mark": None}
+    invite["uri"] = backend.held_uri(invite)
+    return invite
 
 
 def invite_status(invite, at=None):
@@ -1197,15 +1304,12 @@ def invite_status(invite, at=None):
     return "valid"
 
 
-def invite_state(store, invite, backend=None):
-    """Return an invite's status; for one an XMPP server minted, as that server knows it (recording
-    a use it saw), or "unknown" where it cannot be asked: never "valid" on our word alone."""
+def invite_state(store, invite, backend=BUILTIN):
+    """Return an invite's status, as the server that minted it knows it (recording a use it saw)."""
     status = invite_status(invite)
-    if invite["backend"] == "builtin" or status != "valid":
+    if status != "valid":
         return status
-    if backend is None or backend.name != invite["backend"]:
-        return "unknown"
-    status, account = backend.status(invite)
+    status, account = minted_by(invite, backend).status(invite)  # never "valid" on our word alone
     if status == "used":
         record_use(store, invite, account)
     return status
@@ -1239,11 +1343,10 @@ def get_invite(store, token, host=None, key_id=None):
     return invite
 
 
-def find_invite(store, token, backend=None):
-    """Return (invite or None if unknown, its status) for our invite page: a built-in invite, or one
-    an XMPP server minted without a page of its own (only an xmpp: URI)."""
+def find_invite(store, token, backend=BUILTIN):
+    """Return (an invite that our page shows, or None; its status)."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite["backend"] != "builtin" and (invite["url"] or not invite["uri"]):
+    if invite is None or invite["url"] or not invite["uri"]:  # (one with a page of its own)
         return None, None
     return invite, invite_state(store, invite, backend)
 
@@ -1258,21 +1361,17 @@ def list_invites(store, host, key_id=None, status="valid", limit=DEFAULT_LIST_LI
     return store.invites(host, key_id, status, now(), limit, after)
 
 
-def revoke_invite(store, token, host=None, key_id=None, backend=None):
-    """Revoke an invite at once (deleting it in the XMPP server that minted it); raise NotFound if it
-    is not the host's or key's, BadRequest if that server cannot be asked to."""
+def revoke_invite(store, token, host=None, key_id=None, backend=BUILTIN):
+    """Revoke an invite at once, in the server that minted it too; raise NotFound or BadRequest."""
     invite = get_invite(store, token, host, key_id)
-    if invite["backend"] != "builtin":
-        if backend is None or backend.name != invite["backend"]:
-            raise BadRequest(f"this invite was minted by the XMPP server ({invite['backend']}): revoke it there")
-        backend.revoke(invite)
+    minted_by(invite, backend).revoke(invite)
     store.revoke_invite(token, now())
 
 
 def redeem_invite(store, token, host, username=None):
     """Use an invite once and return it; raise NotFound, Conflict (other username) or Gone."""
     invite = get_invite(store, token, host)
-    if invite["backend"] != "builtin":
+    if not minted_by(invite, BUILTIN).used_here:
         raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
     if invite["type"] == "reset":
         raise BadRequest("this is a password-reset invite: it is used on this server's sign-up page, "
@@ -1293,20 +1392,21 @@ def check_invite(store, token):
     """Return the public facts about an invite: {valid, type, host, expires_at, username}; nothing
     secret. type: register (a new account) or reset (a password)."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or invite["backend"] != "builtin" or invite_status(invite) != "valid":
+    if invite is None or not minted_by(invite, BUILTIN).used_here or invite_status(invite) != "valid":
         return {"valid": False, "type": None, "host": None, "expires_at": None, "username": None}
     return {"valid": True, "type": invite["type"], "host": invite["host"], "expires_at": iso(invite["expires_at"]),
             "username": invite["username"]}
 
 
-def sign_up(store, accounts, token, username, password, confirmation):
+def sign_up(store, backend, token, username, password, confirmation):
     """Use a built-in invite: create its account (a reset invite: set its password) and return
     (the invite as used, the username); raise NotFound, Gone, Forbidden, BadRequest, Conflict (the
     name is taken, or a reset's account is missing), BackendError, or OutcomeUnknown (the use is
     kept: nobody can tell whether the account was made). Invariant: an invite never makes more
     accounts than its uses, and every account it made is recorded."""
     invite = store.invite(token) if TOKEN_RE.match(token or "") else None
-    if invite is None or invite["backend"] != "builtin":
+    accounts = minted_by(invite, backend).signs_up if invite is not None else None
+    if accounts is None:  # (not ours, or nobody here makes accounts)
         raise NotFound("we could not find this invite")
     if invite_status(invite) != "valid":
         raise Gone(f"this invite is {invite_status(invite)}")
@@ -1368,11 +1468,10 @@ def _made_after_all(store, accounts, token, host, username):
     return made
 
 
-def purge_invites(store, grace=DEFAULT_PURGE_GRACE, backend=None):
+def purge_invites(store, grace=DEFAULT_PURGE_GRACE, backend=BUILTIN):
     """Delete invites that stopped being valid more than grace seconds ago; return how many. First,
     a backend that keeps invites we know are done (ejabberd) is told to drop them."""
-    if hasattr(backend, "sweep"):
-        backend.sweep(store)
+    backend.sweep(store)
     total = 0
     while True:
         deleted = store.purge_invites(now() - grace, now() - 3600)
@@ -1485,90 +1584,47 @@ def _children_of(parents):
     return children
 
 
-class Backend:
-    """Mints invites by running a program with an argv (never a shell) and reading its output.
+class ServerBackend(Backend):
+    """An XMPP server (or a program) that mints invites: a timeout and a cap on calls at once."""
 
-    The `command` backend: each argv element may hold {host}, {ttl} (seconds),
-    {uses} and {username}; the options whose placeholder appears are the
-    ones it honours. The invite is the last http(s) URL the program printed,
-    else the last xmpp: URI.
-    """
-
-    name = "command"
-
-    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
+    def __init__(self, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
                  log=None):
-        self.template = list(argv)
-        self.honoured = frozenset(o for o in ("ttl", "uses", "username") if any(f"{{{o}}}" in a for a in argv))
-        self.timeout = timeout
-        self.log = log  # a text stream for failures, or None
+        self.timeout, self.log = timeout, log  # log: a text stream for failures, or None
         self._slots = threading.BoundedSemaphore(concurrency)
 
-    def argv(self, host, ttl, uses, username):
-        """Return the program's argv for one invite; host must already be a valid domain."""
-        return fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "")
+    @contextlib.contextmanager
+    def slot(self):
+        """Hold one of the calls that may run at once; raise Unavailable if none frees in time."""
+        if not self._slots.acquire(timeout=self.timeout):
+            raise Unavailable(f"all {self.name} backend slots are busy; try again")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
-    def parse(self, output):
-        """Return (uri, url) from the program's output; either may be None."""
-        urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
-        return (uris[-1] if uris else None), (urls[-1] if urls else None)
-
-    def mint(self, host, ttl=DEFAULT_INVITE_TTL, uses=1, username=None, kind="register", roles=None, groups=None):
-        """Run the program once; return {"token", "uri", "url"}; raise BadRequest, BackendError or Unavailable."""
+    def mint(self, invite, roles=None, groups=None):
+        host, username = invite["host"], invite["username"]
         try:
             valid = parse_host(host) == host
         except ValueError:
             valid = False
-        if not valid:  # it reaches the program only as a checked domain name, one argv element
+        if not valid:  # it reaches a program only as a checked domain name
             raise BadRequest(f"invalid host {host!r}")
-        uri, url = self.parse(self.fetch(host, ttl, uses, username, kind, roles, groups))
+        output = self.fetch(host, invite["expires_at"] - invite["created_at"], invite["uses"],
+                            username, invite["type"], roles, groups)
+        urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
+        uri, url = (uris[-1] if uris else None), (urls[-1] if urls else None)
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
         token = token.group(1) if token else None
         if uri is None and token:  # what an account invite's URI is, by XEP-0401
             uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
-        return {"token": token, "uri": uri, "url": url}
+        return {"token": token or invite["token"], "uri": uri or "", "url": url}
 
-    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
-        """Return what the program printed for one invite."""
-        return self.run(self.argv(host, ttl, uses, username))
-
-    @property
-    def options(self):
-        """The per-invite options it honours (and "reset" if it makes password-reset invites)."""
-        return self.honoured
-
-    def why_not(self, option):
-        """Return why an option cannot be honoured (for its 400), or ""."""
-        return ""
-
-    def status(self, invite):
-        """Return an invite's status as the XMPP server knows it (valid, used, expired or unknown)
-        and, if used, the account it made where the server says (else None)."""
-        return "unknown", None
-
-    def revoke(self, invite):
-        """Delete an invite in the XMPP server; raise BadRequest where it cannot be done from here."""
-        raise BadRequest(f"the {self.name} backend cannot withdraw invites: revoke it in the XMPP server")
-
-    def describe(self):
-        """Return how invites are minted, for serve's start-up line."""
-        return f"{self.name} backend, running {self.template[0]!r}"
-
-    def run(self, argv):
-        """Run argv with the timeout and concurrency limits; return its stdout or raise."""
-        if not self._slots.acquire(timeout=self.timeout):
-            raise Unavailable(f"all {self.name} backend slots are busy; try again")
-        try:
-            status, stdout, stderr = run_program(argv, f"the {self.name} backend", self.timeout)
-        except BackendError as e:
-            self.fail(str(e).replace(f"the {self.name} backend", "", 1).lstrip(": "))
-        finally:
-            self._slots.release()
-        if status != 0:
-            self.fail(f"exited with status {status}", stderr + stdout)
-        return stdout.decode("utf-8", "replace")
+    def fetch(self, host, ttl, uses, username, kind, roles, groups):
+        """Return the server's answer for one invite, holding its URL or xmpp: URI."""
+        raise NotImplementedError
 
     def fail(self, reason, output=b""):
         """Log the failure with the program's output (redacted) and raise BackendError."""
@@ -1578,28 +1634,49 @@ class Backend:
             self.log.flush()
         raise BackendError(f"the {self.name} backend {reason}")
 
-    def check_hosts(self, hosts):
-        """Return warnings about what the XMPP server lacks for these hosts (serve's start)."""
-        return []
+
+class CommandBackend(ServerBackend):
+    """A program mints each invite: its argv's {host}, {ttl}, {uses}, {username} are filled in."""
+
+    name = "command"
+
+    def __init__(self, argv, **limits):
+        super().__init__(**limits)
+        self.template = list(argv)
+        # The options whose placeholder appears are the ones it honours.
+        self.options = frozenset(o for o in ("ttl", "uses", "username")
+                                 if any(f"{{{o}}}" in a for a in argv))
+
+    def fetch(self, host, ttl, uses, username, kind, roles, groups):
+        argv = fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "")
+        with self.slot():
+            try:
+                status, stdout, stderr = run_program(argv, "the command backend", self.timeout)
+            except BackendError as e:
+                self.fail(str(e).replace("the command backend", "", 1).lstrip(": "))
+        if status != 0:
+            self.fail(f"exited with status {status}", stderr + stdout)
+        return stdout.decode("utf-8", "replace")
 
     def check(self):
-        """Return a warning if the backend cannot work as configured, else None."""
         import shutil
         program = self.template[0] if self.template else ""
         if not shutil.which(program):
-            return f"{self.name} backend: {program!r} is not an executable program (or not on PATH)"
+            return f"command backend: {program!r} is not an executable program (or not on PATH)"
         return None
+
+    def describe(self):
+        return f"command backend, running {self.template[0]!r}"
 
 
 def lua_string(text):
-    """Return text as a Lua string literal: anything but printable ASCII (and \\ and ") as a \\ddd escape."""
+    """Return text as a Lua string literal: all but printable ASCII (and \\ and ") as \\ddd."""
     return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}"
                          for b in text.encode("utf-8")) + '"'
 
 
 def prosody_socket(config=None):
-    """Return the path of Prosody's admin socket, as its config sets it: admin_socket, else
-    data_path/prosody.sock (Debian's defaults when the config says neither)."""
+    """Return the path of Prosody's admin socket, as its config (or Debian's default) sets it."""
     try:
         with open(config or "/etc/prosody/prosody.cfg.lua", encoding="utf-8") as f:
             text = f.read()
@@ -1609,20 +1686,21 @@ def prosody_socket(config=None):
     def option(name, default):
         match = re.search(rf"""(?m)^\s*{name}\s*=\s*["']([^"']+)["']""", text)
         return match.group(1) if match else default
-    return os.path.join(option("data_path", "/var/lib/prosody"), option("admin_socket", "prosody.sock"))
+    return os.path.join(option("data_path", "/var/lib/prosody"),
+                        option("admin_socket", "prosody.sock"))
 
 
 # What prosodyctl shell sends first: a stream in Prosody's admin namespace.
-_ADMIN_STREAM = (b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
-                 b"xmlns='xmpp:prosody.im/admin' xml:lang='en' id=''>")
+_ADMIN_STREAM = (b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/"
+                 b"streams' xmlns='xmpp:prosody.im/admin' xml:lang='en' id=''>")
 
 
 class ProsodyAdmin:
-    """A client of Prosody's admin socket (mod_admin_socket with mod_admin_shell), as
-    `prosodyctl shell` is: each command is <repl-input>LINE</repl-input>, answered by
-    <repl-output>s and one <repl-result> (type='error' on failure). It keeps up to
-    `concurrency` connections open, one command at a time on each; a connection that
-    fails (Prosody restarted) is opened again, once, for the same command."""
+    """A client of Prosody's admin socket, as `prosodyctl shell` is, on up to `concurrency` connections."""
+
+    # Each command is <repl-input>LINE</repl-input>, answered by <repl-output>s and one
+    # <repl-result> (type='error' on failure); one command at a time on a connection. One that
+    # fails (Prosody restarted) is opened again, once, for the same command.
 
     def __init__(self, path, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY):
         import queue
@@ -1632,9 +1710,9 @@ class ProsodyAdmin:
             self.idle.put(None)  # a free slot, not connected yet
 
     def run(self, line):
-        """Run one line of Lua in Prosody's admin shell and return its answer's text; raise
-        BackendError if Prosody answered an error or could not be reached, Unavailable if busy,
-        OutcomeUnknown if the line was sent but no answer came (it is never sent twice)."""
+        """Run a line of Lua in Prosody's admin shell; return its answer; never send it twice."""
+        # Raises BackendError (refused, or unreachable), Unavailable (busy) or OutcomeUnknown (the
+        # line was sent but no answer came).
         import queue
         from xml.etree.ElementTree import ParseError
         try:
@@ -1655,7 +1733,8 @@ class ProsodyAdmin:
                     if sent:
                         raise OutcomeUnknown(f"no answer from Prosody's admin socket: {e}") from None
                     if attempt == 2:
-                        raise BackendError(f"cannot use Prosody's admin socket {self.path!r}: {e}") from None
+                        raise BackendError(f"cannot use Prosody's admin socket {self.path!r}: "
+                                           f"{e}") from None
         finally:
             self.idle.put(conn)
         if not ok:
@@ -1684,11 +1763,11 @@ class ProsodyAdmin:
         return {"sock": sock, "parser": XMLPullParser(("start", "end")), "depth": 0, "stream": None}
 
     def _send(self, conn, line):
-        """Send one line; return True (a failure raises OSError, and an unfinished line runs nothing)."""
+        """Send one line and return True; a failure raises OSError (a cut line runs nothing)."""
         import select
         import socket
         from xml.sax.saxutils import escape
-        # A connection Prosody closed while idle (a restart) is seen before anything is sent on it.
+        # A connection Prosody closed while idle (a restart) is seen before anything is sent.
         if select.select([conn["sock"]], [], [], 0)[0] and not conn["sock"].recv(1, socket.MSG_PEEK):
             raise OSError("Prosody closed the connection")
         conn["sock"].sendall(f"<repl-input>{escape(line)}</repl-input>".encode("utf-8"))
@@ -1713,178 +1792,204 @@ class ProsodyAdmin:
             conn["parser"].feed(data)
 
 
-# Prosody's own mod_invites API, run in its admin shell (">" is a line of Lua): every value goes
-# in as a Lua literal (lua_string, a number or nil), never as text pasted into the code.
-_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a host of this Prosody") end '
-                    'local m = require"core.modulemanager".get_module({host}, "invites") '
-                    'if not m then error("mod_invites is not loaded on " .. {host}) end ')
+# Prosody's own mod_invites and usermanager, run in its admin shell (">" is a line of Lua): every
+# value goes in as a Lua literal (lua_string, a number or nil), never as text pasted into code.
+_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a host of this '
+                    'Prosody") end local m = require"core.modulemanager".get_module({host}, '
+                    '"invites") if not m then error("mod_invites is not loaded on " .. {host}) end ')
 # (usermanager on a host Prosody does not serve fails with "attempt to index a nil value")
-_PROSODY_USERS = 'local um = require"core.usermanager" if not prosody.hosts[{host}] then return true, "nohost" end '
+_PROSODY_USERS = ('local um = require"core.usermanager" if not prosody.hosts[{host}] then return '
+                  'true, "nohost" end ')
 _PROSODY_LUA = {
     "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, {extra}, {ttl})) '
                                    'return true, (i.landing_page or "") .. " " .. i.uri',
     "reset": _PROSODY_INVITES + 'local i = assert(m.create_account_reset({username}, {ttl})) '
                                 'return true, (i.landing_page or "") .. " " .. i.uri',
-    "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e',
+    "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) '
+                                 'return true, i and "valid" or e',
     "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
-    "create_user": _PROSODY_USERS + 'if um.user_exists({username}, {host}) then return true, "taken" end '
-                   'local ok, e = um.create_user({username}, {password}, {host}) '
+    "create_user": _PROSODY_USERS + 'if um.user_exists({username}, {host}) then return true, '
+                   '"taken" end local ok, e = um.create_user({username}, {password}, {host}) '
                    'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
-    "set_password": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, "missing" end '
-                    'local ok, e = um.set_password({username}, {password}, {host}, nil) '
-                    'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
-    "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" or "missing"',
+    "set_password": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, '
+                    '"missing" end local ok, e = um.set_password({username}, {password}, {host}, '
+                    'nil) if not ok then return true, "refused " .. tostring(e) end '
+                    'return true, "done"',
+    "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" '
+                                    'or "missing"',
     # In the account's own storage, which Prosody deletes with the account.
-    "account_mark": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, "missing" end '
-                    'local s = require"core.storagemanager".open({host}, "invites_api") '
-                    'local d = s:get({username}) or {{}} if not d.mark and {new} then d.mark = {new} '
-                    'assert(s:set({username}, d)) end return true, "mark " .. (d.mark or "none")',
-    "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end return true, table.concat(s, " ")',
-    "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do s[#s + 1] = n end '
-               'return true, table.concat(s, " ")',
+    "account_mark": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, '
+                    '"missing" end local s = require"core.storagemanager".open({host}, '
+                    '"invites_api") local d = s:get({username}) or {{}} if not d.mark and {new} '
+                    'then d.mark = {new} assert(s:set({username}, d)) end return true, "mark " .. '
+                    '(d.mark or "none")',
+    "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end '
+             'return true, table.concat(s, " ")',
+    "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do '
+               's[#s + 1] = n end return true, table.concat(s, " ")',
 }
 
 
-class ProsodyBackend(Backend):
-    """Prosody 0.12+ with mod_admin_shell and mod_invites, through its admin socket: mod_invites'
-    own functions (username, ttl, password resets, an invite's state, deleting it). Where the
-    socket cannot be used, `prosodyctl shell invite create_account JID`: a process per invite."""
+def _lua_literal(value):
+    """Return a value as Lua: a string literal, a number, nil, or a table of them (dict or tuple)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_lua_literal(v)}" for k, v in value.items() if v) + " }"
+    if isinstance(value, tuple):
+        return "{ " + ", ".join(map(_lua_literal, value)) + " }"
+    return "nil" if value is None else str(value) if isinstance(value, int) else lua_string(value)
+
+
+class ProsodyBackend(ServerBackend):
+    """Prosody 0.12+ through its admin socket: mod_invites mints, usermanager makes accounts."""
 
     name = "prosody"
+    missing_is_final = False  # a command sent but unanswered may still run in Prosody later
 
-    def __init__(self, prosodyctl="prosodyctl", config=None, socket=None, **kwargs):
-        self.prefix = [prosodyctl] + (["--config", config] if config else [])
-        super().__init__(self.prefix + ["shell", "invite", "create_account", "{username}@{host}"], **kwargs)
-        self.admin = ProsodyAdmin(socket or prosody_socket(config), self.timeout, kwargs.get(
-            "concurrency", DEFAULT_BACKEND_CONCURRENCY))
+    def __init__(self, config=None, socket=None, timeout=DEFAULT_BACKEND_TIMEOUT,
+                 concurrency=DEFAULT_BACKEND_CONCURRENCY, log=None):
+        super().__init__(timeout, concurrency, log)
+        self.admin = ProsodyAdmin(socket or prosody_socket(config), timeout, concurrency)
         self.version = None
-        self.use_socket = True  # until check() finds that only prosodyctl can reach Prosody
 
     @property
     def options(self):
-        if not self.use_socket:
-            return frozenset({"username"})
-        newer = self.version is not None and self.version.split(".")[0].isdigit() and int(self.version.split(".")[0]) >= 13
+        major = (self.version or "").split(".")[0]
+        newer = major.isdigit() and int(major) >= 13
         return frozenset({"username", "ttl", "reset"} | ({"roles", "groups"} if newer else set()))
 
     def why_not(self, option):
-        if not self.use_socket:
-            return " through prosodyctl (its admin socket would)"
-        return f" on Prosody {self.version or '(version unknown)'}: roles and groups need Prosody 13"
+        return (f" on Prosody {self.version or '(version unknown)'}: roles and groups need "
+                "Prosody 13")
 
     def lua(self, name, **values):
-        """Run one of _PROSODY_LUA with values as Lua literals (a tuple: a table of them); return the
-        text after "OK: "."""
-        def literal(value):
-            if isinstance(value, dict):
-                return "{ " + ", ".join(f"{k} = {literal(v)}" for k, v in value.items() if v) + " }"
-            if isinstance(value, tuple):
-                return "{ " + ", ".join(map(literal, value)) + " }"
-            return "nil" if value is None else str(value) if isinstance(value, int) else lua_string(value)
-        code = _PROSODY_LUA[name].format(**{k: literal(v) for k, v in values.items()})
+        """Run one of _PROSODY_LUA with values as Lua literals; return the text after "OK: "."""
+        code = _PROSODY_LUA[name].format(**{k: _lua_literal(v) for k, v in values.items()})
         return self.admin.run(">" + code).partition("OK: ")[2].strip()
 
-    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
-        if not self.use_socket:
-            return super().fetch(host, ttl, uses, username)
+    def fetch(self, host, ttl, uses, username, kind, roles, groups):
         try:
             if groups and "invites_groups" not in self.lua("modules", host=host).split():
                 raise BadRequest(f"groups need mod_invites_groups on {host} (Prosody 13)")
             extra = {"roles": roles, "groups": groups} if roles or groups else None
-            return "OK: " + self.lua(kind, host=host, username=username, ttl=ttl, extra=extra)
+            return self.lua(kind, host=host, username=username, ttl=ttl, extra=extra)
         except BackendError as e:
             self.fail(str(e).replace("Prosody refused: ", "answered "))
 
-    def argv(self, host, ttl, uses, username):
-        return self.prefix + ["shell", "invite", "create_account", f"{username}@{host}" if username else host]
-
-    def parse(self, output):
-        answers = [line[4:] for line in output.splitlines() if line.startswith("OK: ")]
-        return super().parse(answers[-1] if answers else "")
-
     def status(self, invite):
-        if not self.use_socket:
-            return "unknown", None
         try:
             state = self.lua("status", host=invite["host"], token=invite["token"])
         except Error:
             return "unknown", None
-        # Prosody forgets an invite once it is used (or deleted there): gone, and not withdrawn by us, is used.
-        return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(state, "unknown"), None
+        # Prosody forgets an invite once used (or deleted there): gone, and not revoked by us, is used.
+        return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(
+            state, "unknown"), None
 
     def revoke(self, invite):
-        if not self.use_socket:
-            super().revoke(invite)
         self.lua("delete", host=invite["host"], token=invite["token"])
 
+    # -- accounts (--accounts prosody): the password travels only on the socket, as a Lua literal
+
+    def create(self, host, username, password):
+        """Create username@host; raise Conflict (taken), BadRequest (password), BackendError."""
+        self.answer("create_user", "taken", Conflict(f"{username}@{host} is taken; choose another "
+                                                      "name"), host=host, username=username,
+                    password=password)
+
+    def reset(self, host, username, password):
+        """Set username@host's password; raise Conflict if there is no such account."""
+        self.answer("set_password", "missing", Conflict(f"there is no account {username}@{host}"),
+                    host=host, username=username, password=password)
+
     def exists(self, host, username):
-        """Return whether username@host is an account of this Prosody; raise BackendError."""
-        answer = self.lua("user_exists", host=host, username=username)
-        if answer not in ("done", "missing"):
-            raise BackendError(f"{host} is not a host of this Prosody" if answer == "nohost"
-                               else f"Prosody gave an answer we do not know: {answer[:100]!r}")
-        return answer == "done"
+        """Return whether username@host is an account; raise BackendError."""
+        return self.answer("user_exists", "missing", False, host=host, username=username) is True
 
-    def check_hosts(self, hosts):
-        served = self.lua("hosts").split() if self.use_socket and hosts else []
-        warnings = [f"prosody backend: {host} is not a host of this Prosody: invites for it cannot be made"
-                    for host in hosts if host not in served]
-        for host in [h for h in hosts if h in served]:  # what the invitee's journey needs, on each
-            loaded = set(self.lua("modules", host=host).split())
-            missing = [name for name in ("invites", "invites_register", "invites_page") if name not in loaded]
-            if missing:
-                warnings.append(f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
-                                "cannot " + ("be made" if "invites" in missing else "be used from an app" if
-                                             "invites_register" in missing else "have Prosody's page (ours is used)"))
-        return warnings
+    def mark(self, host, username, new=None):
+        """Return the account's mark (new: one to give it if it has none), or None if none."""
+        answer = self.lua("account_mark", host=host, username=username, new=new)
+        if answer.startswith("mark "):
+            return answer[5:]
+        return self.answer(None, "missing", None, answer=answer, host=host)
 
-    def describe(self):
-        how = f"its admin socket {self.admin.path}" if self.use_socket else f"{self.prefix[0]} shell (a process per invite)"
-        return f"prosody backend{' ' + self.version if self.version else ''}, through {how}"
+    def answer(self, name, word, meaning, answer=None, **values):
+        """Run one of _PROSODY_LUA: return True for "done", meaning for word (raised if an Error)."""
+        answer = self.lua(name, **values) if answer is None else answer
+        if answer.startswith("refused "):
+            reason = answer[8:][:200]
+            if "assword" in reason or "SASLprep" in reason:  # the server's check of the password
+                raise BadRequest(f"the server refused the password: {reason}")
+            raise BackendError(f"Prosody could not do it: {reason}")
+        if answer == "nohost":
+            raise BackendError(f"{values['host']} is not a host of this Prosody")
+        if answer not in ("done", word):
+            raise BackendError(f"Prosody gave an answer we do not know: {answer[:100]!r}")
+        if isinstance(meaning, Exception) and answer == word:
+            raise meaning
+        return True if answer == "done" else meaning
 
     def check(self):
         try:
             self.version = self.admin.run("server:version()").partition("OK: ")[2].strip() or None
             return None
         except Error as e:
-            failure = e
-        problem = Backend.check(self)
-        if problem is None:
-            try:
-                self.run(self.prefix + ["shell", "server", "version"])
-                self.use_socket = False  # prosodyctl can, we cannot: it is the fallback
-                return f"prosody backend: through prosodyctl, a process per invite: {failure}"
-            except Error as e:
-                problem = str(e)
-        return (f"prosody backend: cannot reach Prosody's admin shell, through its socket ({failure}) nor "
-                f"prosodyctl ({problem}); is Prosody running with mod_admin_shell, and may this user open its "
-                "admin socket?")
+            return (f"prosody backend: cannot reach Prosody's admin shell through its socket ({e}): "
+                    "is Prosody running with mod_admin_shell, and may this user open the socket? "
+                    "(run as prosody, or in its group: see the README)")
+
+    def check_hosts(self, hosts):
+        served = self.lua("hosts").split() if hosts else []
+        warnings = [f"prosody backend: {host} is not a host of this Prosody: invites for it cannot "
+                    "be made" for host in hosts if host not in served]
+        for host in [h for h in hosts if h in served]:  # what the invitee's journey needs
+            loaded = set(self.lua("modules", host=host).split())
+            missing = [m for m in ("invites", "invites_register", "invites_page") if m not in loaded]
+            if missing:
+                warnings.append(
+                    f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
+                    "cannot " + ("be made" if "invites" in missing else "be used from an app"
+                                 if "invites_register" in missing
+                                 else "have Prosody's page (ours is used)"))
+        return warnings
+
+    def check_accounts(self, hosts):
+        """Return warnings about what making accounts for these hosts lacks."""
+        problem = self.version is None and self.check()
+        if problem:
+            return [f"--accounts prosody: {problem}"]
+        served = self.lua("hosts").split()
+        return [f"--accounts prosody: {host} is not a host of this Prosody: sign-ups for it will "
+                "fail" for host in hosts if host not in served]
+
+    def describe(self):
+        return (f"prosody backend{' ' + self.version if self.version else ''}, through its admin "
+                f"socket {self.admin.path}")
+
+    def describe_accounts(self):
+        return "prosody"
 
 
 class Accounts:
-    """Creates the accounts that built-in invites are used for, or sets their passwords (serve
-    --accounts): the `command` kind runs a program (an argv, never a shell) whose arguments may hold
-    {action} (create, reset, exists or mark), {username} and {host}; the password comes on its
-    standard input, never in its arguments. Exit status 0: done (exists: it does; mark: it printed
-    the account's mark); 3: the name is taken (a reset, exists, mark: no such account); anything
-    else: the server failed (502). An account's mark is any text that a later account of the same
-    name would not have (its creation time, say): a reset sets only the password of its own."""
+    """Makes the accounts of built-in invites by running a program (--accounts command)."""
+
+    # Its argv may hold {action} (create, reset, exists or mark), {username} and {host}; the
+    # password comes on its standard input, never in its arguments. Exit status 0: done (exists:
+    # it does; mark: it printed the account's mark); 3: the name is taken (reset, exists, mark: no
+    # such account); else the server failed (502). A mark is any text a later account of the
+    # same name would not have (its creation time, say): a reset sets only its own's password.
 
     name = "command"
-    # After a timeout the program and all it started are killed: an account missing then stays so.
-    missing_is_final = True
+    missing_is_final = True  # after a timeout it and all it started are killed: missing stays so
 
     def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT):
         self.template, self.timeout = list(argv), timeout
 
     def create(self, host, username, password):
-        """Create username@host; raise Conflict (taken), BadRequest (the server refused the
-        password), BackendError, or OutcomeUnknown (it may have been made)."""
+        """Create username@host; raise Conflict (taken), BackendError or OutcomeUnknown."""
         if self.run("create", host, username, password)[0] == 3:
             raise Conflict(f"{username}@{host} is taken; choose another name")
 
     def reset(self, host, username, password):
-        """Set username@host's password; raise Conflict if there is no such account, BackendError."""
+        """Set username@host's password; raise Conflict if there is no such account."""
         if self.run("reset", host, username, password)[0] == 3:
             raise Conflict(f"there is no account {username}@{host}")
 
@@ -1893,23 +1998,20 @@ class Accounts:
         return self.run("exists", host, username, "")[0] == 0
 
     def mark(self, host, username, new=None):
-        """Return what tells username@host from a later account of the same name (None: there is no
-        such account); new: a mark to give it if it has none. Raise BackendError."""
+        """Return what tells username@host from a later account of its name (None: no account)."""
         status, output = self.run("mark", host, username, "")
         if status == 0 and not output.strip():
             raise BackendError("the accounts program printed no mark for the account")
         return output.strip()[:200] if status == 0 else None
 
-    def check(self, hosts):
-        """Return warnings about what this setup lacks for these hosts."""
+    def check_accounts(self, hosts):
         return []
 
-    def describe(self):
-        """Return who makes the accounts, for serve's start-up line."""
-        return self.name
+    def describe_accounts(self):
+        return "command"
 
     def run(self, action, host, username, password):
-        """Run the program for one action; return its exit status, 0 or 3 (else raise), and output."""
+        """Run the program for one action; return its exit status (0 or 3, else raise), output."""
         argv = fill(self.template, action=action, username=username, host=host)
         status, stdout, stderr = run_program(argv, "the accounts program", self.timeout,
                                              password.encode("utf-8") + b"\n")
@@ -1919,138 +2021,10 @@ class Accounts:
         return status, stdout.decode("utf-8", "replace")
 
 
-class ProsodyAccounts(Accounts):
-    """Accounts in Prosody, through its admin socket (usermanager.create_user, set_password): the
-    password travels only on that socket, as a Lua string literal, never on a command line."""
-
-    name = "prosody"
-    # A command sent but unanswered may still run in Prosody after another connection's question.
-    missing_is_final = False
-
-    def __init__(self, backend):
-        self.backend = backend  # a ProsodyBackend, for its admin connections
-
-    def create(self, host, username, password):
-        self.answer("create_user", {"taken": Conflict(f"{username}@{host} is taken; choose another name")},
-                    host=host, username=username, password=password)
-
-    def reset(self, host, username, password):
-        self.answer("set_password", {"missing": Conflict(f"there is no account {username}@{host}")},
-                    host=host, username=username, password=password)
-
-    def exists(self, host, username):
-        return self.backend.exists(host, username)
-
-    def mark(self, host, username, new=None):
-        answer = self.backend.lua("account_mark", host=host, username=username, new=new)
-        if answer.startswith("mark "):
-            return answer[5:]
-        if answer == "missing":
-            return None
-        raise BackendError(f"{host} is not a host of this Prosody" if answer == "nohost"
-                           else f"Prosody gave an answer we do not know: {answer[:100]!r}")
-
-    def check(self, hosts):
-        served = self.backend.lua("hosts").split()
-        return [f"--accounts prosody: {host} is not a host of this Prosody: sign-ups for it will fail"
-                for host in hosts if host not in served]
-
-    def answer(self, name, meanings, **values):
-        """Run one of _PROSODY_LUA; return "done", or what meanings gives the answer (raised if an
-        Error); anything unrecognised is a failure."""
-        answer = self.backend.lua(name, **values)
-        if answer.startswith("refused "):
-            reason = answer[8:][:200]
-            if "assword" in reason or "SASLprep" in reason:  # the server's own check of the password
-                raise BadRequest(f"the server refused the password: {reason}")
-            raise BackendError(f"Prosody could not do it: {reason}")
-        if answer.startswith("nohost"):
-            raise BackendError(f"{values['host']} is not a host of this Prosody")
-        if answer == "done":
-            return answer
-        if answer in meanings:
-            if isinstance(meanings[answer], Exception):
-                raise meanings[answer]
-            return meanings[answer]
-        raise BackendError(f"Prosody gave an answer we do not know: {answer[:100]!r}")
-
-
-class EjabberdAccounts(Accounts):
-    """Accounts in ejabberd (23.01 and newer), through an Ejabberd client: `register`, and for
-    resets `check_account`, `change_password` (mod_admin_extra) and the account's mark in its
-    private storage (mod_private, which ejabberd deletes with the account)."""
-
-    name = "ejabberd"
-
-    def __init__(self, ejabberd):
-        self.ejabberd = ejabberd  # an EjabberdApi or EjabberdCtl
-
-    def create(self, host, username, password):
-        code, output = self.ejabberd.call("register", user=username, host=host, password=password)
-        if code != 0 and "already registered" in output:
-            raise Conflict(f"{username}@{host} is taken; choose another name")
-        self.done(code, output, host)
-
-    def reset(self, host, username, password):
-        if not self.exists(host, username):
-            raise Conflict(f"there is no account {username}@{host}")
-        self.done(*self.ejabberd.call("change_password", user=username, host=host, newpass=password))
-
-    def exists(self, host, username):
-        code, output = self.ejabberd.call("check_account", user=username, host=host)
-        if code in (401, 403):  # (only the API answers so)
-            raise BackendError(f"ejabberd's API refused check_account ({code}): {redact(output).strip()[:200]} "
-                               "(see api_permissions)")
-        if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
-            self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): not an answer
-        return code == 0
-
-    def mark(self, host, username, new=None):
-        if not self.exists(host, username):
-            return None
-        for attempt in ("read", "written"):
-            code, output = self.ejabberd.call("private_get", user=username, host=host, element="invites-api",
-                                              ns="urn:x-invites-api")
-            found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", output)
-            if code == 0 and (found or new is None):
-                return found.group(1) if found else "none"
-            if code != 0 or attempt == "written":
-                raise BackendError("ejabberd kept no mark for the account (is mod_private enabled?)")
-            code, output = self.ejabberd.call(
-                "private_set", user=username, host=host,
-                element=f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>")
-
-    def check(self, hosts):
-        problem = self.ejabberd.check()
-        if problem:
-            return [f"--accounts ejabberd: {problem}"]
-        try:
-            self.exists(hosts[0] if hosts else "localhost", "invites-api-probe")
-        except BackendError as e:
-            return [f"--accounts ejabberd: {e}" if "refused" in str(e) else "--accounts ejabberd: ejabberd "
-                    "lacks check_account and change_password (enable mod_admin_extra): password resets cannot work"]
-        return [f"--accounts ejabberd: {host} is not a host of this ejabberd: sign-ups for it will fail"
-                for host in hosts if host not in self.ejabberd.hosts()]
-
-    def describe(self):
-        return f"ejabberd, {self.ejabberd.describe()}"
-
-    def done(self, code, output, host="that host"):
-        """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
-        if code != 0 and ("Virtual host not known" in output or "nknown host" in output):
-            raise BackendError(f"{host} is not a host of this ejabberd")
-        if code != 0:
-            lines = [line for line in redact(output).splitlines() if line.strip() and "inet_config" not in line
-                     and "ERROR REPORT" not in line]
-            if "password" in output.lower():
-                raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
-            raise BackendError(f"{self.ejabberd.what} failed ({code}): {' | '.join(lines)[:300]}")
-
-
 class EjabberdCtl:
-    """ejabberd's commands through ejabberdctl: a new Erlang VM per call, arguments in its argv
-    (visible to local users while it runs, passwords included: the API is better)."""
+    """ejabberd's commands through ejabberdctl: an Erlang VM per call, arguments in its argv."""
 
+    # (visible to local users while it runs, passwords included: the API is better)
     what = "ejabberdctl"
 
     def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
@@ -2058,8 +2032,8 @@ class EjabberdCtl:
 
     def call(self, command, **args):
         """Run one command, its arguments in the given order; return (exit status, output)."""
-        status, stdout, stderr = run_program([self.ejabberdctl, command, *args.values()], "ejabberdctl",
-                                             self.timeout)
+        status, stdout, stderr = run_program([self.ejabberdctl, command, *args.values()],
+                                             "ejabberdctl", self.timeout)
         return status, (stdout + stderr).decode("utf-8", "replace")
 
     def check(self):
@@ -2081,15 +2055,15 @@ _EJABBERD_INVITE_FIELDS = ("token", "valid", "created_at", "expires", "type", "i
 
 
 class EjabberdApi(EjabberdCtl):
-    """ejabberd's commands through its HTTP API (mod_http_api): POST URL/COMMAND with the arguments
-    as JSON, on persistent connections, optionally with basic auth ("user@host:password") or an
-    OAuth token. Answers read as ejabberdctl's: (0, or the failure's status, and its text)."""
+    """ejabberd's commands through its HTTP API (mod_http_api), on persistent connections."""
 
+    # POST URL/COMMAND with the arguments as JSON, optionally with basic auth ("user@host:password")
+    # or an OAuth token. Answers read as ejabberdctl's: (0, or the failure's status, and its text).
     what = "ejabberd's API"
 
     def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
         from urllib.parse import urlsplit
-        self._idle, self._lock = [], threading.Lock()  # (first: close() runs even if the URL is refused)
+        self._idle, self._lock = [], threading.Lock()  # (first: close() runs if the URL is refused)
         parts = urlsplit(url)
         if parts.username or parts.password:  # (a URL is shown in messages: no secret in it)
             raise Error("--ejabberd-api: put credentials in --ejabberd-api-auth-file, not in the URL")
@@ -2098,21 +2072,23 @@ class EjabberdApi(EjabberdCtl):
         self.url, self.timeout, self.parts = url, timeout, parts
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth:
-            self.headers["Authorization"] = ("Basic " + base64.b64encode(auth.encode()).decode() if ":" in auth
-                                             else "Bearer " + auth)
+            self.headers["Authorization"] = ("Basic " + base64.b64encode(auth.encode()).decode()
+                                             if ":" in auth else "Bearer " + auth)
 
     def call(self, command, **args):
         import http.client
         import json
         conn, sent = self._connection(), False
         try:
-            conn.request("POST", f"{self.parts.path.rstrip('/')}/{command}", json.dumps(args), self.headers)
+            conn.request("POST", f"{self.parts.path.rstrip('/')}/{command}", json.dumps(args),
+                         self.headers)
             sent = True
             response = conn.getresponse()
             body = response.read(1 << 20)
         except (OSError, http.client.HTTPException) as e:
             conn.close()
-            why = f"timed out after {self.timeout:g} s" if isinstance(e, TimeoutError) else type(e).__name__
+            why = (f"timed out after {self.timeout:g} s" if isinstance(e, TimeoutError)
+                   else type(e).__name__)
             raise (OutcomeUnknown if sent else BackendError)(f"ejabberd's API {why}") from None
         with self._lock:
             self._idle.append(conn)
@@ -2150,7 +2126,8 @@ class EjabberdApi(EjabberdCtl):
                 if conn.sock is not None and not select.select([conn.sock], [], [], 0)[0]:
                     return conn
                 conn.close()  # (closed by ejabberd, or an answer nobody asked for)
-        factory = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+        factory = (http.client.HTTPSConnection if self.parts.scheme == "https"
+                   else http.client.HTTPConnection)
         return factory(self.parts.hostname, self.parts.port, timeout=self.timeout)
 
     def check(self):
@@ -2159,15 +2136,17 @@ class EjabberdApi(EjabberdCtl):
         except BackendError as e:
             return f"ejabberd's API at {self.url} does not answer: {e}"
         if code:
-            return f"ejabberd's API at {self.url} refused ({code}): {output.strip()[:200]} (see api_permissions)"
+            return (f"ejabberd's API at {self.url} refused ({code}): {output.strip()[:200]} "
+                    "(see api_permissions)")
         return None
 
     def describe(self):
         return f"through its HTTP API {self.url}"
 
 
-def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
-    """Return the client for ejabberd's commands: its HTTP API if a URL is given, else ejabberdctl."""
+def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl",
+                  timeout=DEFAULT_BACKEND_TIMEOUT):
+    """Return the client of ejabberd's commands: its HTTP API if a URL is given, else ejabberdctl."""
     if not api:
         return EjabberdCtl(ejabberdctl, timeout)
     auth = None
@@ -2180,87 +2159,48 @@ def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl", timeout=D
     return EjabberdApi(api, timeout, auth)
 
 
-def account_identifier(backend, accounts):
-    """Return what names an existing account for a reset (see create_invite's identify): the XMPP
-    server that mints resets, else the accounts of built-in invites; None if nothing can."""
-    if backend is not None:
-        exists = getattr(backend, "exists", None)
-        return exists and (lambda host, username: "" if exists(host, username) else None)
-    return accounts and (lambda host, username: accounts.mark(host, username, new=_random_id(12)))
+class EjabberdBackend(ServerBackend):
+    """ejabberd through an EjabberdCtl or EjabberdApi: mod_invites (26.01+) mints, and accounts."""
 
-
-def make_accounts(name, prosody=None, command=None, timeout=DEFAULT_BACKEND_TIMEOUT, ejabberd=None):
-    """Return who creates accounts for built-in invites (None: no one); raise Error if misconfigured."""
-    if name is None:
-        return None
-    if name == "prosody":
-        return ProsodyAccounts(prosody)
-    if name == "ejabberd":
-        return EjabberdAccounts(ejabberd or EjabberdCtl(timeout=timeout))
-    return Accounts(split_command(command, "--accounts-command", "{action} {username} {host}"), timeout)
-
-
-def fill(template, **values):
-    """Return a program's argv template with each {name} in its elements replaced by values[name]."""
-    argv = []
-    for element in template:
-        for name, value in values.items():
-            element = element.replace(f"{{{name}}}", str(value))
-        argv.append(element)
-    return argv
-
-
-def split_command(command, option, placeholders):
-    """Return a command template's argv, split as a shell would (but never run by one); raise Error."""
-    import shlex
-    try:
-        argv = shlex.split(command or "")
-    except ValueError as e:
-        raise Error(f"{option} {command!r}: {e}") from None
-    if not argv:
-        raise Error(f"this needs {option} 'PROGRAM ARGS... {placeholders}'")
-    return argv
-
-
-class EjabberdBackend(Backend):
-    """ejabberd 26.01+ with mod_invites, through an Ejabberd client: `generate_invite` (and
-    `generate_invite_with_username`, `generate_reset_token` of 26.07), an invite's state from
-    `list_invites`, `delete_invite_by_token`. ejabberd sets an invite's lifetime itself
-    (mod_invites' token_expire_seconds) and each is for one account."""
+    # Invites: generate_invite (and generate_invite_with_username, generate_reset_token of 26.07),
+    # an invite's state from list_invites, delete_invite_by_token; ejabberd sets an invite's
+    # lifetime itself (token_expire_seconds), each for one account. Accounts (23.01+): register,
+    # and for resets check_account, change_password (mod_admin_extra) and a mark in the
+    # account's private storage (mod_private, which ejabberd deletes with the account).
 
     name = "ejabberd"
     options = frozenset({"username", "reset"})
+    missing_is_final = False
 
-    def __init__(self, ejabberd, **kwargs):
-        super().__init__([getattr(ejabberd, "ejabberdctl", "ejabberdctl")], **kwargs)
+    def __init__(self, ejabberd, **limits):
+        super().__init__(**limits)
         self.ejabberd = ejabberd
-        self._listed = {}  # host: (when, its invites): a listing asks once for a page, not once an invite
+        self._listed = {}  # host: (when, its invites): a listing asks once a page, not an invite
 
     def why_not(self, option):
-        return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' token_expire_seconds)",
+        return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' "
+                       "token_expire_seconds)",
                 "uses": ": ejabberd's invites are for one account each",
                 }.get(option, ": ejabberd's invites have no roles or groups")
 
     def call(self, command, **args):
         """Run one of ejabberd's commands; return its output, or fail (num_invites_exceeded: 503)."""
-        if not self._slots.acquire(timeout=self.timeout):
-            raise Unavailable(f"all {self.name} backend slots are busy; try again")
-        try:
-            code, output = self.ejabberd.call(command, **args)
-        except BackendError as e:
-            self.fail(str(e))
-        finally:
-            self._slots.release()
+        with self.slot():
+            try:
+                code, output = self.ejabberd.call(command, **args)
+            except BackendError as e:
+                self.fail(str(e))
         if "Virtual host not known" in output or "nknown host" in output:
             raise BackendError(f"{args.get('host')} is not a host of this ejabberd")
         if "num_invites_exceeded" in output:
-            raise Unavailable("ejabberd refused: num_invites_exceeded (mod_invites keeps at most 1,000 "
-                              "invites of one inviter that are open or used; used ones go with our purge)")
+            raise Unavailable("ejabberd refused: num_invites_exceeded (mod_invites keeps at most "
+                              "1,000 invites of one inviter that are open or used; used ones go "
+                              "with our purge)")
         if code != 0:
             self.fail(f"{command} failed ({code})", output.encode())
         return output
 
-    def fetch(self, host, ttl, uses, username, kind="register", roles=None, groups=None):
+    def fetch(self, host, ttl, uses, username, kind, roles, groups):
         if kind == "reset":
             return self.call("generate_reset_token", username=username, host=host)
         if username:
@@ -2268,7 +2208,7 @@ class EjabberdBackend(Backend):
         return self.call("generate_invite", host=host)
 
     def invites(self, host, fresh=False):
-        """Return ejabberd's invites of host: {token: row dict}, as asked at most 1 s ago unless fresh."""
+        """Return ejabberd's invites of host, {token: row}, as asked at most 1 s ago unless fresh."""
         when, listed = self._listed.get(host, (0, None))
         if fresh or listed is None or time.monotonic() - when > 1:
             rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
@@ -2295,8 +2235,8 @@ class EjabberdBackend(Backend):
             self.call("expire_invite_by_token", host=invite["host"], token=invite["token"])
 
     def sweep(self, store):
-        """Record the uses ejabberd saw of our invites, and delete from ejabberd those we know are
-        used or revoked (they count towards mod_invites' cap until deleted)."""
+        # Record the uses ejabberd saw of our invites, and delete there those we know are used or
+        # revoked (they count towards mod_invites' cap until deleted).
         for host in store.backend_hosts(self.name):
             for token, row in self.invites(host, fresh=True).items():
                 ours = store.invite(token)
@@ -2307,39 +2247,125 @@ class EjabberdBackend(Backend):
                 if row["invitee"] or invite_status(ours) in ("used", "revoked"):
                     self.call("delete_invite_by_token", host=host, token=token)
 
-    def exists(self, host, username):
-        """Return whether username@host is an account (for resets); raise BackendError."""
-        return EjabberdAccounts(self.ejabberd).exists(host, username)
-
     def check(self):
         problem = self.ejabberd.check()
         return f"ejabberd backend: {problem}" if problem else None
 
     def check_hosts(self, hosts):
         served = self.ejabberd.hosts() if hosts else []
-        return [f"ejabberd backend: {host} is not a host of this ejabberd: invites for it cannot be made"
-                if host not in served else f"ejabberd backend: {host} lacks mod_invites (ejabberd 26.01 or "
-                "newer): invites for it cannot be made"
-                for host in hosts if host not in served or self.ejabberd.call("list_invites", host=host)[0] != 0]
+        return [f"ejabberd backend: {host} is not a host of this ejabberd: invites for it cannot be "
+                "made" if host not in served else f"ejabberd backend: {host} lacks mod_invites "
+                "(ejabberd 26.01 or newer): invites for it cannot be made"
+                for host in hosts
+                if host not in served or self.ejabberd.call("list_invites", host=host)[0] != 0]
 
     def describe(self):
         return f"ejabberd backend, {self.ejabberd.describe()}"
 
+    # -- accounts (--accounts ejabberd) ---------------------------------------------------
 
-def make_backend(name, prosodyctl="prosodyctl", prosody_config=None, ejabberd=None,
-                 command=None, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
-                 log=None, prosody_socket=None):
-    """Return the Backend called name, or None for the built-in store; raise Error if misconfigured."""
+    def create(self, host, username, password):
+        code, output = self.ejabberd.call("register", user=username, host=host, password=password)
+        if code != 0 and "already registered" in output:
+            raise Conflict(f"{username}@{host} is taken; choose another name")
+        self.done(code, output, host)
+
+    def reset(self, host, username, password):
+        if not self.exists(host, username):
+            raise Conflict(f"there is no account {username}@{host}")
+        self.done(*self.ejabberd.call("change_password", user=username, host=host,
+                                      newpass=password))
+
+    def exists(self, host, username):
+        code, output = self.ejabberd.call("check_account", user=username, host=host)
+        if code in (401, 403):  # (only the API answers so)
+            raise BackendError(f"ejabberd's API refused check_account ({code}): "
+                               f"{redact(output).strip()[:200]} (see api_permissions)")
+        if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
+            self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): no answer
+        return code == 0
+
+    def mark(self, host, username, new=None):
+        if not self.exists(host, username):
+            return None
+        for attempt in ("read", "written"):
+            code, output = self.ejabberd.call("private_get", user=username, host=host,
+                                              element="invites-api", ns="urn:x-invites-api")
+            found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", output)
+            if code == 0 and (found or new is None):
+                return found.group(1) if found else "none"
+            if code != 0 or attempt == "written":
+                raise BackendError("ejabberd kept no mark for the account (is mod_private enabled?)")
+            code, output = self.ejabberd.call("private_set", user=username, host=host, element=(
+                f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>"))
+
+    def check_accounts(self, hosts):
+        problem = self.ejabberd.check()
+        if problem:
+            return [f"--accounts ejabberd: {problem}"]
+        try:
+            self.exists(hosts[0] if hosts else "localhost", "invites-api-probe")
+        except BackendError as e:
+            return [f"--accounts ejabberd: {e}" if "refused" in str(e) else "--accounts ejabberd: "
+                    "ejabberd lacks check_account and change_password (enable mod_admin_extra): "
+                    "password resets cannot work"]
+        return [f"--accounts ejabberd: {host} is not a host of this ejabberd: sign-ups for it will "
+                "fail" for host in hosts if host not in self.ejabberd.hosts()]
+
+    def describe_accounts(self):
+        return f"ejabberd, {self.ejabberd.describe()}"
+
+    def done(self, code, output, host="that host"):
+        """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
+        if code != 0 and ("Virtual host not known" in output or "nknown host" in output):
+            raise BackendError(f"{host} is not a host of this ejabberd")
+        if code != 0:
+            lines = [line for line in redact(output).splitlines() if line.strip()
+                     and "inet_config" not in line and "ERROR REPORT" not in line]
+            if "password" in output.lower():
+                raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
+            raise BackendError(f"{self.ejabberd.what} failed ({code}): {' | '.join(lines)[:300]}")
+
+
+def fill(template, **values):
+    """Return an argv template with each {name} in its elements replaced by values[name]."""
+    argv = []
+    for element in template:
+        for name, value in values.items():
+            element = element.replace(f"{{{name}}}", str(value))
+        argv.append(element)
+    return argv
+
+
+def split_command(command, option, placeholders):
+    """Return a command template's argv, split as a shell would (never run by one); raise Error."""
+    import shlex
+    try:
+        argv = shlex.split(command or "")
+    except ValueError as e:
+        raise Error(f"{option} {command!r}: {e}") from None
+    if not argv:
+        raise Error(f"this needs {option} 'PROGRAM ARGS... {placeholders}'")
+    return argv
+
+
+def make_backend(name, accounts=None, prosody_config=None, prosody_socket=None, ejabberd=None,
+                 command=None, timeout=DEFAULT_BACKEND_TIMEOUT,
+                 concurrency=DEFAULT_BACKEND_CONCURRENCY, log=None):
+    """Return the Backend called name, with who makes built-in invites' accounts; raise Error."""
     limits = {"timeout": timeout, "concurrency": concurrency, "log": log}
     if name == "builtin":
-        return None
+        return Builtin(accounts)
     if name == "prosody":
-        return ProsodyBackend(prosodyctl, prosody_config, prosody_socket, **limits)
-    if name == "ejabberd":
-        return EjabberdBackend(ejabberd or EjabberdCtl(timeout=timeout), **limits)
-    if name == "command":
-        return Backend(split_command(command, "--backend-command", "{host}"), **limits)
-    raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
+        backend = ProsodyBackend(prosody_config, prosody_socket, **limits)
+    elif name == "ejabberd":
+        backend = EjabberdBackend(ejabberd or EjabberdCtl(timeout=timeout), **limits)
+    elif name == "command":
+        backend = CommandBackend(split_command(command, "--backend-command", "{host}"), **limits)
+    else:
+        raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
+    backend.accounts = accounts  # (for built-in invites made before this backend was chosen)
+    return backend
 
 
 # ---------------------------------------------------------------------------
@@ -3036,20 +3062,17 @@ class App:
 
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=None, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
-                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, accounts=None, notify=None):
+                 backend=BUILTIN, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
+                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, notify=None):
         self.store = store
         self.notify = notify  # an argv run after each use of an invite on our page (token, username, host)
-        self.accounts = accounts  # who creates the accounts built-in invites are for (None: no one here)
         self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
         # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
         self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
         self.metrics_token = metrics_token
         self.metrics = Metrics()
         self.auth_limiter = RateLimiter(auth_failures_per_minute)
-        self.backend = backend  # None: the built-in store mints invites
-        # Who can tell whether an account exists (a password reset needs to know), or None.
-        self.account_identifier = account_identifier(backend, accounts)
+        self.backend = backend  # who mints invites, and who makes the accounts of built-in ones
         self.site_name = site_name  # None: the invite's host
         self.apps = apps
         self.public_url = public_url.rstrip("/") if public_url else None
@@ -3335,12 +3358,10 @@ class InviteRequests:
                 raise BadRequest(f"option {name!r} given in both the query and the body")
             params[name] = str(value).lower() if isinstance(value, bool) else value
         redirect = parse_bool("redirect", str(params.pop("redirect", "")))
-        if params.get("type") == "reset" and app.backend is None and app.accounts is None:
-            raise BadRequest("a password-reset invite needs serve --accounts (or a backend that makes them)")
         credentials = self.presented_key(params.pop("key", ""))
         self.refuse_if_guessing()
         invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
-                               backend=app.backend, identify=app.account_identifier)
+                               backend=app.backend)
         app.metrics.count("invite", (invite["host"], invite["backend"]))
         url = self.invite_url(invite)
         status = 303 if redirect else 201
@@ -3419,10 +3440,11 @@ class InviteRequests:
                                 page_headers(nonce), content_type=html_type)
         base = self.public_base(invite["host"])
         page_url = f"{base}/invite?{invite['token']}"
-        signup = f"{base}/register?t={invite['token']}" if app.accounts and invite["backend"] == "builtin" else None
+        minted_by_us = minted_by(invite, app.backend)
+        signup = f"{base}/register?t={invite['token']}" if minted_by_us.signs_up else None
         headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
         page = render_invite_page(invite, page_url, site_name, app.apps, nonce, signup,
-                                  in_apps=invite["backend"] != "builtin")
+                                  in_apps=not minted_by_us.used_here)
         self.respond(200, page, headers, content_type=html_type)
 
     def signup_page(self, _):
@@ -3431,7 +3453,7 @@ class InviteRequests:
         params = self.params("t", "account")
         app = self.server.app
         invite, status = find_invite(app.store, params.get("t", ""))
-        if invite is None or invite["backend"] != "builtin" or app.accounts is None:
+        if invite is None or minted_by(invite, app.backend).signs_up is None:
             return self.respond_page(404, None)
         if "account" in params:  # only an account this invite made (or reset)
             if not any(a["username"] == params["account"] and a["action"] != "unconfirmed"
@@ -3451,13 +3473,13 @@ class InviteRequests:
             raise TooManyRequests("too many sign-up attempts from your address; try again in a minute", wait)
         fields = self.form_body("token", "user", "password", "password_confirm")
         invite, status = find_invite(app.store, fields.get("token", ""))
-        if invite is None or app.accounts is None:
+        if invite is None or minted_by(invite, app.backend).signs_up is None:
             return self.respond_page(404, None)
         if not self.same_origin(invite["host"]):
             raise Forbidden("this form can only be sent from its own page")
         form = {"invite": invite, "username": fields.get("user", "")}
         try:
-            used, username = sign_up(app.store, app.accounts, invite["token"], fields.get("user", ""),
+            used, username = sign_up(app.store, app.backend, invite["token"], fields.get("user", ""),
                                      fields.get("password", ""), fields.get("password_confirm", ""))
         except (BadRequest, Conflict) as e:  # the form again, with the reason and the name kept
             return self.respond_page(e.status, error=str(e), **form)
@@ -3939,7 +3961,7 @@ def start_purging(store, grace, app=None, every=3600):
     def purge_forever():
         while True:
             try:
-                deleted = purge_invites(store, grace, app and app.backend)
+                deleted = purge_invites(store, grace, app.backend if app else BUILTIN)
                 if deleted and app is not None:
                     app.log_line(f"purged {deleted} old invites")
             except Error as e:  # the database is busy or gone: try again next time
@@ -4074,41 +4096,33 @@ def _print_json(data):
     print(json.dumps(data, indent=2))
 
 
-def _backend(args, log=None, asking=False):
-    """Return the backend the command line asks for (None: built-in); asking (about invites already
-    made): Prosody's, unless another is named. Refuse options that would do nothing."""
-    accounts = getattr(args, "accounts", None)
-    for option, value, needs in (("--backend-command", args.backend_command, args.backend == "command"),
-                                 ("--accounts-command", getattr(args, "accounts_command", None),
-                                  accounts == "command"),
-                                 ("--ejabberd-api", args.ejabberd_api, "ejabberd" in (args.backend, accounts)),
-                                 ("--ejabberd-api-auth-file", args.ejabberd_api_auth_file, args.ejabberd_api)):
-        if value and not needs:
+def _backend(args, log=None, asking=False, accounts=True):
+    """Return the Backend the command line names, with its --accounts; refuse idle options."""
+    # asking (about invites made before): Prosody's unless another is named.
+    wanted = getattr(args, "accounts", None) if accounts else None
+    for option, value, needs in (
+            ("--backend-command", args.backend_command, args.backend == "command"),
+            ("--accounts-command", getattr(args, "accounts_command", None), wanted == "command"),
+            ("--ejabberd-api", args.ejabberd_api, "ejabberd" in (args.backend, wanted)),
+            ("--ejabberd-api-auth-file", args.ejabberd_api_auth_file, args.ejabberd_api)):
+        if value and not needs and (accounts or option != "--accounts-command"):
             raise Error(f"{option} does nothing here: it is for " + {
                 "--backend-command": "--backend command", "--accounts-command": "--accounts command",
                 "--ejabberd-api": "--backend ejabberd or --accounts ejabberd",
                 "--ejabberd-api-auth-file": "--ejabberd-api"}[option])
     name = "prosody" if asking and args.backend == "builtin" else args.backend
-    return make_backend(name, args.prosodyctl, args.prosody_config, _ejabberd(args),
-                        args.backend_command, args.backend_timeout, args.backend_concurrency, log,
-                        args.prosody_socket)
-
-
-def _accounts(args, backend, warnings):
-    """Return who makes accounts for built-in invites (--accounts), or None; append what it lacks
-    to warnings."""
-    if not args.accounts:
-        return None
-    prosody = backend if isinstance(backend, ProsodyBackend) else None
-    if args.accounts == "prosody" and prosody is None:
-        prosody = make_backend("prosody", args.prosodyctl, args.prosody_config, timeout=args.backend_timeout,
-                               prosody_socket=args.prosody_socket)
-        problem = prosody.check()
-        warnings.append(problem and f"--accounts prosody: {problem}")
-    else:
-        warnings.append(None)
-    ejabberd = backend.ejabberd if isinstance(backend, EjabberdBackend) else _ejabberd(args)
-    return make_accounts(args.accounts, prosody, args.accounts_command, args.backend_timeout, ejabberd)
+    backend = make_backend(name, None, args.prosody_config, args.prosody_socket, _ejabberd(args),
+                           args.backend_command, args.backend_timeout, args.backend_concurrency, log)
+    if wanted == backend.name and wanted in ("prosody", "ejabberd"):
+        backend.accounts = backend  # (one server, one connection to it)
+    elif wanted == "prosody":
+        backend.accounts = ProsodyBackend(args.prosody_config, args.prosody_socket, args.backend_timeout)
+    elif wanted == "ejabberd":
+        backend.accounts = EjabberdBackend(_ejabberd(args), timeout=args.backend_timeout)
+    elif wanted == "command":
+        backend.accounts = Accounts(split_command(args.accounts_command, "--accounts-command",
+                                                  "{action} {username} {host}"), args.backend_timeout)
+    return backend
 
 
 def _ejabberd(args):
@@ -4124,19 +4138,17 @@ def cmd_invites_create(args):
         if args.username is not None:
             raise Error("--reset USER names the account; give no --username")
         options.update(type="reset", username=args.reset)
-    backend = _backend(args, sys.stderr)
-    warnings = [backend and backend.check()]  # (for Prosody: its admin socket, else prosodyctl)
-    accounts = _accounts(args, backend, warnings) if args.reset is not None else None
-    for warning in filter(None, warnings):
+    backend = _backend(args, sys.stderr, accounts=args.reset is not None)
+    for warning in backend.start_warnings([]):
         print(f"warning: {warning}", file=sys.stderr)
-    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend,
-                           identify=account_identifier(backend, accounts))
+    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend)
     url = _cli_url(args, invite)
     if args.qr and re.match(r"https?://(127\.|localhost|\[::1\])", url):
-        print(f"warning: the QR code is of {url}, which only this machine can open (a phone cannot): give "
-              "--public-url or set INVITES_API_PUBLIC_URL", file=sys.stderr)
+        print(f"warning: the QR code is of {url}, which only this machine can open (a phone "
+              "cannot): give --public-url or set INVITES_API_PUBLIC_URL", file=sys.stderr)
     if args.qr:
-        print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url), colour=sys.stdout.isatty()))
+        print(qr_text(qr_matrix(invite["uri"] if args.qr == "uri" else url),
+                      colour=sys.stdout.isatty()))
     _print_json(invite_info(invite, url)) if args.json else print(url)
 
 
@@ -4196,38 +4208,30 @@ def cmd_serve(args):
     for template, option in ((args.public_url, "--public-url"), (args.invite_url, "--invite-url")):
         if template and not re.match(r"https?://[^/?#\s]+", template.replace("{host}", "h")):
             raise Error(f"{option} {template!r} must start with http:// or https:// and a host name")
-    log = None if args.quiet else sys.stderr
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Error("--tls-cert and --tls-key go together")
     tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
     store = open_store(args)
     backend = _backend(args, log=sys.stderr)
-    warnings = [backend.check()] if backend is not None else []
-    accounts = _accounts(args, backend, warnings)
-    if accounts is not None and not warnings[-1]:
-        try:
-            warnings += accounts.check(store.key_hosts())
-        except Error as e:
-            warnings.append(f"--accounts {accounts.name}: {e}")
-    if backend is not None and not warnings[0]:
-        warnings += backend.check_hosts(store.key_hosts())
-    for warning in filter(None, warnings):
+    for warning in backend.start_warnings(store.key_hosts()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    apps = load_apps(args.apps) if args.apps else DEFAULT_APPS
+    notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
-              invite_ttl=args.invite_ttl, log=log, backend=backend, site_name=args.site_name, apps=apps,
-              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, accounts=accounts,
-              notify=split_command(args.notify_command, "--notify-command", "") if args.notify_command else None)
+              invite_ttl=args.invite_ttl, log=None if args.quiet else sys.stderr, backend=backend,
+              site_name=args.site_name, apps=load_apps(args.apps) if args.apps else DEFAULT_APPS,
+              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, notify=notify or None)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
                          systemd_socket(), args.request_timeout)
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
-    shown = f"[{address}]" if ":" in address else address
-    serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://{shown}:{port}"
-                  f"/invites_api (database {store.path}" + (f"; {backend.describe()}" if backend else "")
-                  + (f"; accounts made by {accounts.describe()}" if accounts else "") + ")"
-                  + ("" if backend or accounts else "; its invites become accounts only through a sign-up "
-                     "site of your own (the redeem API): --accounts makes them accounts on the invite's page"))
+    said = [backend.describe()] + ([f"accounts made by {backend.accounts.describe_accounts()}"]
+                                   if backend.accounts else [])
+    said = "".join(f"; {clause}" for clause in said if clause)
+    serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://"
+                  f"{f'[{address}]' if ':' in address else address}:{port}/invites_api (database "
+                  f"{store.path}{said})" + ("" if said else "; its invites become accounts only "
+                  "through a sign-up site of your own (the redeem API): --accounts makes them "
+                  "accounts on the invite's page"))
 
 
 def systemd_socket():
@@ -4314,7 +4318,6 @@ def build_parser():
     def backend_args(sub):
         sub.add_argument("--backend", choices=("builtin", "prosody", "ejabberd", "command"), default="builtin",
                          help="who mints invites: this tool's own store (default), Prosody, ejabberd or a program")
-        sub.add_argument("--prosodyctl", default="prosodyctl", metavar="PATH", help="prosody backend: prosodyctl")
         sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's config file, "
                                                                    "where its admin socket is found")
         sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's admin socket "

@@ -403,7 +403,7 @@ class ApiTest(LiveServerTestCase):
 class ServingTest(LiveServerTestCase):
     """A thread per connection; every write through the group committer, answered after its COMMIT."""
 
-    app_options = {"accounts": ia.Accounts(["true"])}  # (so that an invite page has its QR code)
+    app_options = {"backend": ia.Builtin(ia.Accounts(["true"]))}  # (so that an invite page has its QR code)
 
     def committer_connection(self):
         return self.store.write(lambda conn: conn)
@@ -681,7 +681,7 @@ class InviteUrlTemplateTest(LiveServerTestCase):
 
 
 # A server that makes accounts (the program does nothing): its pages lead to the sign-up form.
-MAKES_ACCOUNTS = {"accounts": ia.Accounts(["true"])}
+MAKES_ACCOUNTS = {"backend": ia.Builtin(ia.Accounts(["true"]))}
 
 
 class InvitePageTest(LiveServerTestCase):
@@ -763,7 +763,7 @@ class InvitePageTest(LiveServerTestCase):
             self.assertIn("default-src 'none'", headers["content-security-policy"])
 
     def test_without_accounts_the_page_offers_no_path_that_cannot_work(self):
-        self.app.accounts = None
+        self.app.backend = ia.BUILTIN  # (no one makes accounts)
         token = self.new_token()
         status, _, body = self.request("GET", f"/invite?{token}")
         page = body.decode()
@@ -1742,7 +1742,8 @@ case "$1:$2" in
 esac
 """)
         self.notified = os.path.join(tmp, "notified")
-        self.app_options = {"accounts": ia.Accounts([program, "{action}", "{username}", "{host}"], timeout=1.5),
+        self.app_options = {"backend": ia.Builtin(ia.Accounts([program, "{action}", "{username}", "{host}"],
+                                                              timeout=1.5)),
                             "notify": [write_program(tmp, "notify", f'echo "$INVITES_API_TOKEN $@" >> '
                                                                     f'{self.notified}\n')]}
         super().setUp()
@@ -1975,9 +1976,9 @@ class AccountAnswersTest(unittest.TestCase):
     """What Prosody's admin shell answers is read strictly: an answer we do not know is a failure."""
 
     def accounts(self, answer):
-        backend = mock.Mock(spec=["lua"])
-        backend.lua.return_value = answer
-        return ia.ProsodyAccounts(backend)
+        prosody = ia.ProsodyBackend(socket=os.devnull)
+        prosody.lua = mock.Mock(return_value=answer)  # (what the admin shell answered)
+        return prosody
 
     def test_only_done_is_success_and_anything_unknown_fails(self):
         self.assertIsNone(self.accounts("done").create("example.com", "alice", "a long password"))
@@ -2135,9 +2136,9 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
                                   "--backend", "command", "--backend-command", "touch {host}")
         self.assertEqual(code, 2)
         self.assertIn("invalid host", err)
-        backend = ia.Backend(["sh", "-c", "touch {host}"])
+        backend = ia.CommandBackend(["sh", "-c", "touch {host}"])
         with self.assertRaises(ia.BadRequest):
-            backend.mint(f"example.com;touch {pwned}")
+            backend.mint({"host": f"example.com;touch {pwned}", "username": None})
         self.assertFalse(os.path.exists(pwned))
         # A valid host is one argv element: no shell ever sees it.
         recorder = write_program(self.dir, "argv", 'printf "%s\\n" "$#" "$@" > ' + os.path.join(self.dir, "argv.txt")
@@ -2348,12 +2349,14 @@ modules_disabled = {{ "invites_page" }}
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST, "prosody")
         store.close()
-        # A prosodyctl that records being run: the admin socket is used instead, no process per invite.
+        # A prosodyctl first on PATH that records being run: the admin socket is used, no process at all.
         ran = os.path.join(self.dir, "prosodyctl-ran")
-        stand_in = write_program(self.dir, "prosodyctl", f"echo ran >> '{ran}'\nexit 1\n")
-        env = dict(os.environ, INVITES_API_DB=self.db)
+        os.mkdir(os.path.join(self.dir, "bin"))
+        write_program(os.path.join(self.dir, "bin"), "prosodyctl", f"echo ran >> '{ran}'\nexit 1\n")
+        env = dict(os.environ, INVITES_API_DB=self.db,
+                   PATH=os.path.join(self.dir, "bin") + os.pathsep + os.environ["PATH"])
         proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", "--backend", "prosody",
-                                 "--prosodyctl", stand_in, "--prosody-config", self.config],
+                                 "--prosody-config", self.config],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self.addCleanup(self.reap, proc)
         line = wait_for_line(proc.stdout)
@@ -2632,7 +2635,8 @@ modules_disabled = {{ "invites_page" }}
         shown = self.show(token)
         self.assertEqual([a["jid"] for a in shown["accounts"]], [f"alice@{self.HOST}"])
         # A password reset from the built-in store: the new password works, the old one no longer.
-        self.assertIn("cannot tell whether alice@", self.cli("invites", "create", self.HOST, "--reset", "alice",
+        self.assertIn("cannot make password-reset invites without --accounts", self.cli(
+            "invites", "create", self.HOST, "--reset", "alice",
                                                               status=1))  # who can say alice exists?
         self.assertIn("there is no account ghost@", self.cli("invites", "create", self.HOST, "--reset", "ghost",
                                                               "--accounts", "prosody", "--prosody-config",
@@ -2790,7 +2794,7 @@ modules_disabled = {{ "invites_page" }}
         with self.assertRaises(ia.BackendError) as raised:
             admin.run("no_such_function()")
         self.assertIn("attempt to call a nil value", str(raised.exception))
-        backend = ia.ProsodyBackend(self.prosodyctl, self.config)
+        backend = ia.ProsodyBackend(self.config)
         self.addCleanup(backend.admin.close)
         self.assertIsNone(backend.check())
         with self.assertRaises(ia.BadRequest):  # never reaches Prosody
@@ -2801,7 +2805,7 @@ modules_disabled = {{ "invites_page" }}
     def test_a_username_bound_invite_and_a_host_prosody_does_not_serve(self):
         store = ia.Store(self.db)
         ia.create_key(store, self.HOST)
-        backend = ia.ProsodyBackend(self.prosodyctl, self.config)
+        backend = ia.ProsodyBackend(self.config)
         self.addCleanup(backend.admin.close)
         self.assertIsNone(backend.check())
         invite = ia.create_invite(store, host=self.HOST, options={"username": "erin"}, backend=backend)
@@ -2814,14 +2818,13 @@ modules_disabled = {{ "invites_page" }}
         self.assertEqual(backend.check_hosts(["other.test"]), [
             "prosody backend: other.test is not a host of this Prosody: invites for it cannot be made"])
         code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--backend", "prosody",
-                                  "--prosodyctl", self.prosodyctl, "--prosody-config", self.config)
+                                  "--prosody-config", self.config)
         self.assertEqual(code, 0, err)
         self.assert_valid_at_prosody(out.strip())
 
     def test_serve_warns_when_prosody_cannot_be_reached(self):
         self.stop_prosody()
-        proc, port = self.start("--backend", "prosody", "--prosodyctl", self.prosodyctl,
-                                "--prosody-config", self.config)
+        proc, port = self.start("--backend", "prosody", "--prosody-config", self.config)
         proc.terminate()
         proc.wait(10)
         self.assertIn("warning: prosody backend: cannot reach Prosody's admin shell", proc.stderr.read())
@@ -3084,8 +3087,8 @@ class EjabberdApiTest(EjabberdTest):
 
     def test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown(self):
         api = ia.EjabberdApi(self.api, timeout=2)
-        accounts = ia.EjabberdAccounts(api)
-        self.assertEqual(accounts.check([self.HOST]), [])
+        accounts = ia.EjabberdBackend(api)
+        self.assertEqual(accounts.check_accounts([self.HOST]), [])
         accounts.create(self.HOST, "fay", "a long password")
         with self.assertRaises(ia.Conflict):
             accounts.create(self.HOST, "fay", "a long password")
