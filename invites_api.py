@@ -151,6 +151,15 @@ class BadCredentials(Forbidden):
     """A wrong, unknown, deleted or malformed key: counted per client address."""
 
 
+@contextlib.contextmanager
+def bad_request():
+    """Turn a ValueError raised while checking a request's values into a BadRequest (400)."""
+    try:
+        yield
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
 class MethodNotAllowed(Error):
     status = 405
 
@@ -511,8 +520,8 @@ def default_db_path():
         os.path.expanduser("~"), ".local", "share", "invites_api", "invites.db")
 
 
-class Store:
-    """The sqlite3 database: one connection per thread, durable commits."""
+class Database:
+    """The sqlite3 file: one connection per thread, the schema's migrations, durable commits."""
 
     def __init__(self, path, create_dir=False, busy_timeout=BUSY_TIMEOUT):
         self.path = os.path.abspath(path)
@@ -676,7 +685,10 @@ class Store:
         """Finish the queued writes and stop the committing thread."""
         self.committer.stop()
 
-    # -- keys -----------------------------------------------------------------
+
+
+class Store(Database):
+    """The only code that reads or writes keys, invites and accounts (SQL in one place)."""
 
     def insert_key(self, key):
         """Store a new key (a dict with the keys table's columns)."""
@@ -1181,6 +1193,30 @@ def authenticate(store, presented, conn=None):
     return key
 
 
+def presented_key(authorization, query_key):
+    """Return the key a request presents: Authorization: Bearer (which wins), ?key=, or ""."""
+    if len(authorization) > 1:
+        raise BadRequest("more than one Authorization header")
+    if authorization:
+        scheme, _, credentials = authorization[0].strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise BadCredentials(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
+        from urllib.parse import unquote
+        credentials = unquote(credentials.strip())
+        if not credentials:
+            raise BadCredentials("malformed API key")
+        return credentials
+    return query_key if isinstance(query_key, str) else ""
+
+
+def refuse_if_guessing(limiter, client):
+    """Raise TooManyRequests for an address that failed authentication too often this minute."""
+    # (each BadCredentials is counted at the HTTP boundary: App.count_auth_failure)
+    wait = limiter.over(client)
+    if wait:
+        raise TooManyRequests("too many failed authentications from your address", wait)
+
+
 def parse_limit(text, what="limit"):
     """Return a listing's page size: 1 to MAX_LIST_LIMIT; raise ValueError."""
     count = parse_count(text, what)
@@ -1217,7 +1253,7 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
     """Return an invite request's options checked against the key's policy and the backend."""
     wanted = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register",
               "roles": None, "groups": None}
-    try:
+    with bad_request():
         for name, value in options.items():
             if value is None:
                 continue
@@ -1233,8 +1269,6 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
                              "(an operator can raise it: update HOST KEY_ID --max-uses)")
         if wanted["type"] == "reset":
             _check_reset(wanted, key, backend)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
     if wanted["ttl"] is None:  # a reset is short-lived: a day
         ttl = RESET_INVITE_TTL if wanted["type"] == "reset" else default_ttl
         wanted["ttl"] = min(ttl, key["max_ttl"]) if key is not None else ttl
@@ -1376,10 +1410,8 @@ def redeem_invite(store, token, host, username=None):
     if invite["type"] == "reset":
         raise BadRequest("this is a password-reset invite: it is used on this server's sign-up page, "
                          "never redeemed for a new account")
-    try:
+    with bad_request():
         username = None if username is None else parse_username(username)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
     if username is not None and invite["username"] and username != invite["username"]:
         raise Conflict("this invite is for another username")
     used = store.use_invite(token, now())
@@ -1410,11 +1442,9 @@ def sign_up(store, backend, token, username, password, confirmation):
         raise NotFound("we could not find this invite")
     if invite_status(invite) != "valid":
         raise Gone(f"this invite is {invite_status(invite)}")
-    try:
+    with bad_request():
         username = parse_account_name(invite["username"] or username)
         check_password(password, confirmation, username)
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
     reset = invite["type"] == "reset"
     mark = accounts.mark(invite["host"], username) if reset else None
     if reset and mark is None:
@@ -2937,6 +2967,36 @@ _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 _date_cache = [0, ""]  # (second, Date header)
 
 
+def form_fields(headers, body, allowed):
+    """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not "
+                                   f"{ctype!r}")
+    try:
+        text = body.decode("ascii")
+    except UnicodeError:
+        raise BadRequest("the form is not valid: a form body is percent-encoded ASCII") from None
+    return parse_fields(text, allowed, "form field")
+
+
+def json_fields(headers, body):
+    """Return a request body's JSON object of plain values ({} for none); raise BadRequest."""
+    if not body:
+        return {}
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
+    import json
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise BadRequest("request body must be a JSON object of strings, numbers and booleans")
+    return data
+
+
 def iri_to_uri(text):
     """Return text with non-ASCII and control characters percent-encoded as UTF-8 (RFC 3987, 3.1)."""
     from urllib.parse import quote
@@ -3105,33 +3165,38 @@ class App:
             text += f" (and {seen[1]} more times since it was last logged)"
         self.log_line(text)
 
+    def count_auth_failure(self, client):
+        """Count a failed authentication; log once when an address passes its limit this minute."""
+        self.metrics.count("auth_failure")
+        self.auth_limiter.hit(client)
+        if self.auth_limiter.over(client) and self.auth_limiter.first_time_over(client):
+            self.log_line(f"{client.translate(_UNPRINTABLE)} passed {self.auth_limiter.per_minute} "
+                          "failed authentications this minute; refusing it with 429 until the "
+                          "minute ends")
 
-class InviteRequests:
-    """The request handler: reads a request, calls one operation, writes one response.
 
-    make_server mixes it into http.server.BaseHTTPRequestHandler, whose loop,
-    header parsing, status lines and dates it keeps. What it adds or
-    changes, in the order a request meets it:
+class StrictHTTP:
+    """HTTP/1.1 framing for http.server.BaseHTTPRequestHandler: strict, bounded, deadlined."""
 
-      setup()               the TLS handshake, in this connection's thread and
-                            within the request deadline; reads that stop there
-      handle_one_request()  one request; a connection taken back when the server is full
-      parse_request()       framing by RFC 9112: strict request and header lines and
-                            their limits (414, 431), one Host, Content-Length only
-                            (411 for Transfer-Encoding), the body read in full
-      do_GET() ...          dispatch(): through ROUTES to one method per operation;
-                            the one boundary that turns errors into responses
-      respond()             every response: Content-Length, ASCII headers, CORS;
-                            the connection closes if the body was not read in full
-      log_request()         the access log line and the metrics of each answer
-    """
+    # make_server mixes it (under the application's handler) into BaseHTTPRequestHandler, whose
+    # loop, status lines and dates it keeps. In the order a request meets it:
+    #   setup()               the TLS handshake, in the connection's thread, within the deadline
+    #   handle_one_request()  one request; a connection taken back when the server is full
+    #   parse_request()       RFC 9112: strict request and header lines and their limits (414,
+    #                         431), one Host, Content-Length only (411), the body read in full
+    #   respond()             every response: Content-Length, ASCII headers, response_headers;
+    #                         the connection closes if the body was not read in full
+    #   finish()              a lingering close
+    # Override points: dispatch() answers one parsed request (self.command, path, headers, body,
+    # client, scheme, authority); answered(code, seconds) sees each answer; log_line(text) logs.
+    # trust_proxy: the one header a trusted reverse proxy sets ("x-forwarded-for", "forwarded").
+    # The server (InviteServing) gives tls, idle_timeout, request_timeout and stopping.
 
+    trust_proxy = None
     protocol_version = "HTTP/1.1"
     server_version = f"invites_api/{__version__}"
     disable_nagle_algorithm = True
     wbufsize = 65536  # a response leaves in one write, at respond()'s flush
-
-    # -- one request ----------------------------------------------------------
 
     def setup(self):
         server = self.server
@@ -3148,11 +3213,10 @@ class InviteRequests:
 
     def finish(self):
         super().finish()
-        # A lingering close (RFC 9112, 9.6): what the client still sends would
-        # turn the close into a reset, which can destroy our last answer
-        # before the client has read it.
+        # A lingering close (RFC 9112, 9.6): what the client still sends would turn the close into
+        # a reset, which can destroy our last answer before the client has read it.
         import socket
-        self.server.waiting(self.tracked)  # (a lingering connection makes room for a new one when full)
+        self.server.waiting(self.tracked)  # (a lingering connection makes room when full)
         try:
             socket.socket.shutdown(self.connection, socket.SHUT_WR)
             self.connection.settimeout(1)
@@ -3163,9 +3227,10 @@ class InviteRequests:
             pass
 
     def handle_one_request(self):
-        """Read, check and answer one request (http.server's handle() calls this until close_connection)."""
-        self.command = self.path = self.headers = self.body = self.cors = self.started = self.page = None
+        """Read, check and answer one request (http.server's handle() loops over this)."""
+        self.command = self.path = self.headers = self.body = self.started = None
         self.requestline, self.request_version, self.close_connection = "", "HTTP/1.1", True
+        self.response_headers = []  # (name, value)s every response to this request carries
         self.client = self.client_address[0]
         if self.client.startswith("::ffff:") and "." in self.client:  # IPv4 on a dual-stack socket
             self.client = self.client[7:]
@@ -3182,25 +3247,26 @@ class InviteRequests:
                 return  # answered; the connection closes
             if not self.server.handling(self.tracked):
                 return self.refuse(503, "busy")
-            getattr(self, "do_" + self.command, self.dispatch)()
+            self.dispatch()
             self.tracked.served += 1
         except OSError:  # the client went away or missed the deadline: no one to answer
             self.close_connection = True
 
     def parse_request(self):
-        """Check the request line and header lines, read the body; return True, or answer 4xx and
-        return False (the connection then closes: where a next request would start is not known)."""
+        """Check the request line and header lines, read the body; return True, or answer 4xx."""
+        # (after a 4xx the connection closes: where a next request would start is not known)
         line = self.raw_requestline
         self.requestline = line.decode("latin-1").rstrip("\r\n")
         if len(line) > MAX_REQUEST_LINE:
             return self.refuse(414, "request line too long")
         match = _REQUEST_LINE_RE.match(line)
         if not match:
-            return self.refuse(400, "malformed request line" if line.endswith(b"\n") else "request cut short")
-        self.command, self.path, self.request_version = (part.decode("ascii") for part in match.groups())
-        if self.path.startswith("//"):  # (as http.server: a path that a client would take for a host)
+            return self.refuse(400, "malformed request line" if line.endswith(b"\n")
+                               else "request cut short")
+        self.command, self.path, self.request_version = (p.decode("ascii") for p in match.groups())
+        if self.path.startswith("//"):  # (as http.server: a path a client would take for a host)
             self.path = "/" + self.path.lstrip("/")
-        headers = self.headers = self.MessageClass()  # http.client.HTTPMessage, as http.server makes it
+        headers = self.headers = self.MessageClass()  # http.client.HTTPMessage, as http.server's
         while True:
             field = self.rfile.readline(MAX_HEADER_LINE + 1)
             if field in (b"\r\n", b"\n"):
@@ -3208,10 +3274,10 @@ class InviteRequests:
             if len(field) > MAX_HEADER_LINE or len(headers) == MAX_HEADERS:
                 return self.refuse(431, "request header fields too large")
             if not _HEADER_LINE_RE.match(field):
-                return self.refuse(400, "malformed header line" if field.endswith(b"\n") else "request cut short")
+                return self.refuse(400, "malformed header line" if field.endswith(b"\n")
+                                   else "request cut short")
             name, _, value = field.decode("latin-1").partition(":")
             headers[name] = value.strip()
-        headers = self.headers
         tokens = {t.strip().lower() for t in ",".join(headers.get_all("Connection") or ()).split(",")}
         self.close_connection = ("close" in tokens or self.server.stopping
                                  or self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
@@ -3220,7 +3286,7 @@ class InviteRequests:
             return self.refuse(400, "exactly one Host header is required")
         if headers.get("Transfer-Encoding") is not None:
             return self.refuse(411, "send the body with Content-Length, not Transfer-Encoding")
-        lengths = {value.strip() for value in ",".join(headers.get_all("Content-Length") or ["0"]).split(",")}
+        lengths = {v.strip() for v in ",".join(headers.get_all("Content-Length") or ["0"]).split(",")}
         length = lengths.pop()
         if lengths or not re.fullmatch(r"[0-9]{1,12}", length):  # one value, ASCII digits
             return self.refuse(400, f"invalid Content-Length {length[:20]!r}")
@@ -3241,15 +3307,12 @@ class InviteRequests:
         return True
 
     def proxy_view(self, host):
-        """Return (client address, scheme, authority) as the client sees them; raise BadRequest.
-
-        With --trust-proxy they come from the one header the proxy sets
-        (X-Forwarded-For's last hop, -Proto, -Host), never from a Forwarded
-        header that a client may send through it, unless the proxy sets
-        Forwarded (--trust-proxy=forwarded).
-        """
+        """Return (client address, scheme, authority) as the client sees them; raise BadRequest."""
+        # With --trust-proxy they come from the one header the proxy sets (X-Forwarded-For's last
+        # hop, -Proto, -Host), never from a Forwarded header a client may send through it, unless
+        # the proxy sets Forwarded (--trust-proxy=forwarded).
         client, scheme = self.client, "https" if self.server.tls is not None else "http"
-        mode, get = self.server.app.trust_proxy, self.headers.get_all
+        mode, get = self.trust_proxy, self.headers.get_all
         if mode == "x-forwarded-for":
             hop = ",".join(get("X-Forwarded-For") or ()).split(",")[-1].strip()
             proto = ",".join(get("X-Forwarded-Proto") or ()).split(",")[-1].strip().lower()
@@ -3257,8 +3320,10 @@ class InviteRequests:
         elif mode == "forwarded":
             pairs = {name.lower(): value.strip('"') for name, value in
                      _FORWARDED_PAIR_RE.findall(",".join(get("Forwarded") or ()).split(",")[-1])}
-            hop, proto, forwarded_host = pairs.get("for", ""), pairs.get("proto", "").lower(), pairs.get("host", "")
-            hop = hop[1:hop.find("]")] if hop.startswith("[") else hop.partition(":")[0] if hop.count(":") == 1 else hop
+            hop, proto = pairs.get("for", ""), pairs.get("proto", "").lower()
+            forwarded_host = pairs.get("host", "")
+            hop = (hop[1:hop.find("]")] if hop.startswith("[")
+                   else hop.partition(":")[0] if hop.count(":") == 1 else hop)
         if mode:
             client = hop[:64] or client
             scheme = proto if proto in ("http", "https") else scheme
@@ -3268,340 +3333,12 @@ class InviteRequests:
         return client, scheme, host
 
     def dispatch(self):
-        """Route the request to its operation; turn an Error into its answer and anything else
-        into a logged 500 (the one boundary)."""
-        path, _, self.query = self.path.partition("?")
-        try:
-            for pattern, methods, cors, self.page in ROUTES:
-                match = pattern.match(path)
-                if match:
-                    break
-            else:
-                raise NotFound(f"no such page: {path[:100]!r}")
-            allowed = tuple(methods) + (("OPTIONS",) if cors else ())
-            self.cors = ", ".join(allowed) if cors else None
-            if self.command == "OPTIONS" and cors:
-                return self.respond(204)
-            if self.command not in methods:
-                raise MethodNotAllowed(self.command, allowed)
-            getattr(self, methods[self.command])(match.groupdict().get("token"))
-        except Error as e:
-            if isinstance(e, BadCredentials):
-                self.count_auth_failure()
-            elif isinstance(e, (StoreError, BackendError)):
-                self.server.app.log_problem(f"{type(e).__name__} on {self.command} {self.redacted_path()}: {e}",
-                                            cause=str(e))
-            self.respond_error(e)
-        except Exception:
-            import traceback
-            self.close_connection = True
-            self.log_message("internal error on %s %s:\n%s", self.command, self.redacted_path(),
-                             traceback.format_exc().rstrip())
-            self.respond(500, "internal error\n")
-
-    # http.server's entry points; any other method is routed too (to a 405 or 404).
-    do_GET = do_HEAD = do_POST = do_DELETE = do_OPTIONS = dispatch
-
-    # -- routes -----------------------------------------------------------
-
-    def count_auth_failure(self):
-        """Count a failed authentication; log once when an address passes its limit this minute."""
-        self.server.app.metrics.count("auth_failure")
-        limiter = self.server.app.auth_limiter
-        limiter.hit(self.client)
-        if limiter.over(self.client) and limiter.first_time_over(self.client):
-            self.log_message("%s passed %d failed authentications this minute; refusing it with 429 until "
-                             "the minute ends", self.client.translate(_UNPRINTABLE), limiter.per_minute)
-
-    def refuse_if_guessing(self):
-        """Answer 429 to an address that failed authentication too often this minute."""
-        wait = self.server.app.auth_limiter.over(self.client)
-        if wait:
-            raise TooManyRequests("too many failed authentications from your address", wait)
-
-    def home(self, _):
-        """What a person who opens the server's own address sees: GET /."""
-        self.params()
-        app, nonce = self.server.app, _random_id(12)
-        page = render_page("Invites", "<h1>This server makes account invites</h1><p>Invites come as links; open "
-                           "the link you were given. If you have none, ask the person who runs this server "
-                           "for one.</p>", app.site_name or "Invites", nonce)
-        self.respond(200, page, page_headers(nonce), content_type="text/html; charset=utf-8")
-
-    def health(self, _):
-        """Say whether the database answers a read and a write: GET /health."""
-        self.params()
-        try:
-            self.server.app.store.health()
-        except Error as e:
-            return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
-                                     [("Retry-After", "5")])
-        self.respond_json(200, {"status": "ok"})
-
-    def metrics(self, _):
-        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
-        self.params()
-        app = self.server.app
-        if app.metrics_token is not None:
-            given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
-            if not hmac.compare_digest(given.encode(), app.metrics_token.encode()):
-                raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
-        text = app.metrics.render(self.server.open_connections, app.store.size())
-        self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
-
-    def api_create(self, _):
-        """Create an invite: GET or POST /invites_api."""
-        app = self.server.app
-        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type", "roles", "groups")
-        for name, value in self.json_body().items():
-            if name in params:
-                raise BadRequest(f"option {name!r} given in both the query and the body")
-            params[name] = str(value).lower() if isinstance(value, bool) else value
-        redirect = parse_bool("redirect", str(params.pop("redirect", "")))
-        credentials = self.presented_key(params.pop("key", ""))
-        self.refuse_if_guessing()
-        invite = create_invite(app.store, credentials, options=params, default_ttl=app.invite_ttl,
-                               backend=app.backend)
-        app.metrics.count("invite", (invite["host"], invite["backend"]))
-        url = self.invite_url(invite)
-        status = 303 if redirect else 201
-        if self.wants_json():
-            return self.respond_json(status, invite_info(invite, url), [("Location", url)])
-        self.respond(status, b"", [("Location", url)])
-
-    def api_list(self, _):
-        """List the key's invites, a page at a time: GET /invites_api/invites[?status=S|all=true]
-        [&limit=N][&after=TOKEN]; X-Total-Count says how many, and a Link rel="next" the next page."""
-        params = self.params("key", "all", "status", "limit", "after")
-        key = self.authenticate(params.get("key", ""))
-        status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
-        try:
-            limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
-        invites, total = list_invites(self.server.app.store, key["host"], key["id"],
-                                      None if status == "all" else status, limit, params.get("after"))
-        store, backend = self.server.app.store, self.server.app.backend
-        headers = [("X-Total-Count", str(total))]
-        if len(invites) == limit and total > limit:
-            from urllib.parse import urlencode
-            query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
-                               "after": invites[-1]["token"]})
-            headers.append(("Link", f'<{self.public_base(key["host"])}/invites_api/invites?{query}>; rel="next"'))
-        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, backend),
-                                            store.accounts(i["token"])) for i in invites], headers)
-
-    def api_show(self, token):
-        """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
-        key = self.authenticate(self.params("key").get("key", ""))
-        store = self.server.app.store
-        invite = get_invite(store, token, key["host"], key["id"])
-        status = invite_state(store, invite, self.server.app.backend)
-        self.respond_json(200, invite_info(invite, self.invite_url(invite), status, store.accounts(token)))
-
-    def api_revoke(self, token):
-        """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
-        key = self.authenticate(self.params("key").get("key", ""))
-        revoke_invite(self.server.app.store, token, key["host"], key["id"], self.server.app.backend)
-        self.respond(204)
-
-    def api_redeem(self, token):
-        """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
-        params = self.params("key", "username")
-        params.update(self.json_body())
-        key = self.authenticate(params.pop("key", ""))
-        username = params.pop("username", None)
-        if params:
-            raise BadRequest(f"unknown option {sorted(params)[0]!r}")
-        if username is not None and not isinstance(username, str):
-            raise BadRequest("username must be a string")
-        invite = redeem_invite(self.server.app.store, token, key["host"], username)
-        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
-
-    def invite_check(self, token):
-        """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
-        self.params()
-        wait = self.server.app.check_limiter.hit(self.client)
-        if wait:
-            raise TooManyRequests("too many invite checks from your address", wait)
-        self.respond_json(200, check_invite(self.server.app.store, token))
-
-    def invite_page(self, token):
-        """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
-        app = self.server.app
-        token = self.query if token is None else token
-        invite, status = find_invite(app.store, token, app.backend)
-        nonce = _random_id(12)
-        html_type = "text/html; charset=utf-8"
-        site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
-        if status != "valid":  # unknown: 404; used, revoked, expired: 410
-            return self.respond(404 if invite is None else 410,
-                                render_unavailable_page(status, site_name, nonce),
-                                page_headers(nonce), content_type=html_type)
-        base = self.public_base(invite["host"])
-        page_url = f"{base}/invite?{invite['token']}"
-        minted_by_us = minted_by(invite, app.backend)
-        signup = f"{base}/register?t={invite['token']}" if minted_by_us.signs_up else None
-        headers = page_headers(nonce) + (("Link", f'<{invite["uri"]}>; rel="alternate"'),)
-        page = render_invite_page(invite, page_url, site_name, app.apps, nonce, signup,
-                                  in_apps=not minted_by_us.used_here)
-        self.respond(200, page, headers, content_type=html_type)
-
-    def signup_page(self, _):
-        """The sign-up form of a built-in invite: GET /register?t=TOKEN (as mod_invites_register_web);
-        with &account=NAME, after a sign-up, the page saying it is done (Post/Redirect/Get)."""
-        params = self.params("t", "account")
-        app = self.server.app
-        invite, status = find_invite(app.store, params.get("t", ""))
-        if invite is None or minted_by(invite, app.backend).signs_up is None:
-            return self.respond_page(404, None)
-        if "account" in params:  # only an account this invite made (or reset)
-            if not any(a["username"] == params["account"] and a["action"] != "unconfirmed"
-                       for a in app.store.accounts(invite["token"])):
-                return self.respond_page(404, None)
-            return self.respond_page(200, invite=invite, username=params["account"], done=True)
-        if status != "valid":
-            return self.respond_page(410, status)
-        self.respond_page(200, invite=invite)
-
-    def signup(self, _):
-        """Use a built-in invite to create its account: POST /register (user, password, token), then
-        redirect to the page saying it is done, which a reload cannot post again."""
-        app = self.server.app
-        wait = app.signup_limiter.hit(self.client)  # (unknown tokens count too: no free guessing)
-        if wait:
-            raise TooManyRequests("too many sign-up attempts from your address; try again in a minute", wait)
-        fields = self.form_body("token", "user", "password", "password_confirm")
-        invite, status = find_invite(app.store, fields.get("token", ""))
-        if invite is None or minted_by(invite, app.backend).signs_up is None:
-            return self.respond_page(404, None)
-        if not self.same_origin(invite["host"]):
-            raise Forbidden("this form can only be sent from its own page")
-        form = {"invite": invite, "username": fields.get("user", "")}
-        try:
-            used, username = sign_up(app.store, app.backend, invite["token"], fields.get("user", ""),
-                                     fields.get("password", ""), fields.get("password_confirm", ""))
-        except (BadRequest, Conflict) as e:  # the form again, with the reason and the name kept
-            return self.respond_page(e.status, error=str(e), **form)
-        except Gone:
-            return self.respond_page(410, invite_status(app.store.invite(invite["token"])))
-        except OutcomeUnknown as e:
-            app.log_problem(f"OutcomeUnknown on POST /register: {e}", cause=str(e))
-            return self.respond_page(502, error="The server did not answer in time, so we cannot tell whether "
-                                     "it was done. Try logging in with this name and password; if that does not "
-                                     "work, ask for a new invite.", **form)
-        except BackendError as e:
-            app.log_problem(f"BackendError on POST /register: {e}", cause=str(e))
-            return self.respond_page(502, error="The server could not do it just now. Please try again later.",
-                                     **form)
-        from urllib.parse import quote
-        done = f"{self.public_base(invite['host'])}/register?t={used['token']}&account={quote(username)}"
-        self.respond(303, b"", [("Location", done)])
-        if app.notify:  # after the answer: the inviter's news must not hold up the invitee
-            notify_use(app.notify, used["token"], username, used["host"], app.log_line)
-
-    def same_origin(self, host):
-        """Return whether a form post comes from our own pages (the cross-site request defence).
-
-        Sec-Fetch-Site, which every current browser sends, must be same-origin; without it, an Origin
-        must be ours, scheme included ("null" is not); a request with neither is no browser's form.
-        """
-        site = self.headers.get("Sec-Fetch-Site")
-        if site is not None:
-            return site == "same-origin"
-        origin = self.headers.get("Origin")
-        return origin is None or origin in (self.public_base(host), f"{self.scheme}://{self.authority}")
-
-    def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
-        """Answer with one of the HTML pages: an invite unavailable (410/404), the sign-up form, its result."""
-        app, nonce = self.server.app, _random_id(12)
-        site_name = app.site_name or (invite["host"] if invite is not None else "Invite")
-        if done:
-            page = render_signup_done(invite, username, site_name, app.apps, nonce)
-        elif invite is not None:
-            page = render_signup_page(invite, "/register", site_name, nonce, username, error)
-        else:
-            page = render_unavailable_page(unavailable, site_name, nonce)
-        self.respond(status, page, page_headers(nonce, form=invite is not None and not done),
-                     content_type="text/html; charset=utf-8")
-
-    # -- reading requests -------------------------------------------------
-
-    def params(self, *allowed):
-        """Return the query string as a dict; raise BadRequest on unknown names, repeats or too many."""
-        return parse_fields(self.query, allowed, "parameter")
-
-    def form_body(self, *allowed):
-        """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/x-www-form-urlencoded":
-            raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not {ctype!r}")
-        try:
-            text = self.body.decode("ascii")
-        except UnicodeError:
-            raise BadRequest("the form is not valid: a form body is percent-encoded ASCII") from None
-        return parse_fields(text, allowed, "form field")
-
-    def json_body(self):
-        """Return the request body's JSON object of plain values ({} for no body); raise BadRequest."""
-        if not self.body:
-            return {}
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
-        import json
-        try:
-            data = json.loads(self.body)
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
-            raise BadRequest("request body is not valid JSON") from None
-        if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
-            raise BadRequest("request body must be a JSON object of strings, numbers and booleans")
-        return data
-
-    def authenticate(self, query_key):
-        """Return the key row for this request's credentials (Authorization wins over ?key=)."""
-        self.refuse_if_guessing()
-        return authenticate(self.server.app.store, self.presented_key(query_key))
-
-    def invite_url(self, invite):
-        return invite_url(invite, self.public_base(invite["host"]), self.server.app.invite_url_template)
-
-    def presented_key(self, query_key):
-        """Return the key from Authorization (which wins) or ?key=, or "" if none."""
-        values = self.headers.get_all("Authorization") or []
-        if len(values) > 1:
-            raise BadRequest("more than one Authorization header")
-        if values:
-            scheme, _, credentials = values[0].strip().partition(" ")
-            if scheme.lower() != "bearer":
-                raise BadCredentials(f"unsupported authorization scheme {scheme[:20]!r}; use Bearer")
-            from urllib.parse import unquote
-            credentials = unquote(credentials.strip())
-            if not credentials:
-                raise BadCredentials("malformed API key")
-            return credentials
-        return query_key if isinstance(query_key, str) else ""
-
-    def wants_json(self):
-        return self.headers is not None and "application/json" in (self.headers.get("Accept") or "").lower()
-
-    def public_base(self, host):
-        """Return the scheme and authority invite URLs start with (checked before anything is made)."""
-        app = self.server.app
-        if app.public_url:
-            return app.public_url.replace("{host}", host)
-        address, port = self.server.server_address[:2]
-        authority = self.authority or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
-        return f"{self.scheme}://{authority}"
-
-    # -- writing responses ------------------------------------------------
+        """Answer one parsed request (the application's handler overrides this)."""
+        self.respond(404, "not found\n")
 
     def refuse(self, status, reason):
-        """Answer a request that cannot be served and close the connection; return False.
-
-        A connection taken back for a newer one (the server was full) is told 503 instead.
-        """
-        if self.tracked.evicted:
+        """Answer a request that cannot be served and close the connection; return False."""
+        if self.tracked.evicted:  # taken back for a newer one (the server was full)
             status, reason = 503, "too many connections; try again"
         self.close_connection = True
         self.respond(status, reason + "\n", [("Retry-After", "1")] if status == 503 else ())
@@ -3611,34 +3348,16 @@ class InviteRequests:
         """http.server's error answer, as ours: short plain text, and the connection closes."""
         self.refuse(code, message or self.responses.get(code, ("error",))[0].lower())
 
-    def respond_error(self, error):
-        if self.wants_json():
-            return self.respond_json(error.status, {"error": str(error)}, error.headers)
-        if self.page:  # a person reads it
-            nonce = _random_id(12)
-            page = render_error_page(error.status, str(error), self.server.app.site_name or "Invite", nonce)
-            return self.respond(error.status, page, tuple(error.headers) + page_headers(nonce),
-                                content_type="text/html; charset=utf-8")
-        self.respond(error.status, f"{error}\n", error.headers)
-
-    def respond_json(self, status, data, headers=()):
-        import json
-        self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
-
     def respond(self, status, body=b"", headers=(), content_type="text/plain; charset=utf-8"):
-        """Send one complete response; every response goes through here (Content-Length always)."""
+        """Send one complete response (every response goes through here)."""
         if isinstance(body, str):
             body = body.encode("utf-8")
         if self.body is None or self.server.stopping:
             self.close_connection = True  # a body not read in full: the next request's start is unknown
         self.connection.settimeout(self.server.idle_timeout)  # for a client that reads slowly
         self.send_response(status)  # logs it, then Server and Date
-        for name, value in headers:
+        for name, value in [*headers, *self.response_headers]:
             self.send_header(name, value if value.isascii() and value.isprintable() else iri_to_uri(value))
-        if self.cors:
-            self.send_header("Access-Control-Allow-Methods", self.cors)
-            for name, value in CORS_HEADERS:
-                self.send_header(name, value)
         if status != 204:
             if body:
                 self.send_header("Content-Type", content_type)
@@ -3663,29 +3382,339 @@ class InviteRequests:
             _date_cache[:] = second, super().date_time_string(second)
         return _date_cache[1]
 
-    # -- logging ----------------------------------------------------------
+    def log_request(self, code="-", size="-"):
+        """http.server's hook for each answer (called before it is sent): see answered()."""
+        self.answered(int(code), time.monotonic() - self.started if self.started is not None else 0.0)
+
+    def answered(self, code, seconds):
+        """Count or log one answer (the application's handler overrides this)."""
+
+    def log_message(self, format, *args):
+        """http.server's logging hook: every line goes to log_line."""
+        self.log_line(format % args)
+
+    def log_line(self, text):
+        """Write one line of the log (the application's handler overrides this)."""
+        sys.stderr.write(text + "\n")
+
+
+class InvitePages:
+    """The invitee's pages of InviteRequests: an invite's landing page, the sign-up form, its result."""
+
+    def invite_page(self, token):
+        """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
+        invite, status = find_invite(self.app.store, self.query if token is None else token,
+                                     self.app.backend)
+        if status != "valid":  # unknown: 404; used, revoked, expired: 410
+            return self.respond_page(404 if invite is None else 410, status, invite)
+        base = self.public_base(invite["host"])
+        minter = minted_by(invite, self.app.backend)
+        signup = f"{base}/register?t={invite['token']}" if minter.signs_up else None
+        self.respond_html(200, lambda nonce: render_invite_page(
+            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps, nonce,
+            signup, in_apps=not minter.used_here),
+            headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
+
+    def signup_page(self, _):
+        """The sign-up form of a built-in invite: GET /register?t=TOKEN (and &account=, when done)."""
+        params = self.params("t", "account")
+        invite, status = find_invite(self.app.store, params.get("t", ""))
+        if invite is None or minted_by(invite, self.app.backend).signs_up is None:
+            return self.respond_page(404, None)
+        if "account" in params:  # (Post/Redirect/Get) only an account this invite made or reset
+            if not any(a["username"] == params["account"] and a["action"] != "unconfirmed"
+                       for a in self.app.store.accounts(invite["token"])):
+                return self.respond_page(404, None)
+            return self.respond_page(200, invite=invite, username=params["account"], done=True)
+        if status != "valid":
+            return self.respond_page(410, status)
+        self.respond_page(200, invite=invite)
+
+    def signup(self, _):
+        """Use a built-in invite to make its account: POST /register, then 303 to the done page."""
+        wait = self.app.signup_limiter.hit(self.client)  # (unknown tokens count too: no guessing)
+        if wait:
+            raise TooManyRequests("too many sign-up attempts from your address; try again in a "
+                                  "minute", wait)
+        fields = self.form_body("token", "user", "password", "password_confirm")
+        invite, status = find_invite(self.app.store, fields.get("token", ""))
+        if invite is None or minted_by(invite, self.app.backend).signs_up is None:
+            return self.respond_page(404, None)
+        if not self.same_origin(invite["host"]):
+            raise Forbidden("this form can only be sent from its own page")
+        self.form = {"invite": invite, "username": fields.get("user", "")}
+        used, username = sign_up(self.app.store, self.app.backend, invite["token"],
+                                 fields.get("user", ""), fields.get("password", ""),
+                                 fields.get("password_confirm", ""))
+        from urllib.parse import quote
+        done = (f"{self.public_base(invite['host'])}/register?t={used['token']}&"
+                f"account={quote(username)}")
+        self.respond(303, b"", [("Location", done)])
+        if self.app.notify:  # after the answer: the inviter's news must not hold up the invitee
+            notify_use(self.app.notify, used["token"], username, used["host"], self.app.log_line)
+
+    def same_origin(self, host):
+        """Return whether a form post comes from our own pages (the cross-site request defence)."""
+        # Sec-Fetch-Site, which every current browser sends, must be same-origin; without it, an
+        # Origin must be ours, scheme included ("null" is not); with neither, it is no browser's.
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site == "same-origin"
+        origin = self.headers.get("Origin")
+        return origin is None or origin in (self.public_base(host), f"{self.scheme}://{self.authority}")
+
+    def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
+        """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
+        site_name, apps = self.site_name(invite), self.app.apps
+        if done:
+            return self.respond_html(status, lambda nonce: render_signup_done(
+                invite, username, site_name, apps, nonce))
+        if invite is not None and unavailable is None:
+            return self.respond_html(status, lambda nonce: render_signup_page(
+                invite, "/register", site_name, nonce, username, error), form=True)
+        self.respond_html(status, lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
+
+    def site_name(self, invite=None):
+        return self.app.site_name or (invite["host"] if invite is not None else "Invite")
+
+
+class InviteRequests(InvitePages, StrictHTTP):
+    """The application's request handler: a route reads a request, calls one operation, answers."""
+
+    @property
+    def app(self):
+        return self.server.app
+
+    @property
+    def trust_proxy(self):
+        return self.app.trust_proxy
+
+    def dispatch(self):
+        """Route the request to its operation: the one boundary that turns errors into answers."""
+        path, _, self.query = self.path.partition("?")
+        self.form = None  # the sign-up form's fields, shown again with an error
+        try:
+            for pattern, methods, cors, self.page in ROUTES:
+                match = pattern.match(path)
+                if match:
+                    break
+            else:
+                raise NotFound(f"no such page: {path[:100]!r}")
+            allowed = tuple(methods) + (("OPTIONS",) if cors else ())
+            if cors:
+                self.response_headers += [("Access-Control-Allow-Methods", ", ".join(allowed)),
+                                          *CORS_HEADERS]
+            if self.command == "OPTIONS" and cors:
+                return self.respond(204)
+            if self.command not in methods:
+                raise MethodNotAllowed(self.command, allowed)
+            getattr(self, methods[self.command])(match.groupdict().get("token"))
+        except Error as e:
+            if isinstance(e, BadCredentials):
+                self.app.count_auth_failure(self.client)
+            elif isinstance(e, (StoreError, BackendError)):
+                self.app.log_problem(f"{type(e).__name__} on {self.command} {self.redacted_path()}: "
+                                     f"{e}", cause=str(e))
+            self.respond_error(e)
+        except Exception:
+            import traceback
+            self.close_connection = True
+            self.log_message("internal error on %s %s:\n%s", self.command, self.redacted_path(),
+                             traceback.format_exc().rstrip())
+            self.respond(500, "internal error\n")
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def home(self, _):
+        """What a person who opens the server's own address sees: GET /."""
+        self.params()
+        self.respond_html(200, lambda nonce: render_page(
+            "Invites", "<h1>This server makes account invites</h1><p>Invites come as links; open the "
+            "link you were given. If you have none, ask the person who runs this server for one.</p>",
+            self.app.site_name or "Invites", nonce))
+
+    def health(self, _):
+        """Say whether the database answers a read and a write: GET /health."""
+        self.params()
+        try:
+            self.app.store.health()
+        except Error as e:
+            return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
+                                     [("Retry-After", "5")])
+        self.respond_json(200, {"status": "ok"})
+
+    def metrics(self, _):
+        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
+        self.params()
+        if self.app.metrics_token is not None:
+            given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
+            if not hmac.compare_digest(given.encode(), self.app.metrics_token.encode()):
+                raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
+        text = self.app.metrics.render(self.server.open_connections, self.app.store.size())
+        self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
+
+    def api_create(self, _):
+        """Create an invite: GET or POST /invites_api."""
+        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type", "roles",
+                             "groups")
+        for name, value in self.json_body().items():
+            if name in params:
+                raise BadRequest(f"option {name!r} given in both the query and the body")
+            params[name] = str(value).lower() if isinstance(value, bool) else value
+        redirect = parse_bool("redirect", str(params.pop("redirect", "")))
+        credentials = self.credentials(params.pop("key", ""))
+        invite = create_invite(self.app.store, credentials, options=params,
+                               default_ttl=self.app.invite_ttl, backend=self.app.backend)
+        self.app.metrics.count("invite", (invite["host"], invite["backend"]))
+        url = self.invite_url(invite)
+        status = 303 if redirect else 201
+        if self.wants_json():
+            return self.respond_json(status, invite_info(invite, url), [("Location", url)])
+        self.respond(status, b"", [("Location", url)])
+
+    def api_list(self, _):
+        """List the key's invites a page at a time: GET /invites_api/invites (X-Total-Count, Link)."""
+        params = self.params("key", "all", "status", "limit", "after")
+        key = self.authenticate(params.get("key", ""))
+        status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
+        with bad_request():
+            limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
+        store = self.app.store
+        invites, total = list_invites(store, key["host"], key["id"],
+                                      None if status == "all" else status, limit, params.get("after"))
+        headers = [("X-Total-Count", str(total))]
+        if len(invites) == limit and total > limit:
+            from urllib.parse import urlencode
+            query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
+                               "after": invites[-1]["token"]})
+            headers.append(("Link", f'<{self.public_base(key["host"])}/invites_api/invites?{query}>;'
+                                    ' rel="next"'))
+        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, self.app.backend),
+                                            store.accounts(i["token"])) for i in invites], headers)
+
+    def api_show(self, token):
+        """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        invite = get_invite(self.app.store, token, key["host"], key["id"])
+        status = invite_state(self.app.store, invite, self.app.backend)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite), status,
+                                           self.app.store.accounts(token)))
+
+    def api_revoke(self, token):
+        """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        revoke_invite(self.app.store, token, key["host"], key["id"], self.app.backend)
+        self.respond(204)
+
+    def api_redeem(self, token):
+        """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
+        params = self.params("key", "username")
+        params.update(self.json_body())
+        key = self.authenticate(params.pop("key", ""))
+        username = params.pop("username", None)
+        if params:
+            raise BadRequest(f"unknown option {sorted(params)[0]!r}")
+        if username is not None and not isinstance(username, str):
+            raise BadRequest("username must be a string")
+        invite = redeem_invite(self.app.store, token, key["host"], username)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+    def invite_check(self, token):
+        """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
+        self.params()
+        wait = self.app.check_limiter.hit(self.client)
+        if wait:
+            raise TooManyRequests("too many invite checks from your address", wait)
+        self.respond_json(200, check_invite(self.app.store, token))
+
+    # -- reading requests -------------------------------------------------------------------
+
+    def params(self, *allowed):
+        """Return the query string as a dict; raise BadRequest on unknown names, repeats, too many."""
+        return parse_fields(self.query, allowed, "parameter")
+
+    def form_body(self, *allowed):
+        return form_fields(self.headers, self.body, allowed)
+
+    def json_body(self):
+        return json_fields(self.headers, self.body)
+
+    def credentials(self, query_key):
+        """Return the key this request presents, unless its address is refused for guessing."""
+        refuse_if_guessing(self.app.auth_limiter, self.client)
+        return presented_key(self.headers.get_all("Authorization") or [], query_key)
+
+    def authenticate(self, query_key):
+        """Return the key row of this request's credentials (Authorization wins over ?key=)."""
+        return authenticate(self.app.store, self.credentials(query_key))
+
+    def wants_json(self):
+        return self.headers is not None and "application/json" in (self.headers.get("Accept") or "").lower()
+
+    def public_base(self, host):
+        """Return the scheme and authority invite URLs start with."""
+        if self.app.public_url:
+            return self.app.public_url.replace("{host}", host)
+        address, port = self.server.server_address[:2]
+        authority = self.authority or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        return f"{self.scheme}://{authority}"
+
+    def invite_url(self, invite):
+        return invite_url(invite, self.public_base(invite["host"]), self.app.invite_url_template)
+
+    # -- answering --------------------------------------------------------------------------
+
+    def respond_error(self, error):
+        """Answer an Error: JSON if asked for, the sign-up form again, a page, or plain text."""
+        if self.wants_json():
+            return self.respond_json(error.status, {"error": str(error)}, error.headers)
+        if self.form is not None and isinstance(error, Gone):
+            return self.respond_page(410, invite_status(self.app.store.invite(self.form["invite"]["token"])))
+        if self.form is not None and isinstance(error, (BadRequest, Conflict, BackendError)):
+            reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)), str(error))
+            return self.respond_page(error.status, error=reason, **self.form)
+        if self.page:  # a person reads it
+            return self.respond_html(error.status, lambda nonce: render_error_page(
+                error.status, str(error), self.app.site_name or "Invite", nonce), headers=error.headers)
+        self.respond(error.status, f"{error}\n", error.headers)
+
+    def respond_json(self, status, data, headers=()):
+        import json
+        self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
+
+    def respond_html(self, status, render, form=False, headers=()):
+        """Answer with the page render(nonce) makes, under its security headers."""
+        nonce = _random_id(12)
+        self.respond(status, render(nonce), tuple(headers) + page_headers(nonce, form),
+                     content_type="text/html; charset=utf-8")
+
+    # -- logging ----------------------------------------------------------------------------
 
     def redacted_path(self):
-        """Return the request target fit for a log: decoded, anything key- or token-like redacted,
-        under whatever parameter name."""
+        """Return the request target fit for a log: decoded, anything key- or token-like redacted."""
         if not self.path:
             return "-"
         from urllib.parse import unquote_plus
         return redact(unquote_plus(self.path[:400], errors="replace")).translate(_UNPRINTABLE)
 
-    def log_request(self, code="-", size="-"):
-        """Count and log one answer (http.server calls this from send_response, before it is sent)."""
-        app = self.server.app
-        seconds = time.monotonic() - self.started if self.started is not None else 0.0
-        app.metrics.request(int(code), seconds)
-        if app.log is not None:
+    def answered(self, code, seconds):
+        self.app.metrics.request(code, seconds)
+        if self.app.log is not None:
             self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
                              (self.command or "-")[:20].translate(_UNPRINTABLE), self.redacted_path(),
-                             int(code), seconds * 1000)
+                             code, seconds * 1000)
 
-    def log_message(self, format, *args):
-        """http.server's logging hook: every line goes to the app's log."""
-        self.server.app.log_line(format % args)
+    def log_line(self, text):
+        self.app.log_line(text)
+
+
+# What a person sees on the sign-up form when the server failed (the reason goes to the log).
+_FORM_ERRORS = (
+    (OutcomeUnknown, "The server did not answer in time, so we cannot tell whether it was done. Try "
+                     "logging in with this name and password; if that does not work, ask for a new "
+                     "invite."),
+    (BackendError, "The server could not do it just now. Please try again later."),
+)
 
 
 class _DeadlineReader(io.RawIOBase):
