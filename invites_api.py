@@ -65,6 +65,7 @@ DEFAULT_INVITE_TTL = 7 * 86400
 RESET_INVITE_TTL = 86400
 # Expired, used and revoked invites are kept this long (to show them), then purged.
 DEFAULT_PURGE_GRACE = 30 * 86400
+PURGE_BATCH = 500  # of each kind a purge deletes at once, so that its write is short
 # Public invite checks, and sign-up attempts, one client address may make per minute.
 CHECKS_PER_MINUTE = 60
 SIGNUPS_PER_MINUTE = 10
@@ -199,7 +200,8 @@ def parse_host(text):
     try:  # (the idna codec costs a millisecond to load; plain ASCII names need no conversion)
         host = host.lower() if host.isascii() else host.encode("idna").decode("ascii").lower()
     except UnicodeError:
-        raise ValueError(f"invalid host {text!r}: not a valid (internationalised) domain name") from None
+        raise ValueError(f"invalid host {text!r}: not a valid "
+                         "(internationalised) domain name") from None
     if len(host) > 253 or not all(_LABEL_RE.match(label) for label in host.split(".")):
         raise ValueError(f"invalid host {text!r}: expected a domain name like example.com")
     return host
@@ -216,7 +218,7 @@ def _one_line(text, what, limit):
 
 
 def _check_unicode(text, what):
-    """Raise ValueError if text holds a lone surrogate (JSON "\\ud800", or bytes that were not UTF-8)."""
+    """Raise ValueError if text holds a lone surrogate (JSON "\\ud800", or non-UTF-8 bytes)."""
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
         raise ValueError(f"{what} {text[:40]!r} is not valid Unicode text")
 
@@ -234,7 +236,8 @@ def parse_duration(text):
     elif text and _DURATION_RE.sub("", text) == "":
         seconds = sum(int(n) * _DURATION_UNITS[u] for n, u in _DURATION_RE.findall(text))
     else:
-        raise ValueError(f"invalid duration {text!r}: use seconds or units s m h d w, like 12h or 1w2d")
+        raise ValueError(f"invalid duration {text!r}: use seconds "
+                         "or units s m h d w, like 12h or 1w2d")
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: must be more than zero")
     if seconds > 100 * 365 * 86400:
@@ -263,8 +266,8 @@ def parse_rate(text):
         try:
             seconds = parse_duration(period)
         except ValueError:
-            raise ValueError(f"invalid rate {text!r}: the period is second, minute, hour, day, week "
-                             "or a duration like 15m") from None
+            raise ValueError(f"invalid rate {text!r}: the period is second, "
+                             "minute, hour, day, week or a duration like 15m") from None
     return int(count), seconds
 
 
@@ -282,7 +285,8 @@ def parse_expiry(text):
     try:
         return now() + parse_duration(text)
     except ValueError:
-        raise ValueError(f"invalid expiry {text!r}: use a duration like 90d or a date like 2027-01-31") from None
+        raise ValueError(f"invalid expiry {text!r}: use a duration "
+                         "like 90d or a date like 2027-01-31") from None
 
 
 def parse_port(text):
@@ -294,7 +298,8 @@ def parse_port(text):
 
 def parse_count(text, what="count"):
     """Return a whole number >= 1 from text (or an int); raise ValueError otherwise."""
-    if isinstance(text, bool) or not (isinstance(text, int) or re.fullmatch(r"[0-9]{1,10}", str(text).strip())):
+    if isinstance(text, bool) or not (isinstance(text, int)
+                                      or re.fullmatch(r"[0-9]{1,10}", str(text).strip())):
         raise ValueError(f"invalid {what} {text!r}: expected a whole number of 1 or more")
     number = int(text)
     if not 1 <= number <= 1_000_000_000:
@@ -310,8 +315,10 @@ def parse_username(text):
     """Return an XMPP localpart, lower-cased; raise ValueError if it is not one."""
     name = text.strip().lower()
     if (not name or len(name.encode("utf-8")) > 1023
-            or any(c in _LOCALPART_FORBIDDEN or c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name)):
-        raise ValueError(f"invalid username {text!r}: an XMPP username has no spaces or any of \" & ' / : < > @")
+            or any(c in _LOCALPART_FORBIDDEN or c.isspace() or ord(c) < 32 or ord(c) == 127
+                   for c in name)):
+        raise ValueError(f"invalid username {text!r}: an XMPP username "
+                         "has no spaces or any of \" & ' / : < > @")
     _check_unicode(name, "username")
     return name
 
@@ -323,8 +330,8 @@ def parse_account_name(text):
     """Return a new account's username: lower-cased, 1-64 of a-z 0-9 . _ - ; raise ValueError."""
     name = text.strip().lower()
     if not _ACCOUNT_NAME_RE.match(name):
-        raise ValueError(f"the username {text[:64]!r} cannot be used: 1 to 64 letters a-z, digits, dots, "
-                         "dashes or underscores, starting with a letter or digit")
+        raise ValueError(f"the username {text[:64]!r} cannot be used: 1 to 64 letters a-z, "
+                         "digits, dots, dashes or underscores, starting with a letter or digit")
     return name
 
 
@@ -333,8 +340,9 @@ MAX_PASSWORD_BYTES = 1023
 
 
 def check_password(password, confirmation, username):
-    """Raise ValueError, never quoting the password, unless it is 10 characters or more, at most
-    MAX_PASSWORD_BYTES in UTF-8, one SASLprep takes, equal to confirmation and not the username."""
+    """Raise ValueError unless the password may be set; never quote it."""
+    # 10 characters or more, at most MAX_PASSWORD_BYTES in UTF-8, one SASLprep takes, equal to
+    # the confirmation and not the username.
     if len(password) < 10:
         raise ValueError("the password must be 10 characters or longer")
     if len(password.encode("utf-8", "surrogatepass")) > MAX_PASSWORD_BYTES:
@@ -350,15 +358,18 @@ def check_password(password, confirmation, username):
 
 
 def saslprep_problem(text):
-    """Return what in text SASLprep (RFC 4013) refuses, or None: its prohibited characters and bidi
-    rule; unassigned code points pass, as they do in Prosody's SASLprep (emoji are such)."""
+    """Return what in text SASLprep (RFC 4013) refuses, or None."""
+    # Its prohibited characters and bidi rule; unassigned code points pass, as they do in
+    # Prosody's SASLprep (emoji are such).
     import stringprep
     import unicodedata
-    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text
+                     if not stringprep.in_table_b1(c))
     mapped = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
     for c in mapped:
         if stringprep.in_table_c21_c22(c) or stringprep.in_table_c8(c) or stringprep.in_table_c9(c):
-            return f"a control or formatting character (U+{ord(c):04X}; tabs and line breaks are such)"
+            return (f"a control or formatting character (U+{ord(c):04X}; tabs and line breaks "
+                    "are such)")
         if (stringprep.in_table_c3(c) or stringprep.in_table_c4(c) or stringprep.in_table_c5(c)
                 or stringprep.in_table_c6(c) or stringprep.in_table_c7(c)):
             return f"a character meant for no text (U+{ord(c):04X})"
@@ -370,8 +381,8 @@ def saslprep_problem(text):
 
 
 def parse_fields(text, allowed, what):
-    """Return a query string's or form's name=value pairs as a dict; raise BadRequest on names not
-    allowed, repeats, more than 20, or text that is not UTF-8 once decoded."""
+    """Return a query string's or form's fields as a dict; raise BadRequest."""
+    # Refused: names not allowed, repeats, more than 20, text not UTF-8 once decoded.
     from urllib.parse import parse_qsl
     try:
         pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=20, errors="strict")
@@ -401,7 +412,8 @@ def parse_seconds(text):
     except ValueError:
         raise ValueError(f"invalid number of seconds {text!r}") from None
     if not 0 < seconds <= 86400:
-        raise ValueError(f"invalid number of seconds {text!r}: must be more than 0 and at most a day")
+        raise ValueError(f"invalid number of seconds {text!r}: "
+                         "must be more than 0 and at most a day")
     return seconds
 
 
@@ -473,7 +485,7 @@ MIGRATIONS = [
     (  # 4: small facts, e.g. when /health last wrote
         "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
-    (  # 5: a decoy key (an id no request can present): an unknown id is checked against its random hash
+    (  # 5: a decoy key (an id no request presents): an unknown id is checked against its hash
         "INSERT INTO keys (id, host, secret_hash, created_at) VALUES ('', '', randomblob(32), 0)",
     ),
     (  # 6: the accounts each use of a built-in invite made (or whose password it set)
@@ -498,9 +510,11 @@ MIGRATIONS = [
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
                 "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses, may_reset")
 # An unknown id finds the decoy row by the same two index lookups a known one takes.
-_KEY_OR_DECOY = f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = coalesce((SELECT id FROM keys WHERE id = ?), '')"
+_KEY_OR_DECOY = (f"SELECT {_KEY_COLUMNS} FROM keys "
+                 "WHERE id = coalesce((SELECT id FROM keys WHERE id = ?), '')")
 # Settable with `create` and `update`.
-KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses", "may_reset")
+KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses",
+              "may_reset")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
                    "username, note, revoked_at, done_at, backend, account_mark")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
@@ -509,7 +523,8 @@ _INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires
                       "used": "revoked_at IS NULL AND uses_left <= 0",
                       "expired": "revoked_at IS NULL AND uses_left > 0 AND expires_at <= ?",
                       "revoked": "revoked_at IS NOT NULL"}
-_INSERT_INVITE = f"INSERT INTO invites ({_INVITE_COLUMNS}) VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})"
+_INSERT_INVITE = (f"INSERT INTO invites ({_INVITE_COLUMNS}) "
+                  f"VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})")
 
 
 def default_db_path():
@@ -533,7 +548,8 @@ class Database:
             try:
                 os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
             except OSError as e:
-                raise StoreError(f"cannot create the directory for database {self.path!r}: {e.strerror}") from None
+                raise StoreError("cannot create the directory for "
+                                 f"database {self.path!r}: {e.strerror}") from None
         self._migrate(self.connect())
 
     # -- connections and transactions --------------------------------------
@@ -559,8 +575,9 @@ class Database:
             self.check_file()
         else:
             if os.path.isdir(self.path):
-                raise StoreError(f"database {self.path!r} is a directory: give the path of a file (it is made "
-                                 "if missing), e.g. --db /var/lib/invites_api/invites.db")
+                raise StoreError(f"database {self.path!r} is a directory: give "
+                                 "the path of a file (it is made if missing), "
+                                 "e.g. --db /var/lib/invites_api/invites.db")
             try:
                 # Create the file ourselves so it is private from the first byte;
                 # SQLite gives the -wal and -shm files the same mode.
@@ -601,23 +618,23 @@ class Database:
             except KeyError:
                 return str(uid)
         info = os.stat(self.path)
-        raise StoreError(f"database {self.path!r} belongs to {name(info.st_uid)} (mode {info.st_mode & 0o777:o}) "
-                         f"and this user ({name(os.getuid())}) may "
-                         "not write it: run as its owner (e.g. sudo -u OWNER), or see the README's "
-                         "\"Which database\" to share it")
+        raise StoreError(f"database {self.path!r} belongs to {name(info.st_uid)} (mode "
+                         f"{info.st_mode & 0o777:o}) and this user ({name(os.getuid())}) "
+                         "may not write it: run as its owner (e.g. sudo -u OWNER), or "
+                         "see the README's \"Which database\" to share it")
 
     def check_file(self):
-        """Raise StoreError if the database file was deleted, replaced or made read-only under us.
-
-        SQLite would go on writing to a deleted file (lost at the next start)
-        or through a file made read-only: refuse instead, and say why.
-        """
+        """Raise StoreError if the database file was deleted, replaced or made read-only."""
+        # SQLite would go on writing to a deleted file (lost at the next start) or through a file
+        # made read-only: refuse instead, and say why.
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
-            raise StoreError(f"database {self.path!r} was deleted while in use; restore it or restart") from None
+            raise StoreError(f"database {self.path!r} was deleted "
+                             "while in use; restore it or restart") from None
         if (info.st_dev, info.st_ino) != self._identity:
-            raise StoreError(f"database {self.path!r} was replaced while in use; restart to use the new file")
+            raise StoreError(f"database {self.path!r} was replaced while "
+                             "in use; restart to use the new file")
         if not info.st_mode & 0o200:
             raise StoreError(f"database {self.path!r} was made read-only; make it writable again")
 
@@ -670,11 +687,9 @@ class Database:
             raise StoreError(f"database {self.path!r}: {e}") from None
 
     def write(self, fn, timeout=None):
-        """Run fn(conn) in a durable transaction (through the group committer) and return its result.
-
-        With timeout, raise StoreError if the commit has not returned by then
-        (the write may still happen later).
-        """
+        """Run fn(conn) in a durable transaction (by the group committer); return its result."""
+        # With timeout, raise StoreError if the commit has not returned by then (the write may
+        # still happen later).
         return self.committer.submit(fn, timeout)
 
     def start_group_commit(self):
@@ -697,21 +712,22 @@ class Store(Database):
         self.write(lambda conn: conn.execute(sql, [key[c] for c in columns]))
 
     def key(self, key_id, conn=None, decoy=False):
-        """Return the key row with this id, or None; within a write transaction if conn is given.
-
-        decoy: return the decoy row (id '') for an unknown id, found by the same work.
-        """
+        """Return the key row with this id, or None (within conn's transaction if given)."""
+        # decoy: return the decoy row (id '') for an unknown id, found by the same work.
         sql = _KEY_OR_DECOY if decoy else f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?"
-        rows = conn.execute(sql, (key_id,)).fetchall() if conn is not None else self.read(sql, (key_id,))
+        rows = (conn.execute(sql, (key_id,)).fetchall() if conn is not None
+                else self.read(sql, (key_id,)))
         return rows[0] if rows else None
 
     def key_hosts(self):
         """Return the hosts that have keys."""
-        return [row[0] for row in self.read("SELECT DISTINCT host FROM keys WHERE host != '' ORDER BY host")]
+        return [row[0] for row in self.read("SELECT DISTINCT host FROM keys "
+                                            "WHERE host != '' ORDER BY host")]
 
     def keys_for_host(self, host):
         """Return the host's key rows, oldest first."""
-        return self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE host = ? ORDER BY created_at, rowid", (host,))
+        return self.read(f"SELECT {_KEY_COLUMNS} FROM keys WHERE host = ? "
+                         "ORDER BY created_at, rowid", (host,))
 
     def update_key(self, host, key_id, changes):
         """Change a key's name or policy columns; return whether the key exists."""
@@ -724,7 +740,8 @@ class Store(Database):
     def delete_key(self, host, key_id, revoke_invites=False, at=0):
         """Delete a key (and revoke its pending invites if asked); return whether it existed."""
         def delete(conn):
-            deleted = conn.execute("DELETE FROM keys WHERE host = ? AND id = ?", (host, key_id)).rowcount
+            deleted = conn.execute("DELETE FROM keys WHERE host = ? AND id = ?",
+                                   (host, key_id)).rowcount
             if deleted and revoke_invites:
                 conn.execute("UPDATE invites SET revoked_at = ?, done_at = ? WHERE key_id = ? "
                              "AND revoked_at IS NULL AND uses_left > 0", (at, at, key_id))
@@ -734,24 +751,23 @@ class Store(Database):
     # -- invites --------------------------------------------------------------
 
     def insert_invite(self, conn, invite, key=None):
-        """Within a write transaction: store a new invite and count it on its key,
-        within the key's quota and rate; raise Forbidden or TooManyRequests.
-
-        The caller read the key in the same transaction, so the quota and rate
-        hold even when several servers share the database.
-        """
+        """Store a new invite within its key's quota and rate, in a write transaction."""
+        # Raises Forbidden or TooManyRequests. The caller read the key in the same transaction, so
+        # the quota and rate hold even when several servers share the database.
         if key is not None:
             if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
                 raise Forbidden("invite quota used up")
             if key["rate_count"] is not None:
                 count, oldest = conn.execute(
-                    "SELECT count(*), min(created_at) FROM invites WHERE key_id = ? AND created_at > ?",
+                    "SELECT count(*), min(created_at) FROM "
+                    "invites WHERE key_id = ? AND created_at > ?",
                     (key["id"], invite["created_at"] - key["rate_period"])).fetchone()
                 if count >= key["rate_count"]:
                     raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
                                           f"{key['rate_period']} s reached",
                                           oldest + key["rate_period"] - invite["created_at"])
-            conn.execute("UPDATE keys SET last_used_at = ?, invites_created = invites_created + 1 WHERE id = ?",
+            conn.execute("UPDATE keys SET last_used_at = ?, invites_created "
+                         "= invites_created + 1 WHERE id = ?",
                          (invite["created_at"], key["id"]))
         conn.execute(_INSERT_INVITE, [invite[c] for c in _INVITE_COLUMN_NAMES])
 
@@ -767,7 +783,8 @@ class Store(Database):
             key_id = conn.execute("SELECT key_id FROM invites WHERE token = ?", (token,)).fetchone()
             conn.execute("DELETE FROM invites WHERE token = ?", (token,))
             if key_id and key_id[0]:
-                conn.execute("UPDATE keys SET invites_created = invites_created - 1 WHERE id = ?", key_id)
+                conn.execute("UPDATE keys SET invites_created = invites_created - 1 WHERE id = ?",
+                             key_id)
         self.write(drop)
 
     def invite(self, token):
@@ -776,8 +793,8 @@ class Store(Database):
         return rows[0] if rows else None
 
     def invites(self, host, key_id=None, status=None, at=0, limit=1000, after=None):
-        """Return (up to limit of a host's invites (or one key's) newest first, after the invite
-        with token after; how many there are in all): of one status at time at, or any (None)."""
+        """Return (a page of a host's or key's invites, newest first; how many in all)."""
+        # Of one status at time at, or any (None); after: the token the page starts after.
         where, args = "host = ? AND uri != ''", [host]
         if key_id is not None:
             where, args = where + " AND key_id = ?", args + [key_id]
@@ -786,7 +803,8 @@ class Store(Database):
             args += [at] * _INVITE_STATUS_SQL[status].count("?")
         total = self.read(f"SELECT count(*) FROM invites WHERE {where}", args)[0][0]
         if after is not None:  # (the newest-first order of the index, from just past that invite)
-            where += " AND (created_at, rowid) < (SELECT created_at, rowid FROM invites WHERE token = ?)"
+            where += (" AND (created_at, rowid) < "
+                      "(SELECT created_at, rowid FROM invites WHERE token = ?)")
             args.append(after)
         rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE {where} "
                          "ORDER BY created_at DESC, rowid DESC LIMIT ?", args + [limit])
@@ -800,7 +818,7 @@ class Store(Database):
         return self.write(revoke) > 0
 
     def use_invite(self, token, at):
-        """Take one use of a valid invite atomically; return the updated row, or None if none was left."""
+        """Take one use of a valid invite atomically; return the row, or None if none was left."""
         def use(conn):
             taken = conn.execute(
                 "UPDATE invites SET uses_left = uses_left - 1, "
@@ -808,45 +826,50 @@ class Store(Database):
                 "WHERE token = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
                 (at, token, at)).rowcount
             if taken:
-                return conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,)).fetchone()
+                return conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?",
+                                    (token,)).fetchone()
             return None
         return self.write(use)
 
     def give_back_use(self, token):
         """Undo one use_invite (the account it was for could not be made)."""
         self.write(lambda conn: conn.execute(
-            "UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at IS NULL THEN NULL "
-            "ELSE done_at END WHERE token = ? AND uses_left < uses", (token,)))
+            "UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at "
+            "IS NULL THEN NULL ELSE done_at END WHERE token = ? AND uses_left < uses", (token,)))
 
     def record_account(self, token, host, username, action, at):
         """Record the account a use of an invite made (action "create") or reset ("reset")."""
         self.write(lambda conn: conn.execute(
-            "INSERT INTO accounts (token, host, username, action, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO accounts (token, host, username, "
+            "action, created_at) VALUES (?, ?, ?, ?, ?)",
             (token, host, username, action, at)))
 
     def backend_hosts(self, backend):
         """Return the hosts with invites that a backend minted."""
-        return [row[0] for row in self.read("SELECT DISTINCT host FROM invites WHERE backend = ?", (backend,))]
+        return [row[0] for row in self.read("SELECT DISTINCT host FROM invites WHERE backend = ?",
+                                            (backend,))]
 
     def confirm_account(self, token, username):
         """Record that an account whose creation nobody could confirm was made after all."""
-        self.write(lambda conn: conn.execute("UPDATE accounts SET action = 'create' WHERE token = ? AND "
-                                             "username = ? AND action = 'unconfirmed'", (token, username)))
+        self.write(lambda conn: conn.execute("UPDATE accounts SET action = 'create' "
+                                             "WHERE token = ? AND username = ? AND "
+                                             "action = 'unconfirmed'", (token, username)))
 
     def accounts(self, token):
         """Return the accounts an invite made or reset, oldest first."""
         return self.read("SELECT username, host, action, created_at FROM accounts WHERE token = ? "
                          "ORDER BY created_at, rowid", (token,))
 
-    def purge_invites(self, before, stale_slots_before, batch=500):
-        """Delete up to batch invites that expired, were used up or were revoked before a time,
-        and slots of backends that never answered; return how many."""
+    def purge_invites(self, before, stale_slots_before):
+        """Delete a batch of invites ended before a time, and stale slots; return how many."""
+        # Ended: expired, used up or revoked; stale: a slot whose backend never answered.
         def purge(conn):
             return conn.execute(
-                "DELETE FROM invites WHERE rowid IN (SELECT rowid FROM invites WHERE expires_at < ? LIMIT ?) "
-                "OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?) "
-                "OR rowid IN (SELECT rowid FROM invites WHERE uri = '' AND created_at < ? LIMIT ?)",
-                (before, batch, before, batch, stale_slots_before, batch)).rowcount
+                "DELETE FROM invites WHERE rowid IN (SELECT rowid FROM invites WHERE expires_at < "
+                "? LIMIT ?) OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?) OR "
+                "rowid IN (SELECT rowid FROM invites WHERE uri = '' AND created_at < ? LIMIT ?)",
+                (before, PURGE_BATCH, before, PURGE_BATCH, stale_slots_before, PURGE_BATCH)
+            ).rowcount
         return self.write(purge)
 
 
@@ -884,20 +907,21 @@ class GroupCommitter:
             self.thread.start()
 
     def submit(self, fn, timeout=None):
-        """Run fn(conn) in the next commit, wait until that returned, and return fn's result or raise."""
+        """Run fn(conn) in the next commit, wait until it returned; return fn's result."""
         pending = _Pending(fn)
         if self.thread is None:
             self._commit(self.store.connect(), [pending])
         else:
             self.queue.put(pending)
             if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
-                raise StoreError(f"database {self.store.path!r} did not answer within {timeout:g} s")
+                raise StoreError(f"database {self.store.path!r} did "
+                                 f"not answer within {timeout:g} s")
         if pending.error is not None:
             raise pending.error
         return pending.result
 
     def stop(self):
-        """Commit what is queued, then end the thread (later writes run in their callers' threads)."""
+        """Commit what is queued, then end the thread (later writes commit in their own)."""
         thread = self.thread
         if thread is not None:
             self.queue.put(None)
@@ -914,7 +938,7 @@ class GroupCommitter:
             if batch:
                 try:
                     conn = self.store.connect()
-                except StoreError as e:  # cannot open the file: every write of the batch fails alike
+                except StoreError as e:  # cannot open the file: every write of the batch fails
                     for pending in batch:
                         pending.error = e
                         pending.done.release()
@@ -992,7 +1016,8 @@ class Backend:
     def account_mark(self, host, username):
         """Return what names the account username@host for a reset (None: there is none); raise."""
         exists = getattr(self, "exists", None)
-        return _ask_mark(host, username, exists and (lambda: "" if exists(host, username) else None))
+        return _ask_mark(host, username, exists
+                         and (lambda: "" if exists(host, username) else None))
 
     def status(self, invite):
         """Return (a valid invite's status as its server knows it, the account a use made)."""
@@ -1000,7 +1025,8 @@ class Backend:
 
     def revoke(self, invite):
         """Withdraw an invite in the server that minted it; raise BadRequest if we cannot."""
-        raise BadRequest(f"this invite was minted by the XMPP server ({self.name}): revoke it there")
+        raise BadRequest("this invite was minted by the XMPP "
+                         f"server ({self.name}): revoke it there")
 
     def sweep(self, store):
         """Tell the server to forget invites we know are done (before a purge)."""
@@ -1014,7 +1040,7 @@ class Backend:
         return []
 
     def start_warnings(self, hosts):
-        """Return what keeps it (or its accounts) from working for these hosts, for serve's start."""
+        """Return what keeps it (or its accounts) from working for these hosts."""
         problem = self.check()
         warnings = [problem] if problem else self.check_hosts(hosts)
         if self.accounts is not None:
@@ -1056,7 +1082,7 @@ class Builtin(Backend):
         return {}  # the held row is the invite
 
     def account_mark(self, host, username):
-        accounts = self.accounts  # (a random mark, kept where the server deletes it with the account)
+        accounts = self.accounts  # (a random mark, kept where the account's deletion takes it)
         return _ask_mark(host, username,
                          accounts and (lambda: accounts.mark(host, username, new=_random_id(12))))
 
@@ -1071,7 +1097,7 @@ class Builtin(Backend):
 
 
 def _ask_mark(host, username, ask):
-    """Return ask()'s mark of an account for a reset; raise if there is no one to ask or it fails."""
+    """Return ask()'s mark of an account for a reset; raise if nobody can tell or it fails."""
     if ask is None:
         raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a "
                          "reset needs --accounts (or a backend that can ask the XMPP server)")
@@ -1110,16 +1136,14 @@ def _random_id(nbytes):
 
 
 def _new_token():
-    """Return a new invite token: 4 bytes of the time, then 14 random bytes (112 bits, unguessable).
-
-    Tokens made in the same second sort together, so each batch of new
-    invites writes one page of the token index instead of one page per
-    invite: with fully random tokens the pages written per commit (and the
-    checkpoints behind them) grew with the table, and p99 latency with them
-    (from 4 to 14 ms over the benchmark's first 100,000 invites).
-    """
-    seconds = int(now()) % 2**31  # the top bit clear: the token never starts with "-" (an option, to a CLI)
-    return base64.urlsafe_b64encode(seconds.to_bytes(4, "big") + os.urandom(TOKEN_BYTES - 4)).decode("ascii")
+    """Return a new invite token: 4 bytes of the time, then 14 random bytes (112 bits)."""
+    # Tokens made in the same second sort together, so each batch of new invites writes one
+    # page of the token index instead of one per invite: with fully random tokens the pages
+    # written per commit (and the checkpoints behind them) grew with the table, and p99
+    # latency with them (from 4 to 14 ms over the benchmark's first 100,000 invites).
+    seconds = int(now()) % 2**31  # the top bit clear: a token never starts with "-" (an option)
+    raw = seconds.to_bytes(4, "big") + os.urandom(TOKEN_BYTES - 4)
+    return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
 def hash_secret(secret):
@@ -1128,13 +1152,11 @@ def hash_secret(secret):
 
 
 def create_key(store, host, name="", **policy):
-    """Make an API key for host and return "KEY_ID/SECRET" (the only time the secret exists).
-
-    policy: any of KEY_POLICY (expires_at, max_invites, rate_count,
-    rate_period, max_ttl, max_uses, may_reset); None means no limit.
-    """
+    """Make an API key for host and return "KEY_ID/SECRET" (the only time the secret exists)."""
+    # policy: any of KEY_POLICY; None means no limit.
     key_id, secret = _random_id(KEY_ID_BYTES), _random_id(SECRET_BYTES)
-    key = {"id": key_id, "host": host, "name": name, "secret_hash": hash_secret(secret), "created_at": now()}
+    key = {"id": key_id, "host": host, "name": name, "secret_hash": hash_secret(secret),
+           "created_at": now()}
     key.update({k: v for k, v in policy.items() if k in KEY_POLICY and v is not None})
     store.insert_key(key)
     return f"{key_id}/{secret}"
@@ -1156,29 +1178,27 @@ def list_keys(store, host):
 
 
 def _key_id(key_id):
-    """Return a key id as given to update and delete; refuse a whole KEY_ID/SECRET (never echoing it)."""
+    """Return a key id as given to update and delete; refuse a whole KEY_ID/SECRET unechoed."""
     if "/" in key_id:
-        raise BadRequest("give the key's id alone (the part before the '/'), never its secret; `list HOST` shows ids")
+        raise BadRequest("give the key's id alone (the part before the "
+                         "'/'), never its secret; `list HOST` shows ids")
     return key_id
 
 
 def update_key(store, host, key_id, **changes):
-    """Change a key's name or policy (None clears a limit); raise NotFound if there is no such key."""
+    """Change a key's name or policy (None clears a limit); raise NotFound if unknown."""
     if not store.update_key(host, _key_id(key_id), changes):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
 def delete_key(store, host, key_id, revoke_invites=False):
-    """Revoke a key at once (its invites stay valid unless revoke_invites); raise NotFound if unknown."""
+    """Revoke a key at once (its invites stay valid unless revoke_invites)."""
     if not store.delete_key(host, _key_id(key_id), revoke_invites, at=now()):
         raise NotFound(f"key {key_id!r} not found for host {host!r}")
 
 
 def authenticate(store, presented, conn=None):
-    """Return the key row for a presented "KEY_ID/SECRET"; raise Unauthorized or Forbidden.
-
-    With conn, the key is read inside that write transaction.
-    """
+    """Return the key row for a presented "KEY_ID/SECRET" (read in conn, if given)."""
     if not presented:
         raise Unauthorized("an API key is required (?key= or Authorization: Bearer)")
     key_id, slash, secret = presented.partition("/")
@@ -1186,7 +1206,8 @@ def authenticate(store, presented, conn=None):
         raise BadCredentials("malformed API key")
     key = store.key(key_id, conn, decoy=True)
     # Constant-time, and the same work for an unknown id (the decoy's hash) as for a wrong secret.
-    if key is None or not hmac.compare_digest(hash_secret(secret), key["secret_hash"]) or key["id"] != key_id:
+    if (key is None or not hmac.compare_digest(hash_secret(secret), key["secret_hash"])
+            or key["id"] != key_id):
         raise BadCredentials("invalid API key")
     if key["expires_at"] is not None and key["expires_at"] <= now():
         raise Forbidden("key expired")
@@ -1227,7 +1248,8 @@ def parse_limit(text, what="limit"):
 
 def _invite_option(name, value):
     """Return one invite option's value checked (options: query strings or JSON values)."""
-    if name != "uses" and not isinstance(value, str) and not (name == "ttl" and isinstance(value, int)):
+    if name != "uses" and not isinstance(value, str) and not (name == "ttl"
+                                                              and isinstance(value, int)):
         raise ValueError(f"{name} must be a string")
     if name == "ttl":
         return parse_duration(str(value))
@@ -1265,8 +1287,9 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
                              f"{format_duration(key['max_ttl'])} (an operator can raise it: "
                              "update HOST KEY_ID --max-ttl)")
         if key is not None and wanted["uses"] > key["max_uses"]:
-            raise ValueError(f"uses {options['uses']!r} is over this key's limit of {key['max_uses']} "
-                             "(an operator can raise it: update HOST KEY_ID --max-uses)")
+            raise ValueError(f"uses {options['uses']!r} is over this key's "
+                             f"limit of {key['max_uses']} (an operator can "
+                             "raise it: update HOST KEY_ID --max-uses)")
         if wanted["type"] == "reset":
             _check_reset(wanted, key, backend)
     if wanted["ttl"] is None:  # a reset is short-lived: a day
@@ -1284,7 +1307,8 @@ def _check_reset(wanted, key, backend):
         raise ValueError("a password-reset invite needs the username (and is for one use, with no "
                          "roles or groups)")
     if "reset" not in backend.options:
-        raise ValueError(f"{backend.what} cannot make password-reset invites{backend.why_not('reset')}")
+        raise ValueError(f"{backend.what} cannot make password-reset "
+                         f"invites{backend.why_not('reset')}")
 
 
 def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
@@ -1357,14 +1381,17 @@ def record_use(store, invite, account=None):
 
 
 def invite_info(invite, url=None, status=None, accounts=()):
-    """Return an invite as a dict for JSON: everything but internals, times in ISO 8601; accounts:
-    Store.accounts rows (what its uses made)."""
-    return {"token": invite["token"], "host": invite["host"], "type": invite["type"], "uri": invite["uri"],
-            "url": url, "status": status or invite_status(invite), "created_at": iso(invite["created_at"]),
+    """Return an invite as a dict for JSON: no internals, ISO 8601 times, its accounts."""
+    return {"token": invite["token"], "host": invite["host"], "type": invite["type"],
+            "uri": invite["uri"],
+            "url": url, "status": status or invite_status(invite),
+            "created_at": iso(invite["created_at"]),
             "expires_at": iso(invite["expires_at"]), "uses": invite["uses"],
-            "uses_left": invite["uses_left"], "username": invite["username"], "note": invite["note"],
+            "uses_left": invite["uses_left"], "username": invite["username"],
+            "note": invite["note"],
             "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"]),
-            "accounts": [{"jid": f"{a['username']}@{a['host']}", "action": a["action"], "at": iso(a["created_at"])}
+            "accounts": [{"jid": f"{a['username']}@{a['host']}", "action": a["action"],
+                          "at": iso(a["created_at"])}
                          for a in accounts]}
 
 
@@ -1386,8 +1413,8 @@ def find_invite(store, token, backend=BUILTIN):
 
 
 def list_invites(store, host, key_id=None, status="valid", limit=DEFAULT_LIST_LIMIT, after=None):
-    """Return (a page of a host's invites (or one key's) of a status (None: any), newest first,
-    after the invite with token after; how many there are in all); raise BadRequest."""
+    """Return (a page of a host's or key's invites, newest first; how many in all)."""
+    # status None: any; after: the token of the last invite of the previous page.
     if status is not None and status not in _INVITE_STATUS_SQL:
         raise BadRequest(f"status {status!r}: valid, used, expired, revoked or all")
     if after is not None and (not TOKEN_RE.match(after) or store.invite(after) is None):
@@ -1408,8 +1435,8 @@ def redeem_invite(store, token, host, username=None):
     if not minted_by(invite, BUILTIN).used_here:
         raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
     if invite["type"] == "reset":
-        raise BadRequest("this is a password-reset invite: it is used on this server's sign-up page, "
-                         "never redeemed for a new account")
+        raise BadRequest("this is a password-reset invite: it is used on this "
+                         "server's sign-up page, never redeemed for a new account")
     with bad_request():
         username = None if username is None else parse_username(username)
     if username is not None and invite["username"] and username != invite["username"]:
@@ -1421,21 +1448,23 @@ def redeem_invite(store, token, host, username=None):
 
 
 def check_invite(store, token):
-    """Return the public facts about an invite: {valid, type, host, expires_at, username}; nothing
-    secret. type: register (a new account) or reset (a password)."""
+    """Return the public facts about an invite, nothing secret."""
+    # {valid, type, host, expires_at, username}; type: register (a new account) or reset.
     invite = store.invite(token) if TOKEN_RE.match(token) else None
-    if invite is None or not minted_by(invite, BUILTIN).used_here or invite_status(invite) != "valid":
+    if (invite is None or not minted_by(invite, BUILTIN).used_here
+            or invite_status(invite) != "valid"):
         return {"valid": False, "type": None, "host": None, "expires_at": None, "username": None}
-    return {"valid": True, "type": invite["type"], "host": invite["host"], "expires_at": iso(invite["expires_at"]),
+    return {"valid": True, "type": invite["type"], "host": invite["host"],
+            "expires_at": iso(invite["expires_at"]),
             "username": invite["username"]}
 
 
 def sign_up(store, backend, token, username, password, confirmation):
-    """Use a built-in invite: create its account (a reset invite: set its password) and return
-    (the invite as used, the username); raise NotFound, Gone, Forbidden, BadRequest, Conflict (the
-    name is taken, or a reset's account is missing), BackendError, or OutcomeUnknown (the use is
-    kept: nobody can tell whether the account was made). Invariant: an invite never makes more
-    accounts than its uses, and every account it made is recorded."""
+    """Use a built-in invite to make its account (or set a password); return (invite, username)."""
+    # Raises NotFound, Gone, Forbidden, BadRequest, Conflict (the name is taken, or a reset's
+    # account is missing), BackendError, or OutcomeUnknown (the use is kept: nobody can tell
+    # whether the account was made). Invariant: an invite never makes more accounts than its
+    # uses, and every account it made is recorded.
     invite = store.invite(token) if TOKEN_RE.match(token or "") else None
     accounts = minted_by(invite, backend).signs_up if invite is not None else None
     if accounts is None:  # (not ours, or nobody here makes accounts)
@@ -1450,8 +1479,9 @@ def sign_up(store, backend, token, username, password, confirmation):
     if reset and mark is None:
         raise Conflict(f"there is no account {username}@{invite['host']}")
     if reset and mark != invite["account_mark"]:  # the account was deleted and made again since
-        raise Forbidden(f"this reset was made for an earlier account named {username}@{invite['host']}, so it "
-                        "cannot set this one's password: ask for a new one")
+        raise Forbidden("this reset was made for an earlier account "
+                        f"named {username}@{invite['host']}, so it cannot "
+                        "set this one's password: ask for a new one")
     _confirm_accounts(store, accounts, invite)
     used = store.use_invite(token, now())
     if used is None:
@@ -1473,8 +1503,7 @@ def sign_up(store, backend, token, username, password, confirmation):
 
 
 def _confirm_accounts(store, accounts, invite):
-    """Ask the server again about the accounts of this invite whose creation nobody could confirm
-    (their uses are kept): record those that exist as made."""
+    """Record as made those of the invite's unconfirmed accounts that exist now."""
     for account in store.accounts(invite["token"]):
         if account["action"] == "unconfirmed":
             try:
@@ -1485,22 +1514,23 @@ def _confirm_accounts(store, accounts, invite):
 
 
 def _made_after_all(store, accounts, token, host, username):
-    """After a creation whose answer was lost: return True if the account exists; if it surely does
-    not (the program was killed), give the use back and raise BackendError; if nobody can tell,
-    return False (the use is kept)."""
+    """After a lost answer: True if the account exists, False if nobody can tell."""
+    # If it surely does not exist (the program was killed), the use is given back and
+    # BackendError raised; if nobody can tell, the use is kept.
     try:
         made = accounts.exists(host, username)
     except BackendError:
         return False
     if not made and accounts.missing_is_final:
         store.give_back_use(token)
-        raise BackendError(f"the server did not make {username}@{host} in time; nothing was used") from None
+        raise BackendError(f"the server did not make {username}@{host} "
+                           "in time; nothing was used") from None
     return made
 
 
 def purge_invites(store, grace=DEFAULT_PURGE_GRACE, backend=BUILTIN):
-    """Delete invites that stopped being valid more than grace seconds ago; return how many. First,
-    a backend that keeps invites we know are done (ejabberd) is told to drop them."""
+    """Delete invites that stopped being valid over grace seconds ago; return how many."""
+    # First, a backend that keeps invites we know are done (ejabberd) is told to drop them.
     backend.sweep(store)
     total = 0
     while True:
@@ -1521,7 +1551,7 @@ _SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{12,64}/[A-Za-z0-9_-]{16,}|[A-Za-
 
 
 def redact(text):
-    """Return text with anything key-like (KEY_ID/SECRET) or token-like (16+ URL-safe characters) replaced."""
+    """Return text with anything key-like or token-like (16+ URL-safe characters) replaced."""
     return _SECRET_LOOKING_RE.sub("[redacted]", text)
 
 
@@ -1535,18 +1565,18 @@ class OutcomeUnknown(BackendError):
 
 
 def run_program(argv, what, timeout, stdin=b"", env=None):
-    """Run argv (never a shell) in a session of its own; return (exit status, stdout, stderr).
-
-    Raises BackendError if it cannot start, OutcomeUnknown after killing it and every process it
-    started at the timeout. No error text holds the arguments (they may hold a password or token).
-    """
+    """Run argv (never a shell) in a session of its own; return (status, stdout, stderr)."""
+    # Raises BackendError if it cannot start, OutcomeUnknown after killing it and every process
+    # it started at the timeout. No error text holds the arguments (a password or token).
     import selectors
     import subprocess
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
                                 start_new_session=True, env=env)
     except OSError as e:
-        raise BackendError(f"{what}: cannot run {os.path.basename(argv[0])!r}: {e.strerror}") from None
+        raise BackendError(f"{what}: cannot run "
+                           f"{os.path.basename(argv[0])!r}: {e.strerror}") from None
     deadline = time.monotonic() + timeout
     output = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     with proc, selectors.DefaultSelector() as selector:
@@ -1580,8 +1610,9 @@ def run_program(argv, what, timeout, stdin=b"", env=None):
 
 
 def _kill_tree(pid):
-    """SIGKILL a program's process group and every process descended from it (su and sh may start
-    sessions of their own, which a group kill misses): frozen first, so none forks meanwhile."""
+    """SIGKILL a program's process group and every process descended from it."""
+    # su and sh may start sessions of their own, which a group kill misses; they are frozen
+    # first, so that none forks meanwhile.
     import signal
     family = {pid}
     while True:
@@ -1660,7 +1691,8 @@ class ServerBackend(Backend):
         """Log the failure with the program's output (redacted) and raise BackendError."""
         if self.log is not None:
             detail = redact(output.decode("utf-8", "replace")).strip().replace("\n", " | ")[:1000]
-            self.log.write(f"{iso(now())} {self.name} backend {reason}: {detail or '(no output)'}\n")
+            self.log.write(f"{iso(now())} {self.name} backend "
+                           f"{reason}: {detail or '(no output)'}\n")
             self.log.flush()
         raise BackendError(f"the {self.name} backend {reason}")
 
@@ -1726,13 +1758,14 @@ _ADMIN_STREAM = (b"<?xml version='1.0'?><stream:stream xmlns:stream='http://ethe
 
 
 class ProsodyAdmin:
-    """A client of Prosody's admin socket, as `prosodyctl shell` is, on up to `concurrency` connections."""
+    """A client of Prosody's admin socket, as `prosodyctl shell` is, on a few connections."""
 
     # Each command is <repl-input>LINE</repl-input>, answered by <repl-output>s and one
     # <repl-result> (type='error' on failure); one command at a time on a connection. One that
     # fails (Prosody restarted) is opened again, once, for the same command.
 
-    def __init__(self, path, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY):
+    def __init__(self, path, timeout=DEFAULT_BACKEND_TIMEOUT,
+                 concurrency=DEFAULT_BACKEND_CONCURRENCY):
         import queue
         self.path, self.timeout = path, timeout
         self.idle = queue.LifoQueue()
@@ -1761,7 +1794,8 @@ class ProsodyAdmin:
                     # (a late answer on this connection would be taken for the next command's)
                     conn = conn and conn["sock"].close()
                     if sent:
-                        raise OutcomeUnknown(f"no answer from Prosody's admin socket: {e}") from None
+                        raise OutcomeUnknown("no answer from Prosody's "
+                                             f"admin socket: {e}") from None
                     if attempt == 2:
                         raise BackendError(f"cannot use Prosody's admin socket {self.path!r}: "
                                            f"{e}") from None
@@ -1798,9 +1832,10 @@ class ProsodyAdmin:
         import socket
         from xml.sax.saxutils import escape
         # A connection Prosody closed while idle (a restart) is seen before anything is sent.
-        if select.select([conn["sock"]], [], [], 0)[0] and not conn["sock"].recv(1, socket.MSG_PEEK):
+        sock = conn["sock"]
+        if select.select([sock], [], [], 0)[0] and not sock.recv(1, socket.MSG_PEEK):
             raise OSError("Prosody closed the connection")
-        conn["sock"].sendall(f"<repl-input>{escape(line)}</repl-input>".encode("utf-8"))
+        sock.sendall(f"<repl-input>{escape(line)}</repl-input>".encode("utf-8"))
         return True
 
     def _answer(self, conn):
@@ -1824,9 +1859,10 @@ class ProsodyAdmin:
 
 # Prosody's own mod_invites and usermanager, run in its admin shell (">" is a line of Lua): every
 # value goes in as a Lua literal (lua_string, a number or nil), never as text pasted into code.
-_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a host of this '
-                    'Prosody") end local m = require"core.modulemanager".get_module({host}, '
-                    '"invites") if not m then error("mod_invites is not loaded on " .. {host}) end ')
+_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a '
+                    'host of this Prosody") end local m = '
+                    'require"core.modulemanager".get_module({host}, "invites") if '
+                    'not m then error("mod_invites is not loaded on " .. {host}) end ')
 # (usermanager on a host Prosody does not serve fails with "attempt to index a nil value")
 _PROSODY_USERS = ('local um = require"core.usermanager" if not prosody.hosts[{host}] then return '
                   'true, "nohost" end ')
@@ -1861,7 +1897,7 @@ _PROSODY_LUA = {
 
 
 def _lua_literal(value):
-    """Return a value as Lua: a string literal, a number, nil, or a table of them (dict or tuple)."""
+    """Return a value as Lua: a string, a number, nil, or a table of them (dict or tuple)."""
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_lua_literal(v)}" for k, v in value.items() if v) + " }"
     if isinstance(value, tuple):
@@ -1910,7 +1946,7 @@ class ProsodyBackend(ServerBackend):
             state = self.lua("status", host=invite["host"], token=invite["token"])
         except Error:
             return "unknown", None
-        # Prosody forgets an invite once used (or deleted there): gone, and not revoked by us, is used.
+        # Prosody forgets an invite once used (or deleted there): gone, not revoked by us, is used.
         return {"valid": "valid", "token-expired": "expired", "token-invalid": "used"}.get(
             state, "unknown"), None
 
@@ -1942,7 +1978,7 @@ class ProsodyBackend(ServerBackend):
         return self.answer(None, "missing", None, answer=answer, host=host)
 
     def answer(self, name, word, meaning, answer=None, **values):
-        """Run one of _PROSODY_LUA: return True for "done", meaning for word (raised if an Error)."""
+        """Run one of _PROSODY_LUA: True for "done", what word means (raised if an Error)."""
         answer = self.lua(name, **values) if answer is None else answer
         if answer.startswith("refused "):
             reason = answer[8:][:200]
@@ -1962,9 +1998,9 @@ class ProsodyBackend(ServerBackend):
             self.version = self.admin.run("server:version()").partition("OK: ")[2].strip() or None
             return None
         except Error as e:
-            return (f"prosody backend: cannot reach Prosody's admin shell through its socket ({e}): "
-                    "is Prosody running with mod_admin_shell, and may this user open the socket? "
-                    "(run as prosody, or in its group: see the README)")
+            return ("prosody backend: cannot reach Prosody's admin shell through its socket "
+                    f"({e}): is Prosody running with mod_admin_shell, and may this user open "
+                    "the socket? (run as prosody, or in its group: see the README)")
 
     def check_hosts(self, hosts):
         served = self.lua("hosts").split() if hosts else []
@@ -1972,13 +2008,14 @@ class ProsodyBackend(ServerBackend):
                     "be made" for host in hosts if host not in served]
         for host in [h for h in hosts if h in served]:  # what the invitee's journey needs
             loaded = set(self.lua("modules", host=host).split())
-            missing = [m for m in ("invites", "invites_register", "invites_page") if m not in loaded]
+            missing = [m for m in ("invites", "invites_register", "invites_page")
+                       if m not in loaded]
             if missing:
                 warnings.append(
-                    f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made there "
-                    "cannot " + ("be made" if "invites" in missing else "be used from an app"
-                                 if "invites_register" in missing
-                                 else "have Prosody's page (ours is used)"))
+                    f"prosody backend: {host} lacks mod_{', mod_'.join(missing)}: invites made "
+                    "there cannot " + ("be made" if "invites" in missing
+                                       else "be used from an app" if "invites_register" in missing
+                                       else "have Prosody's page (ours is used)"))
         return warnings
 
     def check_accounts(self, hosts):
@@ -2069,7 +2106,9 @@ class EjabberdCtl:
     def check(self):
         """Return why ejabberd cannot be used (it does not answer), or None."""
         code, output = self.call("status")
-        return f"ejabberd does not answer ejabberdctl: {redact(output).strip()[:200]}" if code else None
+        if code:
+            return f"ejabberd does not answer ejabberdctl: {redact(output).strip()[:200]}"
+        return None
 
     def hosts(self):
         """Return the hosts ejabberd serves."""
@@ -2096,7 +2135,8 @@ class EjabberdApi(EjabberdCtl):
         self._idle, self._lock = [], threading.Lock()  # (first: close() runs if the URL is refused)
         parts = urlsplit(url)
         if parts.username or parts.password:  # (a URL is shown in messages: no secret in it)
-            raise Error("--ejabberd-api: put credentials in --ejabberd-api-auth-file, not in the URL")
+            raise Error("--ejabberd-api: put credentials in "
+                        "--ejabberd-api-auth-file, not in the URL")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Error(f"--ejabberd-api {url!r}: expected http://HOST:PORT/api")
         self.url, self.timeout, self.parts = url, timeout, parts
@@ -2176,7 +2216,7 @@ class EjabberdApi(EjabberdCtl):
 
 def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl",
                   timeout=DEFAULT_BACKEND_TIMEOUT):
-    """Return the client of ejabberd's commands: its HTTP API if a URL is given, else ejabberdctl."""
+    """Return ejabberd's commands' client: its HTTP API if a URL is given, else ejabberdctl."""
     if not api:
         return EjabberdCtl(ejabberdctl, timeout)
     auth = None
@@ -2214,7 +2254,8 @@ class EjabberdBackend(ServerBackend):
                 }.get(option, ": ejabberd's invites have no roles or groups")
 
     def call(self, command, **args):
-        """Run one of ejabberd's commands; return its output, or fail (num_invites_exceeded: 503)."""
+        """Run one of ejabberd's commands; return its output, or raise BackendError."""
+        # num_invites_exceeded answers 503.
         with self.slot():
             try:
                 code, output = self.ejabberd.call(command, **args)
@@ -2238,7 +2279,7 @@ class EjabberdBackend(ServerBackend):
         return self.call("generate_invite", host=host)
 
     def invites(self, host, fresh=False):
-        """Return ejabberd's invites of host, {token: row}, as asked at most 1 s ago unless fresh."""
+        """Return ejabberd's invites of host, {token: row}, at most 1 s old unless fresh."""
         when, listed = self._listed.get(host, (0, None))
         if fresh or listed is None or time.monotonic() - when > 1:
             rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
@@ -2283,9 +2324,9 @@ class EjabberdBackend(ServerBackend):
 
     def check_hosts(self, hosts):
         served = self.ejabberd.hosts() if hosts else []
-        return [f"ejabberd backend: {host} is not a host of this ejabberd: invites for it cannot be "
-                "made" if host not in served else f"ejabberd backend: {host} lacks mod_invites "
-                "(ejabberd 26.01 or newer): invites for it cannot be made"
+        return [f"ejabberd backend: {host} is not a host of this ejabberd: invites for it "
+                "cannot be made" if host not in served else f"ejabberd backend: {host} lacks "
+                "mod_invites (ejabberd 26.01 or newer): invites for it cannot be made"
                 for host in hosts
                 if host not in served or self.ejabberd.call("list_invites", host=host)[0] != 0]
 
@@ -2325,7 +2366,8 @@ class EjabberdBackend(ServerBackend):
             if code == 0 and (found or new is None):
                 return found.group(1) if found else "none"
             if code != 0 or attempt == "written":
-                raise BackendError("ejabberd kept no mark for the account (is mod_private enabled?)")
+                raise BackendError("ejabberd kept no mark for the "
+                                   "account (is mod_private enabled?)")
             code, output = self.ejabberd.call("private_set", user=username, host=host, element=(
                 f"<invites-api xmlns='urn:x-invites-api'><mark>{new}</mark></invites-api>"))
 
@@ -2417,21 +2459,29 @@ def invite_url(invite, base, template=None):
 
 # Per error-correction level: (format bits, EC codewords per block, EC blocks), by version.
 _QR_LEVELS = {
-    "L": (1, (0, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28, 28, 30,
+    "L": (1, (0, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28,
+              28, 30,
               30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
-          (0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12, 13, 14, 15,
+          (0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12,
+           13, 14, 15,
            16, 17, 18, 19, 19, 20, 21, 22, 24, 25)),
-    "M": (0, (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26, 28, 28,
+    "M": (0, (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
+              28, 28,
               28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28),
-          (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21, 23, 25, 26,
+          (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21,
+           23, 25, 26,
            28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)),
-    "Q": (3, (0, 13, 22, 18, 26, 18, 24, 18, 22, 20, 24, 28, 26, 24, 20, 30, 24, 28, 28, 26, 30, 28, 30, 30,
+    "Q": (3, (0, 13, 22, 18, 26, 18, 24, 18, 22, 20, 24, 28, 26, 24, 20, 30, 24, 28, 28, 26, 30, 28,
+              30, 30,
               30, 30, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
-          (0, 1, 1, 2, 2, 4, 4, 6, 6, 8, 8, 8, 10, 12, 16, 12, 17, 16, 18, 21, 20, 23, 23, 25, 27, 29, 34, 34,
+          (0, 1, 1, 2, 2, 4, 4, 6, 6, 8, 8, 8, 10, 12, 16, 12, 17, 16, 18, 21, 20, 23, 23, 25, 27,
+           29, 34, 34,
            35, 38, 40, 43, 45, 48, 51, 53, 56, 59, 62, 65, 68)),
-    "H": (2, (0, 17, 28, 22, 16, 22, 28, 26, 26, 24, 28, 24, 28, 22, 24, 24, 30, 28, 28, 26, 28, 30, 24, 30,
+    "H": (2, (0, 17, 28, 22, 16, 22, 28, 26, 26, 24, 28, 24, 28, 22, 24, 24, 30, 28, 28, 26, 28, 30,
+              24, 30,
               30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
-          (0, 1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25, 25, 34, 30, 32, 35, 37, 40,
+          (0, 1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25, 25, 34, 30, 32,
+           35, 37, 40,
            42, 45, 48, 51, 54, 57, 60, 63, 66, 70, 74, 77, 81)),
 }
 # The eight mask conditions; a module (x column, y row) is flipped where true.
@@ -2455,8 +2505,8 @@ def _qr_raw_modules(version):
 
 
 def qr_capacity(version, level="M", utf8=False):
-    """Return how many bytes a QR code of this version and level holds in byte mode
-    (utf8: with the ECI header that marks the bytes as UTF-8)."""
+    """Return how many bytes a QR code of this version and level holds in byte mode."""
+    # utf8: with the ECI header that marks the bytes as UTF-8.
     _, ec_len, blocks = _QR_LEVELS[level]
     data_bits = (_qr_raw_modules(version) // 8 - ec_len[version] * blocks[version]) * 8
     return (data_bits - 4 - (8 if version < 10 else 16) - (12 if utf8 else 0)) // 8
@@ -2489,18 +2539,19 @@ def _reed_solomon(data, degree):
     return remainder
 
 
-def qr_matrix(data, level="M", mask=None, min_version=1):
-    """Return the QR code of data (bytes or str) as rows of booleans (True = dark), with no quiet zone.
+def qr_matrix(data, level="M"):
+    """Return the QR code of data as rows of booleans (True = dark), with no quiet zone."""
+    return min(qr_masked(data, level), key=_qr_penalty)
 
-    Byte mode (non-ASCII text is marked UTF-8 with an ECI header, so that
-    readers do not guess another charset), the smallest version from
-    min_version that fits, and the mask with the lowest penalty (or the one
-    given). Raises ValueError if too long.
-    """
+
+def qr_masked(data, level="M"):
+    """Return data's QR code under each of the eight masks; raise ValueError if it is too long."""
+    # Byte mode (non-ASCII text is marked UTF-8 with an ECI header, so that readers do not guess
+    # another charset) in the smallest version that fits.
     utf8 = isinstance(data, str) and not data.isascii()
     data = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     fmt, ec_len, blocks = _QR_LEVELS[level]
-    for version in range(min_version, 41):
+    for version in range(1, 41):
         if len(data) <= qr_capacity(version, level, utf8):
             break
     else:
@@ -2508,7 +2559,8 @@ def qr_matrix(data, level="M", mask=None, min_version=1):
     # The bit stream: mode, length, bytes, terminator, padding.
     capacity = _qr_raw_modules(version) // 8 - ec_len[version] * blocks[version]
     bits = [0, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1, 0] if utf8 else []  # ECI mode, designator 26: UTF-8
-    bits += [0, 1, 0, 0] + [(len(data) >> i) & 1 for i in reversed(range(8 if version < 10 else 16))]
+    bits += [0, 1, 0, 0] + [(len(data) >> i) & 1
+                            for i in reversed(range(8 if version < 10 else 16))]
     for byte in data:
         bits += [(byte >> i) & 1 for i in reversed(range(8))]
     bits += [0] * min(4, capacity * 8 - len(bits))
@@ -2611,9 +2663,7 @@ def qr_matrix(data, level="M", mask=None, min_version=1):
         dark[:], function[:] = saved
         return result
 
-    if mask is not None:
-        return masked(mask)
-    return min((masked(n) for n in range(8)), key=_qr_penalty)
+    return [masked(n) for n in range(8)]
 
 
 def _qr_penalty(matrix):
@@ -2632,7 +2682,7 @@ def _qr_penalty(matrix):
                 score += run - 2 if run >= 5 else 0
                 run, previous = 1, module
         score += run - 2 if run >= 5 else 0
-        padded = [False] * 4 + line + [False] * 4  # rule 3: finder-like patterns (quiet zone is light)
+        padded = [False] * 4 + line + [False] * 4  # rule 3: finder-like patterns (quiet zone light)
         for start in range(len(padded) - 10):
             if padded[start:start + 11] in finder_like:
                 score += 40
@@ -2649,7 +2699,8 @@ def _qr_penalty(matrix):
 @functools.lru_cache(maxsize=128)  # about 4 KB each; a page seen again (a refresh) costs no QR work
 def _invite_qr(uri, host):
     """Return an invite page's QR code of its xmpp: URI (about 15 ms of CPU to make)."""
-    return qr_svg(qr_matrix(uri), label=f"QR code of the invite for {host}; scan it with an XMPP app")
+    return qr_svg(qr_matrix(uri), label="QR code of the invite for "
+                                        f"{host}; scan it with an XMPP app")
 
 
 def qr_svg(matrix, quiet=4, label="QR code"):
@@ -2675,16 +2726,15 @@ def qr_svg(matrix, quiet=4, label="QR code"):
 
 
 def qr_text(matrix, quiet=4, colour=False):
-    """Return a QR matrix as terminal text: two module rows per line in Unicode half blocks.
-
-    "█" is dark above and below, "▀" dark above, "▄" dark below, space light.
-    With colour, ANSI black on white, so it scans in dark terminals too.
-    """
+    """Return a QR matrix as terminal text: two module rows per line in Unicode half blocks."""
+    # "█" is dark above and below, "▀" dark above, "▄" dark below, space light. With
+    # colour, ANSI black on white, so it scans in dark terminals too.
     size = len(matrix) + 2 * quiet
     padded = ([[False] * size for _ in range(quiet)]
               + [[False] * quiet + list(row) + [False] * quiet for row in matrix]
               + [[False] * size for _ in range(quiet + 1)])
-    chars = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    chars = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584",
+             (False, False): " "}
     lines = ["".join(chars[top, bottom] for top, bottom in zip(padded[y], padded[y + 1]))
              for y in range(0, size, 2)]
     if colour:
@@ -2696,8 +2746,10 @@ def qr_text(matrix, quiet=4, colour=False):
 
 # Links only: the page loads nothing from these sites.
 DEFAULT_APPS = (
-    {"platform": "Android", "name": "Conversations", "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
-    {"platform": "Android", "name": "Conversations (F-Droid)", "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
+    {"platform": "Android", "name": "Conversations",
+     "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
+    {"platform": "Android", "name": "Conversations (F-Droid)",
+     "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
     {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
     {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
     {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
@@ -2707,7 +2759,7 @@ DEFAULT_APPS = (
 
 
 def load_apps(path):
-    """Return the app list from a JSON file: [{"platform", "name", "url"}, ...]; raise Error if malformed."""
+    """Return the app list from a JSON file of {platform, name, url}; raise Error if bad."""
     import json
     try:
         with open(path, encoding="utf-8") as f:
@@ -2715,7 +2767,8 @@ def load_apps(path):
     except (OSError, ValueError) as e:
         raise Error(f"cannot read the app list {path!r}: {e}") from None
     if not isinstance(apps, list) or not all(
-            isinstance(a, dict) and all(isinstance(a.get(k), str) and a[k] for k in ("platform", "name", "url"))
+            isinstance(a, dict) and all(isinstance(a.get(k), str) and a[k]
+                                        for k in ("platform", "name", "url"))
             and re.match(r"https?://", a["url"]) for a in apps):
         raise Error(f"the app list {path!r} must be a JSON array of "
                     '{"platform": ..., "name": ..., "url": "https://..."} objects')
@@ -2723,16 +2776,16 @@ def load_apps(path):
 
 
 _PAGE_STYLE = """
-:root{color-scheme:light dark;--bg:#f3f4f6;--card:#fff;--text:#16181d;--muted:#4a5060;--accent:#1a56c4;
---on-accent:#fff;--line:#d5d8de}
+:root{color-scheme:light dark;--bg:#f3f4f6;--card:#fff;--text:#16181d;--muted:#4a5060;
+--accent:#1a56c4;--on-accent:#fff;--line:#d5d8de}
 @media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1d2027;--text:#eceef2;--muted:#b4b9c4;
 --accent:#8ab4ff;--on-accent:#0b0d12;--line:#3a3f4a}}
 *{box-sizing:border-box}
 body{margin:0;padding:0 .75rem;background:var(--bg);color:var(--text);
 font:17px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
 header{padding:.75rem 1rem;font-weight:600;color:var(--muted);text-align:center}
-main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);border-radius:12px;
-overflow-wrap:anywhere}
+main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);
+border-radius:12px;overflow-wrap:anywhere}
 h1{font-size:1.5rem;line-height:1.25;margin:0 0 .75rem}
 h2{font-size:1.1rem;margin:1.75rem 0 .5rem}
 p{margin:.5rem 0}
@@ -2740,16 +2793,18 @@ p{margin:.5rem 0}
 .note{border-left:4px solid var(--accent);padding:.25rem .75rem;margin:1rem 0;white-space:pre-wrap}
 a{color:var(--accent)}
 a.button{display:block;text-align:center;padding:.9rem 1rem;margin:1.25rem 0;border-radius:8px;
-background:var(--accent);color:var(--on-accent);text-decoration:none;font-weight:700;font-size:1.1rem}
-a.button:focus-visible,button:focus-visible,input:focus-visible{outline:3px solid var(--text);outline-offset:2px}
+background:var(--accent);color:var(--on-accent);text-decoration:none;font-weight:700;
+font-size:1.1rem}
+a.button:focus-visible,button:focus-visible,input:focus-visible{outline:3px solid var(--text);
+outline-offset:2px}
 figure{margin:.5rem auto;max-width:15rem}
 figure svg{display:block;width:100%;height:auto;border-radius:4px}
 figcaption{text-align:center;font-size:.9rem;color:var(--muted)}
 .copy{display:flex;gap:.5rem}
 .copy input{flex:1;min-width:0;padding:.6rem;border:1px solid var(--line);border-radius:6px;
 background:var(--bg);color:var(--text);font:inherit;font-size:.9rem}
-.copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);color:var(--on-accent);
-font:inherit;font-weight:600;cursor:pointer}
+.copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);
+color:var(--on-accent);font:inherit;font-weight:600;cursor:pointer}
 label{display:block;font-weight:600;margin-top:.75rem}
 form input{display:block;width:100%;padding:.6rem;border:1px solid var(--line);border-radius:6px;
 background:var(--bg);color:var(--text);font:inherit}
@@ -2763,14 +2818,15 @@ li{margin:.35rem 0}
 
 
 def render_page(title, body_html, site_name, nonce, script=""):
-    """Return a complete, self-contained HTML page (inline CSS; a script only with the CSP nonce)."""
+    """Return a complete, self-contained HTML page (inline CSS; a script with the nonce)."""
     import html
     script = f'<script nonce="{nonce}">{script}</script>' if script else ""
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<meta name="referrer" content="same-origin">'
-            f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style></head>'
-            f"<body><header>{html.escape(site_name)}</header><main>{body_html}</main>{script}</body></html>\n")
+            f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style>'
+            f"</head><body><header>{html.escape(site_name)}</header><main>{body_html}</main>"
+            f"{script}</body></html>\n")
 
 
 def in_words(seconds):
@@ -2782,16 +2838,18 @@ def in_words(seconds):
     return "in less than a minute"
 
 
-_COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById('link');b.hidden=false;"
-                "b.addEventListener('click',function(){i.select();(navigator.clipboard?"
-                "navigator.clipboard.writeText(i.value):Promise.reject()).then(function(){b.textContent='Copied'},"
+_COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById('link');"
+                "b.hidden=false;b.addEventListener('click',function(){i.select();"
+                "(navigator.clipboard?navigator.clipboard.writeText(i.value):Promise.reject())"
+                ".then(function(){b.textContent='Copied'},"
                 "function(){document.execCommand('copy');b.textContent='Copied'})})")
 
 
 def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None, in_apps=True):
-    """Return the landing page for a valid invite: who invites where, the main button (the app's
-    xmpp: URI, or with signup_url our sign-up form), its QR code, the link, apps. in_apps=False (a
-    built-in invite on a server that makes no accounts): no button, but where it is used."""
+    """Return the landing page of a valid invite."""
+    # Who invites where, the main button (the app's xmpp: URI, or with signup_url our sign-up
+    # form), its QR code, the link, apps. in_apps=False (a built-in invite on a server that
+    # makes no accounts): no button, but where it is used.
     import html
     esc = html.escape
     host = esc(invite["host"])
@@ -2804,7 +2862,8 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
         details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
     note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
     app_list = render_app_list(apps)
-    target, action = (signup_url, "Create your account") if signup_url else (invite["uri"], "Open in your XMPP app")
+    target, action = ((signup_url, "Create your account") if signup_url
+                      else (invite["uri"], "Open in your XMPP app"))
     if invite["type"] == "reset":
         action = "Set a new password"
     if signup_url or in_apps:
@@ -2812,20 +2871,23 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
                 f"<figure>{_invite_qr(target, invite['host'])}<figcaption>Scan this with your "
                 f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>")
     else:  # nothing here makes the account: say where the invite is used, offer no path that fails
-        main = ('<p class="note">You cannot create your account on this page. Whoever invited you has a '
-                "sign-up page of their own where this invite is used: open the sign-up link they gave you, "
-                "or ask them for it.</p>")
-    heading = (f"Set a new password for {esc(invite['username'])}@{host}" if invite["type"] == "reset"
+        main = ('<p class="note">You cannot create your account on this page. Whoever invited you '
+                "has a sign-up page of their own where this invite is used: open the sign-up link "
+                "they gave you, or ask them for it.</p>")
+    heading = (f"Set a new password for {esc(invite['username'])}@{host}"
+               if invite["type"] == "reset"
                else f"You have been invited to join {host}")
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>{heading}</h1>{note}"
         f'<p class="muted">{details}</p>{main}'
-        f'<h2><label for="link">{"Or copy" if signup_url or in_apps else "Copy"} the link to this page</label></h2>'
+        f'<h2><label for="link">{"Or copy" if signup_url or in_apps else "Copy"} '
+        "the link to this page</label></h2>"
         f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
         f'<button id="copy" type="button" hidden>Copy</button></p>'
         f"<h2>No app yet?</h2>"
         + ("<p>Install one of these, then come back to this page and press the button above:</p>"
-           if in_apps and not signup_url else "<p>To chat once your account exists, install one of these:</p>")
+           if in_apps and not signup_url
+           else "<p>To chat once your account exists, install one of these:</p>")
         + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
 
 
@@ -2836,35 +2898,41 @@ def render_app_list(apps):
     for app in apps:
         platforms.setdefault(app["platform"], []).append(
             f'<a href="{html.escape(app["url"])}" rel="noreferrer">{html.escape(app["name"])}</a>')
-    return "".join(f"<li><strong>{html.escape(p)}</strong>: {', '.join(links)}</li>" for p, links in platforms.items())
+    return "".join(f"<li><strong>{html.escape(p)}</strong>: {', '.join(links)}</li>"
+                   for p, links in platforms.items())
 
 
 def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
-    """Return the sign-up form of a built-in invite (a reset invite: the new-password form); error:
-    why the last try failed, shown above the form, which keeps the username."""
+    """Return the sign-up form of a built-in invite (of a reset: the new password)."""
+    # error: why the last try failed, shown above the form, which keeps the username.
     import html
     esc = html.escape
     reset = invite["type"] == "reset"
     bound = invite["username"]
     jid = f"{bound}@{invite['host']}" if bound else invite["host"]
     title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
-    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly autocomplete="username">' if bound else
-                  f'<input id="user" name="user" value="{esc(username)}" required maxlength="64" '
-                  'autocomplete="username" autocapitalize="none" spellcheck="false" pattern="[A-Za-z0-9._\\-]+">')
+    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly '
+                  'autocomplete="username">' if bound else
+                  f'<input id="user" name="user" value="{esc(username)}" required '
+                  'maxlength="64" autocomplete="username" autocapitalize="none" '
+                  'spellcheck="false" pattern="[A-Za-z0-9._\\-]+">')
     return render_page(title, (
         f"<h1>{esc(title)}</h1>"
         + (f'<p class="error" role="alert">{esc(error)}</p>' if error else "")
         + f'<form method="post" action="{esc(form_url)}">'
         f'<input type="hidden" name="token" value="{esc(invite["token"])}">'
         f'<p><label for="user">Username</label>{name_field}'
-        + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@{esc(invite["host"])}: '
-                            "letters, digits, dots, dashes, underscores</span>") + "</p>"
-        '<p><label for="password">Password</label><input id="password" name="password" type="password" '
-        'required minlength="10" autocomplete="new-password"><span class="muted">10 characters or more</span></p>'
+        + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@'
+                            f'{esc(invite["host"])}: letters, digits, dots, dashes, '
+                            "underscores</span>") + "</p>"
+        '<p><label for="password">Password</label><input id="password" name="password" '
+        'type="password" required minlength="10" autocomplete="new-password">'
+        '<span class="muted">10 characters or more</span></p>'
         '<p><label for="password_confirm">Password again</label><input id="password_confirm" '
-        'name="password_confirm" type="password" required minlength="10" autocomplete="new-password"></p>'
-        f'<p><button type="submit">{"Set the password" if reset else "Create the account"}</button></p>'
-        "</form>"), site_name, nonce)
+        'name="password_confirm" type="password" required minlength="10" '
+        'autocomplete="new-password"></p>'
+        f'<p><button type="submit">{"Set the password" if reset else "Create the account"}'
+        "</button></p></form>"), site_name, nonce)
 
 
 def render_signup_done(invite, username, site_name, apps, nonce):
@@ -2872,10 +2940,12 @@ def render_signup_done(invite, username, site_name, apps, nonce):
     import html
     esc = html.escape
     jid = f"{username}@{invite['host']}"
-    left = invite["uses_left"] if invite["type"] != "reset" and invite_status(invite) == "valid" else 0
-    more = f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>" if left else ""
+    reset = invite["type"] == "reset"
+    left = invite["uses_left"] if not reset and invite_status(invite) == "valid" else 0
+    more = (f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>"
+            if left else "")
     links = render_app_list(apps)
-    first = "Your new password is set" if invite["type"] == "reset" else f"Your account {esc(jid)} is ready"
+    first = "Your new password is set" if reset else f"Your account {esc(jid)} is ready"
     return render_page("Your account is ready", (
         f"<h1>{first}</h1>{more}"
         f"<p>Log in with an XMPP app as <strong>{esc(jid)}</strong> and your password.</p>"
@@ -2892,8 +2962,10 @@ _UNAVAILABLE = {
 
 
 _ERROR_TITLES = {
-    400: "This request cannot be used", 403: "This cannot be done from here", 404: "We could not find this page",
-    405: "This page cannot be used that way", 409: "This cannot be done", 410: "This invite is no longer valid",
+    400: "This request cannot be used", 403: "This cannot be done from here",
+                 404: "We could not find this page",
+    405: "This page cannot be used that way", 409: "This cannot be done",
+                 410: "This invite is no longer valid",
     413: "This request is too large", 415: "This request cannot be used", 429: "Too many attempts",
     500: "Something went wrong on our side", 502: "The server could not do it just now",
     503: "The server is busy",
@@ -2904,7 +2976,8 @@ def render_error_page(status, message, site_name, nonce):
     """Return the page for an error a person sees: a heading for its status and its reason."""
     import html
     title = _ERROR_TITLES.get(status, "This cannot be done")
-    sentence = message[:1].upper() + message[1:] + ("" if message.endswith((".", "?", "!")) else ".")
+    sentence = message[:1].upper() + message[1:] + ("" if message.endswith((".", "?", "!"))
+                                                    else ".")
     return render_page(title, f"<h1>{title}</h1><p>{html.escape(sentence)}</p>", site_name, nonce)
 
 
@@ -2921,11 +2994,13 @@ def render_unavailable_page(status, site_name, nonce):
 # ---------------------------------------------------------------------------
 
 # The whole URL space: (path pattern, {method: handler method}, cross-origin?, a page people read?).
-# Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages too.
-ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page) for pattern, methods, cors, page in (
+# Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages.
+ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page) for pattern, methods, cors,
+               page in (
     (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True, False),
     (r"/invites_api/invites/?", {"GET": "api_list"}, True, False),
-    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True, False),
+    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True,
+     False),
     (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True, False),
     (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
     (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
@@ -2942,8 +3017,7 @@ CORS_HEADERS = (
 
 
 def page_headers(nonce, form=False):
-    """Return the security headers of an HTML page whose inline style and script carry nonce (form:
-    it posts a form to us)."""
+    """Return an HTML page's security headers (form: it posts a form to us)."""
     form_action = "'self'" if form else "'none'"
     return (
         ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
@@ -2998,7 +3072,7 @@ def json_fields(headers, body):
 
 
 def iri_to_uri(text):
-    """Return text with non-ASCII and control characters percent-encoded as UTF-8 (RFC 3987, 3.1)."""
+    """Return text with non-ASCII and controls percent-encoded as UTF-8 (RFC 3987, 3.1)."""
     from urllib.parse import quote
     return quote(text, safe="".join(map(chr, range(0x20, 0x7f))))
 
@@ -3044,7 +3118,7 @@ class RateLimiter:
             return True
 
     def over(self, address):
-        """Return 0 if the address is within its limit this minute, else the seconds until the next."""
+        """Return 0 if the address is within its limit this minute, else seconds to wait."""
         clock, address = time.monotonic(), address_key(address)
         with self._lock:
             if int(clock // 60) != self._window or self._counts.get(address, 0) < self.per_minute:
@@ -3095,8 +3169,10 @@ class Metrics:
                    [f"invites_api_invites_created_total{labels(host=h, backend=b)} {n}"
                     for (h, b), n in sorted(self.invites.items())])
             family("invites_api_requests", "counter", "HTTP requests answered, by status.",
-                   [f"invites_api_requests_total{labels(status=s)} {n}" for s, n in sorted(self.requests.items())])
-            family("invites_api_auth_failures", "counter", "Requests with a wrong, unknown or malformed key.",
+                   [f"invites_api_requests_total{labels(status=s)} {n}" for s,
+                    n in sorted(self.requests.items())])
+            family("invites_api_auth_failures", "counter", "Requests with a wrong, "
+                                                           "unknown or malformed key.",
                    [f"invites_api_auth_failures_total {self.auth_failures}"])
             family("invites_api_rate_limited", "counter", "Requests answered 429.",
                    [f"invites_api_rate_limited_total {self.rate_limited}"])
@@ -3105,10 +3181,13 @@ class Metrics:
             cumulative, samples = 0, []
             for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):
                 cumulative += count
-                samples.append(f'invites_api_request_duration_seconds_bucket{{le="{"+Inf" if bound == float("inf") else bound}"}} {cumulative}')
+                le = "+Inf" if bound == float("inf") else bound
+                samples.append(f'invites_api_request_duration_seconds_bucket{{le="{le}"}} '
+                               f"{cumulative}")
             samples += [f"invites_api_request_duration_seconds_count {cumulative}",
                         f"invites_api_request_duration_seconds_sum {self.latency_sum:.6f}"]
-            family("invites_api_request_duration_seconds", "histogram", "Time from request line to response.",
+            family("invites_api_request_duration_seconds", "histogram",
+                   "Time from request line to response.",
                    samples)
         family("invites_api_open_connections", "gauge", "Client connections open now.",
                [f"invites_api_open_connections {connections}"])
@@ -3122,10 +3201,11 @@ class App:
 
     def __init__(self, store, public_url=None, invite_url_template=None,
                  invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=BUILTIN, site_name=None, apps=DEFAULT_APPS, trust_proxy=None, metrics_token=None,
+                 backend=BUILTIN, site_name=None, apps=DEFAULT_APPS, trust_proxy=None,
+                 metrics_token=None,
                  auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, notify=None):
         self.store = store
-        self.notify = notify  # an argv run after each use of an invite on our page (token, username, host)
+        self.notify = notify  # an argv run after each use of an invite on our page
         self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
         # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
         self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
@@ -3150,8 +3230,8 @@ class App:
             self.log.flush()
 
     def log_problem(self, text, cause):
-        """Log a failure that may recur on every request (the database is read-only, a backend
-        is down) once per cause and minute, saying how often it happened meanwhile."""
+        """Log a failure that may recur on every request once per cause and minute."""
+        # (The database is read-only, a backend is down.) The line says how often it happened.
         clock = time.monotonic()
         with self._lock:
             seen = self._problems.get(cause)
@@ -3278,22 +3358,26 @@ class StrictHTTP:
                                    else "request cut short")
             name, _, value = field.decode("latin-1").partition(":")
             headers[name] = value.strip()
-        tokens = {t.strip().lower() for t in ",".join(headers.get_all("Connection") or ()).split(",")}
+        tokens = {t.strip().lower()
+                  for t in ",".join(headers.get_all("Connection") or ()).split(",")}
         self.close_connection = ("close" in tokens or self.server.stopping
-                                 or self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
+                                 or self.request_version == "HTTP/1.0"
+                                 and "keep-alive" not in tokens)
         hosts = headers.get_all("Host") or []
         if len(hosts) > 1 or not hosts and self.request_version == "HTTP/1.1":
             return self.refuse(400, "exactly one Host header is required")
         if headers.get("Transfer-Encoding") is not None:
             return self.refuse(411, "send the body with Content-Length, not Transfer-Encoding")
-        lengths = {v.strip() for v in ",".join(headers.get_all("Content-Length") or ["0"]).split(",")}
+        lengths = {v.strip()
+                   for v in ",".join(headers.get_all("Content-Length") or ["0"]).split(",")}
         length = lengths.pop()
         if lengths or not re.fullmatch(r"[0-9]{1,12}", length):  # one value, ASCII digits
             return self.refuse(400, f"invalid Content-Length {length[:20]!r}")
         if int(length) > MAX_BODY:
             return self.refuse(413, f"request body over {MAX_BODY} bytes")
         try:
-            self.client, self.scheme, self.authority = self.proxy_view(hosts[0].strip() if hosts else "")
+            self.client, self.scheme, self.authority = self.proxy_view(hosts[0].strip() if hosts
+                                                                       else "")
         except BadRequest as e:
             return self.refuse(400, str(e))
         if int(length) and "100-continue" in (headers.get("Expect") or "").lower():
@@ -3353,11 +3437,13 @@ class StrictHTTP:
         if isinstance(body, str):
             body = body.encode("utf-8")
         if self.body is None or self.server.stopping:
-            self.close_connection = True  # a body not read in full: the next request's start is unknown
+            # A body not read in full: where the next request starts is unknown.
+            self.close_connection = True
         self.connection.settimeout(self.server.idle_timeout)  # for a client that reads slowly
         self.send_response(status)  # logs it, then Server and Date
         for name, value in [*headers, *self.response_headers]:
-            self.send_header(name, value if value.isascii() and value.isprintable() else iri_to_uri(value))
+            self.send_header(name, value if value.isascii() and value.isprintable()
+                             else iri_to_uri(value))
         if status != 204:
             if body:
                 self.send_header("Content-Type", content_type)
@@ -3384,7 +3470,8 @@ class StrictHTTP:
 
     def log_request(self, code="-", size="-"):
         """http.server's hook for each answer (called before it is sent): see answered()."""
-        self.answered(int(code), time.monotonic() - self.started if self.started is not None else 0.0)
+        self.answered(int(code), time.monotonic() - self.started if self.started is not None
+                      else 0.0)
 
     def answered(self, code, seconds):
         """Count or log one answer (the application's handler overrides this)."""
@@ -3399,7 +3486,7 @@ class StrictHTTP:
 
 
 class InvitePages:
-    """The invitee's pages of InviteRequests: an invite's landing page, the sign-up form, its result."""
+    """The invitee's pages of InviteRequests: an invite's page, the sign-up form, its result."""
 
     def invite_page(self, token):
         """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
@@ -3411,12 +3498,13 @@ class InvitePages:
         minter = minted_by(invite, self.app.backend)
         signup = f"{base}/register?t={invite['token']}" if minter.signs_up else None
         self.respond_html(200, lambda nonce: render_invite_page(
-            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps, nonce,
+            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps,
+                                                                nonce,
             signup, in_apps=not minter.used_here),
             headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
 
     def signup_page(self, _):
-        """The sign-up form of a built-in invite: GET /register?t=TOKEN (and &account=, when done)."""
+        """The sign-up form of a built-in invite: GET /register?t=TOKEN[&account=]."""
         params = self.params("t", "account")
         invite, status = find_invite(self.app.store, params.get("t", ""))
         if invite is None or minted_by(invite, self.app.backend).signs_up is None:
@@ -3461,9 +3549,11 @@ class InvitePages:
         if site is not None:
             return site == "same-origin"
         origin = self.headers.get("Origin")
-        return origin is None or origin in (self.public_base(host), f"{self.scheme}://{self.authority}")
+        return origin is None or origin in (self.public_base(host),
+                                            f"{self.scheme}://{self.authority}")
 
-    def respond_page(self, status, unavailable=None, invite=None, username="", error=None, done=False):
+    def respond_page(self, status, unavailable=None, invite=None, username="", error=None,
+                     done=False):
         """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
         site_name, apps = self.site_name(invite), self.app.apps
         if done:
@@ -3472,7 +3562,8 @@ class InvitePages:
         if invite is not None and unavailable is None:
             return self.respond_html(status, lambda nonce: render_signup_page(
                 invite, "/register", site_name, nonce, username, error), form=True)
-        self.respond_html(status, lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
+        self.respond_html(status,
+                          lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
 
     def site_name(self, invite=None):
         return self.app.site_name or (invite["host"] if invite is not None else "Invite")
@@ -3513,8 +3604,8 @@ class InviteRequests(InvitePages, StrictHTTP):
             if isinstance(e, BadCredentials):
                 self.app.count_auth_failure(self.client)
             elif isinstance(e, (StoreError, BackendError)):
-                self.app.log_problem(f"{type(e).__name__} on {self.command} {self.redacted_path()}: "
-                                     f"{e}", cause=str(e))
+                self.app.log_problem(f"{type(e).__name__} on {self.command} "
+                                     f"{self.redacted_path()}: {e}", cause=str(e))
             self.respond_error(e)
         except Exception:
             import traceback
@@ -3529,8 +3620,9 @@ class InviteRequests(InvitePages, StrictHTTP):
         """What a person who opens the server's own address sees: GET /."""
         self.params()
         self.respond_html(200, lambda nonce: render_page(
-            "Invites", "<h1>This server makes account invites</h1><p>Invites come as links; open the "
-            "link you were given. If you have none, ask the person who runs this server for one.</p>",
+            "Invites", "<h1>This server makes account invites</h1><p>Invites "
+                       "come as links; open the link you were given. If you have "
+                       "none, ask the person who runs this server for one.</p>",
             self.app.site_name or "Invites", nonce))
 
     def health(self, _):
@@ -3544,14 +3636,15 @@ class InviteRequests(InvitePages, StrictHTTP):
         self.respond_json(200, {"status": "ok"})
 
     def metrics(self, _):
-        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token, a Bearer token)."""
+        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token)."""
         self.params()
         if self.app.metrics_token is not None:
             given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
             if not hmac.compare_digest(given.encode(), self.app.metrics_token.encode()):
                 raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
         text = self.app.metrics.render(self.server.open_connections, self.app.store.size())
-        self.respond(200, text, content_type="application/openmetrics-text; version=1.0.0; charset=utf-8")
+        self.respond(200, text, content_type="application/openmetrics-text; "
+                                             "version=1.0.0; charset=utf-8")
 
     def api_create(self, _):
         """Create an invite: GET or POST /invites_api."""
@@ -3573,7 +3666,8 @@ class InviteRequests(InvitePages, StrictHTTP):
         self.respond(status, b"", [("Location", url)])
 
     def api_list(self, _):
-        """List the key's invites a page at a time: GET /invites_api/invites (X-Total-Count, Link)."""
+        """List the key's invites a page at a time: GET /invites_api/invites."""
+        # X-Total-Count says how many there are; a Link rel="next" gives the next page.
         params = self.params("key", "all", "status", "limit", "after")
         key = self.authenticate(params.get("key", ""))
         status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
@@ -3581,15 +3675,18 @@ class InviteRequests(InvitePages, StrictHTTP):
             limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
         store = self.app.store
         invites, total = list_invites(store, key["host"], key["id"],
-                                      None if status == "all" else status, limit, params.get("after"))
+                                      None if status == "all" else status, limit,
+                                      params.get("after"))
         headers = [("X-Total-Count", str(total))]
         if len(invites) == limit and total > limit:
             from urllib.parse import urlencode
             query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
                                "after": invites[-1]["token"]})
-            headers.append(("Link", f'<{self.public_base(key["host"])}/invites_api/invites?{query}>;'
-                                    ' rel="next"'))
-        self.respond_json(200, [invite_info(i, self.invite_url(i), invite_state(store, i, self.app.backend),
+            headers.append(("Link",
+                            f'<{self.public_base(key["host"])}/invites_api/invites?{query}>; '
+                                    'rel="next"'))
+        self.respond_json(200, [invite_info(i, self.invite_url(i),
+                                            invite_state(store, i, self.app.backend),
                                             store.accounts(i["token"])) for i in invites], headers)
 
     def api_show(self, token):
@@ -3630,7 +3727,7 @@ class InviteRequests(InvitePages, StrictHTTP):
     # -- reading requests -------------------------------------------------------------------
 
     def params(self, *allowed):
-        """Return the query string as a dict; raise BadRequest on unknown names, repeats, too many."""
+        """Return the query string as a dict; raise BadRequest if bad (see parse_fields)."""
         return parse_fields(self.query, allowed, "parameter")
 
     def form_body(self, *allowed):
@@ -3649,14 +3746,16 @@ class InviteRequests(InvitePages, StrictHTTP):
         return authenticate(self.app.store, self.credentials(query_key))
 
     def wants_json(self):
-        return self.headers is not None and "application/json" in (self.headers.get("Accept") or "").lower()
+        accept = (self.headers.get("Accept") or "") if self.headers is not None else ""
+        return "application/json" in accept.lower()
 
     def public_base(self, host):
         """Return the scheme and authority invite URLs start with."""
         if self.app.public_url:
             return self.app.public_url.replace("{host}", host)
         address, port = self.server.server_address[:2]
-        authority = self.authority or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
+        authority = self.authority or (f"[{address}]:{port}" if ":" in address
+                                       else f"{address}:{port}")
         return f"{self.scheme}://{authority}"
 
     def invite_url(self, invite):
@@ -3669,13 +3768,16 @@ class InviteRequests(InvitePages, StrictHTTP):
         if self.wants_json():
             return self.respond_json(error.status, {"error": str(error)}, error.headers)
         if self.form is not None and isinstance(error, Gone):
-            return self.respond_page(410, invite_status(self.app.store.invite(self.form["invite"]["token"])))
+            invite = self.app.store.invite(self.form["invite"]["token"])
+            return self.respond_page(410, invite_status(invite))
         if self.form is not None and isinstance(error, (BadRequest, Conflict, BackendError)):
-            reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)), str(error))
+            reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)),
+                          str(error))
             return self.respond_page(error.status, error=reason, **self.form)
         if self.page:  # a person reads it
+            site_name = self.app.site_name or "Invite"
             return self.respond_html(error.status, lambda nonce: render_error_page(
-                error.status, str(error), self.app.site_name or "Invite", nonce), headers=error.headers)
+                error.status, str(error), site_name, nonce), headers=error.headers)
         self.respond(error.status, f"{error}\n", error.headers)
 
     def respond_json(self, status, data, headers=()):
@@ -3691,7 +3793,7 @@ class InviteRequests(InvitePages, StrictHTTP):
     # -- logging ----------------------------------------------------------------------------
 
     def redacted_path(self):
-        """Return the request target fit for a log: decoded, anything key- or token-like redacted."""
+        """Return the request target fit for a log: key- or token-like parts redacted."""
         if not self.path:
             return "-"
         from urllib.parse import unquote_plus
@@ -3701,7 +3803,8 @@ class InviteRequests(InvitePages, StrictHTTP):
         self.app.metrics.request(code, seconds)
         if self.app.log is not None:
             self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
-                             (self.command or "-")[:20].translate(_UNPRINTABLE), self.redacted_path(),
+                             (self.command or "-")[:20].translate(_UNPRINTABLE),
+                             self.redacted_path(),
                              code, seconds * 1000)
 
     def log_line(self, text):
@@ -3710,17 +3813,17 @@ class InviteRequests(InvitePages, StrictHTTP):
 
 # What a person sees on the sign-up form when the server failed (the reason goes to the log).
 _FORM_ERRORS = (
-    (OutcomeUnknown, "The server did not answer in time, so we cannot tell whether it was done. Try "
-                     "logging in with this name and password; if that does not work, ask for a new "
-                     "invite."),
+    (OutcomeUnknown, "The server did not answer in time, so we cannot tell "
+                     "whether it was done. Try logging in with this name and "
+                     "password; if that does not work, ask for a new invite."),
     (BackendError, "The server could not do it just now. Please try again later."),
 )
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A connection's socket as the raw stream under its rfile: between requests a read waits
-    up to the idle timeout; from a request's first byte, only until that request's deadline,
-    however the client spreads its bytes."""
+    """A connection's socket as the raw stream under its rfile, reading to deadlines."""
+    # Between requests a read waits up to the idle timeout; from a request's first byte, only
+    # until that request's deadline, however the client spreads its bytes.
 
     def __init__(self, handler):
         self.handler = handler
@@ -3731,7 +3834,8 @@ class _DeadlineReader(io.RawIOBase):
     def readinto(self, buffer):
         handler = self.handler
         server = handler.server
-        wait = server.idle_timeout if handler.deadline is None else handler.deadline - time.monotonic()
+        wait = (server.idle_timeout if handler.deadline is None
+                else handler.deadline - time.monotonic())
         if wait <= 0:
             raise TimeoutError("the request took longer than --request-timeout")
         handler.connection.settimeout(wait)
@@ -3768,7 +3872,8 @@ class InviteServing:
     request_queue_size = 1024  # a burst is accepted and answered (or refused) fast, not dropped
 
     def __init__(self, app, handler_class, bind, port, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
+                 timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None,
+                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
         import socket
         self.app, self.tls, self.max_connections = app, tls, max_connections
         self.idle_timeout, self.request_timeout = timeout, request_timeout
@@ -3781,7 +3886,8 @@ class InviteServing:
             super().__init__((bind, port), handler_class)
         else:
             self.address_family = listen_socket.family
-            super().__init__(listen_socket.getsockname()[:2], handler_class, bind_and_activate=False)
+            super().__init__(listen_socket.getsockname()[:2], handler_class,
+                             bind_and_activate=False)
             self.socket = listen_socket
             self.server_address = listen_socket.getsockname()
 
@@ -3803,9 +3909,9 @@ class InviteServing:
     # -- connections ----------------------------------------------------------
 
     def process_request(self, request, client_address):
-        """Serve a new connection in a thread of its own; when full, in place of the connection
-        that has waited longest for a request (idle, or sending it slowly); when every one is
-        busy answering, refuse it with 503 at once."""
+        """Serve a new connection in a thread of its own, or refuse it."""
+        # When full, in place of the connection that has waited longest for a request (idle, or
+        # sending it slowly); when every one is busy answering, refuse it with 503 at once.
         with self._lock:
             room = len(self.connections) < self.max_connections or self._evict()
             if room:
@@ -3823,14 +3929,15 @@ class InviteServing:
             self.app.store.close()  # this thread's database connection, if it opened one
 
     def handle_error(self, request, client_address):
-        """A connection's thread failed outside a request: a failed handshake or a client gone is no
-        news; anything else is a bug, logged."""
+        """A connection's thread failed outside a request: log it if it is a bug."""
+        # A failed handshake or a client gone is no news.
         if not isinstance(sys.exc_info()[1], OSError):
             import traceback
-            self.app.log_line(f"internal error serving a connection:\n{traceback.format_exc().rstrip()}")
+            self.app.log_line("internal error serving a "
+                              f"connection:\n{traceback.format_exc().rstrip()}")
 
     def tracked(self, request):
-        """Return the _Connection of a socket (a fresh one, marked evicted, if it was taken back already)."""
+        """Return a socket's _Connection (a fresh one, marked evicted, if it was taken back)."""
         with self._lock:
             tracked = self.connections.get(request)
         if tracked is None:
@@ -3857,7 +3964,8 @@ class InviteServing:
         # Under _lock. Take back the connection that has waited longest for a
         # request (idle, or sending it slowly); its thread answers and ends.
         import socket
-        waiting = [(t.waiting_since, sock, t) for sock, t in self.connections.items() if t.waiting_since is not None]
+        waiting = [(t.waiting_since, sock, t) for sock, t in self.connections.items()
+                   if t.waiting_since is not None]
         if not waiting:
             return False
         _, sock, tracked = min(waiting, key=lambda w: w[0])
@@ -3876,15 +3984,16 @@ class InviteServing:
         import socket
         try:
             sock.setblocking(False)
-            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain\r\n"
-                      b"Content-Length: 21\r\nConnection: close\r\n\r\ntoo many connections\n")
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                      b"Content-Type: text/plain\r\nContent-Length: 21\r\nConnection: close\r\n"
+                      b"\r\ntoo many connections\n")
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return sock.close()
         self.lingering.append((time.monotonic() + 1, sock))
 
     def service_actions(self):
-        """Close refused connections once their 503 had time to arrive (serve_forever calls this)."""
+        """Close refused connections once their 503 had time to arrive."""
         while self.lingering and (self.lingering[0][0] < time.monotonic() or self.stopping):
             sock = self.lingering.pop(0)[1]
             try:
@@ -3895,8 +4004,8 @@ class InviteServing:
             sock.close()
 
     def stop_connections(self, grace=SHUTDOWN_GRACE):
-        """Stop serving: close the connections waiting for a request at once, let the requests under
-        way finish (answered with Connection: close) for up to grace seconds."""
+        """Stop serving: close idle connections, let requests under way finish."""
+        # Those finish with Connection: close, for up to grace seconds.
         import socket
         self.stopping = True
         until = time.monotonic() + grace
@@ -3934,21 +4043,21 @@ class TLS:
         try:
             context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as e:
-            raise Error(f"cannot load the TLS certificate {self.cert!r} and key {self.key!r}: {e}") from None
+            raise Error("cannot load the TLS certificate "
+                        f"{self.cert!r} and key {self.key!r}: {e}") from None
         return context
 
     def reload(self):
-        """Switch new connections to the files' current contents (for renewals); keep the old on failure."""
+        """Switch new connections to the files' current contents; keep the old on failure."""
         self.context = self.load()
 
 
 def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None, request_timeout=DEFAULT_REQUEST_TIMEOUT):
-    """Return a listening (not yet serving) HTTP server for app; raise Error if it cannot listen.
-
-    tls: a TLS for HTTPS. listen_socket: an already listening socket (from
-    systemd) to serve instead of binding bind:port.
-    """
+                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None,
+                request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    """Return a listening (not yet serving) HTTP server for app; raise Error if it cannot."""
+    # tls: a TLS for HTTPS. listen_socket: an already listening socket (from systemd) to serve
+    # instead of binding bind:port.
     # http.server is imported only here, so that the key commands start fast.
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -3959,7 +4068,8 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
         pass
 
     try:
-        server = Server(app, Handler, bind, port, max_connections, timeout, tls, listen_socket, request_timeout)
+        server = Server(app, Handler, bind, port, max_connections, timeout, tls, listen_socket,
+                        request_timeout)
     except OSError as e:
         raise Error(f"cannot listen on {bind}:{port}: {e.strerror}") from None
     app.store.start_group_commit()
@@ -3970,13 +4080,15 @@ NOTIFY_TIMEOUT = 60  # a notification is not urgent; a program that hangs is sti
 
 
 def notify_use(argv, token, username, host, log):
-    """Run the --notify-command in the background (never a shell), with the username and the host
-    as its last arguments and the invite's token in $INVITES_API_TOKEN (not in its arguments, which
-    anyone on the machine can read); log a failure."""
+    """Run the --notify-command in the background (never a shell); log a failure."""
+    # The username and the host are its last arguments; the invite's token is in
+    # $INVITES_API_TOKEN (not in its arguments, which anyone on the machine can read).
     def run():
-        env = dict(os.environ, INVITES_API_TOKEN=token, INVITES_API_USERNAME=username, INVITES_API_HOST=host)
+        env = dict(os.environ, INVITES_API_TOKEN=token, INVITES_API_USERNAME=username,
+                   INVITES_API_HOST=host)
         try:
-            status = run_program([*argv, username, host], "--notify-command", NOTIFY_TIMEOUT, env=env)[0]
+            status = run_program([*argv, username, host], "--notify-command", NOTIFY_TIMEOUT,
+                                 env=env)[0]
             failed = status and f"exited with status {status}"
         except BackendError as e:
             failed = str(e)
@@ -4034,10 +4146,8 @@ def serve(server, banner=""):
 # ---------------------------------------------------------------------------
 
 def _arg(parse, clear=None):
-    """Wrap a ValueError-raising parser as an argparse type (a usage error, exit 2).
-
-    With clear (e.g. "never"), that word parses as CLEAR: remove the limit.
-    """
+    """Wrap a ValueError-raising parser as an argparse type (a usage error, exit 2)."""
+    # With clear (e.g. "never"), that word parses as CLEAR: remove the limit.
     def parse_arg(text):
         if clear is not None and text.strip().lower() == clear:
             return CLEAR
@@ -4069,7 +4179,8 @@ def _policy(args):
     if args.max_invites is not None:
         policy["max_invites"] = args.max_invites
     if args.rate is not None:
-        policy["rate_count"], policy["rate_period"] = (CLEAR, CLEAR) if args.rate is CLEAR else args.rate
+        rate = (CLEAR, CLEAR) if args.rate is CLEAR else args.rate
+        policy["rate_count"], policy["rate_period"] = rate
     if args.max_ttl is not None:
         policy["max_ttl"] = args.max_ttl
     if args.max_uses is not None:
@@ -4094,7 +4205,8 @@ def cmd_list(args):
         _print_json(keys)
     for key in keys if not args.json else ():
         print(f"{key['id']}\t{key['name']}")
-    print(f"{args.host}: {len(keys) or 'no'} key{'' if len(keys) == 1 else 's'} in database {store.path}",
+    print(f"{args.host}: {len(keys) or 'no'} "
+          f"key{'' if len(keys) == 1 else 's'} in database {store.path}",
           file=sys.stderr)
 
 
@@ -4136,27 +4248,32 @@ def _backend(args, log=None, asking=False, accounts=True):
             ("--ejabberd-api-auth-file", args.ejabberd_api_auth_file, args.ejabberd_api)):
         if value and not needs and (accounts or option != "--accounts-command"):
             raise Error(f"{option} does nothing here: it is for " + {
-                "--backend-command": "--backend command", "--accounts-command": "--accounts command",
+                "--backend-command": "--backend command",
+                "--accounts-command": "--accounts command",
                 "--ejabberd-api": "--backend ejabberd or --accounts ejabberd",
                 "--ejabberd-api-auth-file": "--ejabberd-api"}[option])
     name = "prosody" if asking and args.backend == "builtin" else args.backend
     backend = make_backend(name, None, args.prosody_config, args.prosody_socket, _ejabberd(args),
-                           args.backend_command, args.backend_timeout, args.backend_concurrency, log)
+                           args.backend_command, args.backend_timeout, args.backend_concurrency,
+                           log)
     if wanted == backend.name and wanted in ("prosody", "ejabberd"):
         backend.accounts = backend  # (one server, one connection to it)
     elif wanted == "prosody":
-        backend.accounts = ProsodyBackend(args.prosody_config, args.prosody_socket, args.backend_timeout)
+        backend.accounts = ProsodyBackend(args.prosody_config, args.prosody_socket,
+                                          args.backend_timeout)
     elif wanted == "ejabberd":
         backend.accounts = EjabberdBackend(_ejabberd(args), timeout=args.backend_timeout)
     elif wanted == "command":
         backend.accounts = Accounts(split_command(args.accounts_command, "--accounts-command",
-                                                  "{action} {username} {host}"), args.backend_timeout)
+                                                  "{action} {username} {host}"),
+                                    args.backend_timeout)
     return backend
 
 
 def _ejabberd(args):
-    """Return the client for ejabberd's commands the command line asks for (--ejabberd-api, else ejabberdctl)."""
-    return make_ejabberd(args.ejabberd_api, args.ejabberd_api_auth_file, args.ejabberdctl, args.backend_timeout)
+    """Return the client for ejabberd's commands that the command line asks for."""
+    return make_ejabberd(args.ejabberd_api, args.ejabberd_api_auth_file, args.ejabberdctl,
+                         args.backend_timeout)
 
 
 def cmd_invites_create(args):
@@ -4182,11 +4299,12 @@ def cmd_invites_create(args):
 
 
 def cmd_invites_list(args):
-    """invites list HOST: print a page of the host's invites as a table (80 columns), and on
-    stderr how many there are and how to see the next page."""
+    """invites list HOST: print a page of the host's invites as an 80-column table."""
+    # On stderr: how many there are, and how to see the next page.
     store, backend = open_store(args), _backend(args, sys.stderr, asking=True)
     status = None if args.all or args.status == "all" else args.status
-    invites, total = list_invites(store, args.host, args.key and _key_id(args.key), status, args.limit, args.after)
+    invites, total = list_invites(store, args.host, args.key and _key_id(args.key), status,
+                                  args.limit, args.after)
     states = [invite_state(store, i, backend) for i in invites]
     if args.json:
         _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
@@ -4198,9 +4316,12 @@ def cmd_invites_list(args):
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
         for row in rows:
             line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  "
-            note = row[-1] if len(line) + len(row[-1]) <= 80 else row[-1][:max(0, 79 - len(line))] + "…"
+            note = row[-1]
+            if len(line) + len(note) > 80:
+                note = note[:max(0, 79 - len(line))] + "…"
             print((line + note).rstrip())
-    shown = f"{args.host}: {total:,} {status + ' ' if status else ''}invite{'' if total == 1 else 's'}"
+    shown = (f"{args.host}: {total:,} {status + ' ' if status else ''}"
+             f"invite{'' if total == 1 else 's'}")
     if len(invites) < total or args.after:
         shown += f", {len(invites):,} shown"
     more = total > len(invites) and len(invites) == args.limit and invites
@@ -4212,7 +4333,8 @@ def cmd_invites_show(args):
     store = open_store(args)
     invite = get_invite(store, args.token, args.host)
     status = invite_state(store, invite, _backend(args, sys.stderr, asking=True))
-    info = invite_info(store.invite(args.token), _cli_url(args, invite), status, store.accounts(args.token))
+    info = invite_info(store.invite(args.token), _cli_url(args, invite), status,
+                       store.accounts(args.token))
     if args.json:
         return _print_json(info)
     info["accounts"] = ", ".join(f"{a['jid']} ({a['action']} {a['at']})" for a in info["accounts"])
@@ -4222,7 +4344,8 @@ def cmd_invites_show(args):
 
 def cmd_invites_revoke(args):
     """invites revoke HOST TOKEN: revoke an invite."""
-    revoke_invite(open_store(args), args.token, host=args.host, backend=_backend(args, sys.stderr, asking=True))
+    revoke_invite(open_store(args), args.token, host=args.host,
+                  backend=_backend(args, sys.stderr, asking=True))
 
 
 def cmd_invites_redeem(args):
@@ -4236,7 +4359,8 @@ def cmd_serve(args):
     """serve: run the HTTP API until stopped."""
     for template, option in ((args.public_url, "--public-url"), (args.invite_url, "--invite-url")):
         if template and not re.match(r"https?://[^/?#\s]+", template.replace("{host}", "h")):
-            raise Error(f"{option} {template!r} must start with http:// or https:// and a host name")
+            raise Error(f"{option} {template!r} must start with "
+                        "http:// or https:// and a host name")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise Error("--tls-cert and --tls-key go together")
     tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
@@ -4266,7 +4390,8 @@ def cmd_serve(args):
 def systemd_socket():
     """Return the listening socket systemd passed (LISTEN_PID/LISTEN_FDS, fd 3), or None."""
     import socket
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS", "").isdigit():
+    if (os.environ.get("LISTEN_PID") != str(os.getpid())
+            or not os.environ.get("LISTEN_FDS", "").isdigit()):
         return None
     if int(os.environ["LISTEN_FDS"]) < 1:
         return None
@@ -4283,26 +4408,31 @@ def systemd_socket():
 
 _EXAMPLES = {
     "serve": "example:\n  invites_api.py serve --port 5282 --public-url https://{host}\n",
-    "create": 'examples:\n  invites_api.py create example.com "My test key"\n  -> prints KEY_ID/SECRET; '
-              "keep it, it is shown only once\n"
+    "create": 'examples:\n  invites_api.py create example.com "My test key"\n'
+              "  -> prints KEY_ID/SECRET; keep it, it is shown only once\n"
               '  invites_api.py create example.com "sign-up form" --rate 10/hour --expires 90d\n',
-    "list": "example:\n  invites_api.py list example.com\n  invites_api.py list example.com --json\n",
-    "update": "example:\n  invites_api.py update example.com t3XbXfBhZ0mJ --rate 100/day --expires never\n",
+    "list": "example:\n  invites_api.py list example.com\n  "
+            "invites_api.py list example.com --json\n",
+    "update": "example:\n  invites_api.py update example.com "
+              "t3XbXfBhZ0mJ --rate 100/day --expires never\n",
     "delete": "example:\n  invites_api.py delete example.com t3XbXfBhZ0mJ [--revoke-invites]\n",
-    "invites": "examples:\n  invites_api.py invites create example.com --uses 5 --ttl 2w --note 'choir'\n"
-               "  invites_api.py invites list example.com --all\n",
-    "invites create": "example:\n  invites_api.py invites create example.com --username alice --ttl 1d\n"
-                      "  -> prints the invite page URL\n",
+    "invites": "examples:\n  invites_api.py invites create example.com --uses 5 --ttl "
+               "2w --note 'choir'\n  invites_api.py invites list example.com --all\n",
+    "invites create": "example:\n  invites_api.py invites create example.com "
+                      "--username alice --ttl 1d\n  -> prints the invite page URL\n",
     "invites list": "example:\n  invites_api.py invites list example.com --all --json\n",
-    "invites show": "example:\n  invites_api.py invites show example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
-    "invites revoke": "example:\n  invites_api.py invites revoke example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
-    "invites redeem": "example:\n  invites_api.py invites redeem example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls --username alice\n",
+    "invites show": "example:\n  invites_api.py invites show "
+                    "example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
+    "invites revoke": "example:\n  invites_api.py invites revoke "
+                      "example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
+    "invites redeem": "example:\n  invites_api.py invites redeem example.com "
+                      "Vb0tJ3r1aQ2kWn9Yc8dZt0Ls --username alice\n",
 }
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter, told the terminal width so that it does not import shutil to ask (as
-    Python 3.13's argparse does for every parser it builds)."""
+    """argparse's formatter, told the terminal width so that it does not import shutil."""
+    # (Python 3.13's argparse imports shutil for every parser it builds otherwise.)
 
     def __init__(self, prog, **kwargs):
         try:
@@ -4345,43 +4475,55 @@ def build_parser():
                          help="the XMPP domain, e.g. example.com")
 
     def backend_args(sub):
-        sub.add_argument("--backend", choices=("builtin", "prosody", "ejabberd", "command"), default="builtin",
-                         help="who mints invites: this tool's own store (default), Prosody, ejabberd or a program")
-        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's config file, "
-                                                                   "where its admin socket is found")
-        sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's admin socket "
-                                                                   "(default: from the config)")
+        sub.add_argument("--backend", choices=("builtin", "prosody", "ejabberd", "command"),
+                         default="builtin",
+                         help="who mints invites: this tool's own store "
+                              "(default), Prosody, ejabberd or a program")
+        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's "
+                                                                  "config file, where its "
+                                                                  "admin socket is found")
+        sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's "
+                                                                  "admin socket (default: "
+                                                                  "from the config)")
         sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH",
                          help="ejabberd's ejabberdctl, where no --ejabberd-api is given")
         sub.add_argument("--ejabberd-api", metavar="URL",
-                         help="ejabberd's HTTP API (mod_http_api), e.g. http://127.0.0.1:5280/api: used "
-                              "instead of ejabberdctl (no Erlang VM per call, no password in an argv)")
+                         help="ejabberd's HTTP API (mod_http_api), e.g. "
+                              "http://127.0.0.1:5280/api: used instead of ejabberdctl "
+                              "(no Erlang VM per call, no password in an argv)")
         sub.add_argument("--ejabberd-api-auth-file", metavar="PATH",
-                         help="a file holding USER@HOST:PASSWORD (basic auth) or an OAuth token, for an "
-                              "api_permissions that asks for one")
+                         help="a file holding USER@HOST:PASSWORD (basic auth) or an "
+                              "OAuth token, for an api_permissions that asks for one")
         sub.add_argument("--backend-command", metavar="TEMPLATE",
-                         help="command backend: program and arguments, split like a shell would but never run "
-                              "by one; {host}, {ttl}, {uses}, {username} are filled in")
-        sub.add_argument("--backend-timeout", type=_arg(parse_seconds), default=DEFAULT_BACKEND_TIMEOUT,
+                         help="command backend: program and arguments, split like a shell would "
+                              "but never run by one; {host}, {ttl}, {uses}, {username} are filled "
+                              "in")
+        sub.add_argument("--backend-timeout", type=_arg(parse_seconds),
+                         default=DEFAULT_BACKEND_TIMEOUT,
                          metavar="SECONDS", help=f"kill a backend program after this (default "
                                                  f"{DEFAULT_BACKEND_TIMEOUT:g})")
-        sub.add_argument("--backend-concurrency", type=_arg(parse_count), default=DEFAULT_BACKEND_CONCURRENCY,
-                         metavar="N", help=f"backend programs run at once (default {DEFAULT_BACKEND_CONCURRENCY})")
+        sub.add_argument("--backend-concurrency", type=_arg(parse_count),
+                         default=DEFAULT_BACKEND_CONCURRENCY,
+                         metavar="N", help="backend programs run at once (default "
+                                           f"{DEFAULT_BACKEND_CONCURRENCY})")
 
     def accounts_args(sub):
         sub.add_argument("--accounts", choices=("prosody", "ejabberd", "command"),
-                         help="who creates the accounts built-in invites are used for, from their sign-up page "
-                              "(/register?t=TOKEN), and says which accounts exist (for resets): Prosody "
-                              "through its admin socket, ejabberdctl, or --accounts-command")
+                         help="who creates the accounts built-in invites are used for, "
+                              "from their sign-up page (/register?t=TOKEN), and says "
+                              "which accounts exist (for resets): Prosody through its "
+                              "admin socket, ejabberdctl, or --accounts-command")
         sub.add_argument("--accounts-command", metavar="TEMPLATE",
-                         help="accounts command: program and arguments with {action} (create, reset, "
-                              "exists or mark), {username}, {host}; the password comes on its standard input; "
-                              "exit 3 means the name is taken (reset, exists, mark: there is no such account)")
+                         help="accounts command: program and arguments with {action} "
+                              "(create, reset, exists or mark), {username}, {host}; the "
+                              "password comes on its standard input; exit 3 means the name "
+                              "is taken (reset, exists, mark: there is no such account)")
 
     def policy_args(sub, clear):
         none = " ('never' removes it)" if clear else ""
         sub.add_argument("--expires", type=_arg(parse_expiry, clear and "never"), metavar="WHEN",
-                         help=f"the key stops working then: a duration (90d) or a UTC date (2027-01-31){none}")
+                         help="the key stops working then: a duration "
+                              f"(90d) or a UTC date (2027-01-31){none}")
         none = " ('none' removes it)" if clear else ""
         sub.add_argument("--max-invites", type=_arg(parse_count, clear and "none"), metavar="N",
                          help=f"total invites the key may ever make{none}")
@@ -4392,51 +4534,62 @@ def build_parser():
         sub.add_argument("--max-uses", type=_arg(parse_count), metavar="N",
                          help="most uses a request may ask for per invite (default 1)")
         sub.add_argument("--allow-resets", action=argparse.BooleanOptionalAction, default=None,
-                         help="the key may mint password-reset invites for existing accounts of its host "
-                              "(default: it may not; --no-allow-resets takes it back)")
+                         help="the key may mint password-reset invites for existing accounts of "
+                              "its host (default: it may not; --no-allow-resets takes it back)")
 
     sub = command(commands, "serve", cmd_serve, "run the HTTP API")
     sub.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
                      help=f"address to listen on (default {DEFAULT_BIND}; 0.0.0.0 or :: for all)")
     sub.add_argument("--port", type=_arg(parse_port), default=DEFAULT_PORT,
                      help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
-    sub.add_argument("--public-url", metavar="URL", default=os.environ.get("INVITES_API_PUBLIC_URL"),
+    sub.add_argument("--public-url", metavar="URL",
+                     default=os.environ.get("INVITES_API_PUBLIC_URL"),
                      help="start of invite page URLs, may contain {host} (default: "
                           "$INVITES_API_PUBLIC_URL, else the request's scheme and Host header)")
     sub.add_argument("--invite-url", metavar="TEMPLATE",
                      help="send Location to an external landing page instead; "
                           "placeholders {host}, {token}, {uri}")
     sub.add_argument("--invite-ttl", type=_arg(parse_duration), default=DEFAULT_INVITE_TTL,
-                     metavar="DURATION", help="default invite lifetime, e.g. 12h, 7d, 1w2d (default 7d)")
+                     metavar="DURATION", help="default invite lifetime, e.g. "
+                                              "12h, 7d, 1w2d (default 7d)")
     sub.add_argument("--purge-after", type=_arg(parse_duration), default=DEFAULT_PURGE_GRACE,
                      metavar="DURATION", help="delete invites this long after they expired, "
                                               "were used up or revoked (default 30d)")
-    sub.add_argument("--max-connections", type=_arg(parse_count), default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+    sub.add_argument("--max-connections", type=_arg(parse_count), default=DEFAULT_MAX_CONNECTIONS,
+                     metavar="N",
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
-    sub.add_argument("--timeout", type=_arg(parse_seconds), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    sub.add_argument("--timeout", type=_arg(parse_seconds), default=DEFAULT_TIMEOUT,
+                     metavar="SECONDS",
                      help=f"close connections idle this long (default {DEFAULT_TIMEOUT:g})")
     sub.add_argument("--request-timeout", type=_arg(parse_seconds), default=DEFAULT_REQUEST_TIMEOUT,
-                     metavar="SECONDS", help="a request (and a TLS handshake) must arrive whole within this "
-                                             f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
-    sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite pages (default: the host)")
+                     metavar="SECONDS", help="a request (and a TLS handshake) must arrive whole "
+                                             f"within this (default {DEFAULT_REQUEST_TIMEOUT:g})")
+    sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite "
+                                                         "pages (default: the host)")
     sub.add_argument("--apps", metavar="FILE.json",
-                     help='the "No app yet?" list on invite pages: [{"platform", "name", "url"}, ...]')
-    sub.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS (TLS 1.2+) with this certificate chain; "
-                                                         "SIGHUP reloads it")
+                     help='the "No app yet?" list on invite pages: '
+                          '[{"platform", "name", "url"}, ...]')
+    sub.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS (TLS 1.2+) with this "
+                                                        "certificate chain; SIGHUP reloads it")
     sub.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
-    sub.add_argument("--trust-proxy", nargs="?", const="x-forwarded-for", choices=("x-forwarded-for", "forwarded"),
-                     help="behind a reverse proxy: take the client address, scheme and host from the header "
-                          "it sets: X-Forwarded-For (its last hop), -Proto, -Host; or with =forwarded, "
-                          "Forwarded (off: they could be forged)")
-    sub.add_argument("--metrics-token", metavar="TOKEN", default=os.environ.get("INVITES_API_METRICS_TOKEN"),
-                     help="require Authorization: Bearer TOKEN for /metrics (default: $INVITES_API_METRICS_TOKEN)")
-    sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT, metavar="SECONDS",
-                     help=f"how long a write waits for another process's lock before 503 (default {BUSY_TIMEOUT:g})")
+    sub.add_argument("--trust-proxy", nargs="?", const="x-forwarded-for",
+                     choices=("x-forwarded-for", "forwarded"),
+                     help="behind a reverse proxy: take the client address, scheme and host "
+                          "from the header it sets: X-Forwarded-For (its last hop), -Proto, "
+                          "-Host; or with =forwarded, Forwarded (off: they could be forged)")
+    sub.add_argument("--metrics-token", metavar="TOKEN",
+                     default=os.environ.get("INVITES_API_METRICS_TOKEN"),
+                     help="require Authorization: Bearer TOKEN for "
+                          "/metrics (default: $INVITES_API_METRICS_TOKEN)")
+    sub.add_argument("--busy-timeout", type=_arg(parse_seconds), default=BUSY_TIMEOUT,
+                     metavar="SECONDS",
+                     help="how long a write waits for another process's "
+                          f"lock before 503 (default {BUSY_TIMEOUT:g})")
     accounts_args(sub)
     sub.add_argument("--notify-command", metavar="TEMPLATE",
-                     help="run after each use of an invite on the sign-up page, with the username and the "
-                          "host added as arguments and the invite's token in $INVITES_API_TOKEN (to tell "
-                          "the inviter)")
+                     help="run after each use of an invite on the sign-up page, with "
+                          "the username and the host added as arguments and the "
+                          "invite's token in $INVITES_API_TOKEN (to tell the inviter)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
@@ -4449,8 +4602,8 @@ def build_parser():
     sub = command(commands, "list", cmd_list, "list a host's keys: KEY_ID<TAB>NAME")
     host_arg(sub)
     sub.add_argument("--json", action="store_true",
-                     help="a JSON array with id, name, host, created_at, last_used_at, invites_created "
-                          "and the key's policy")
+                     help="a JSON array with id, name, host, created_at, "
+                          "last_used_at, invites_created and the key's policy")
 
     sub = command(commands, "update", cmd_update, "change a key's name or policy")
     host_arg(sub)
@@ -4462,11 +4615,13 @@ def build_parser():
     host_arg(sub)
     sub.add_argument("key_id", metavar="KEY_ID", help="the id `list` shows (the part before the /)")
     sub.add_argument("--revoke-invites", action="store_true",
-                     help="also revoke the pending invites the key made (they stay valid otherwise)")
+                     help="also revoke the pending invites the "
+                          "key made (they stay valid otherwise)")
 
     invites = commands.add_parser(
         "invites", help="create, list, show, revoke or redeem invites",
-        description="Manage invites directly, without HTTP.", epilog=_EXAMPLES["invites"], formatter_class=formatter)
+        description="Manage invites directly, without HTTP.", epilog=_EXAMPLES["invites"],
+                                  formatter_class=formatter)
     actions = invites.add_subparsers(dest="action", required=True, metavar="ACTION")
     url_help = ("start of the printed invite URLs, may contain {host} (default: "
                 f"$INVITES_API_PUBLIC_URL, else http://{DEFAULT_BIND}:{DEFAULT_PORT})")
@@ -4479,30 +4634,35 @@ def build_parser():
     sub.add_argument("--username", help="the only username it may register")
     sub.add_argument("--roles", metavar="ROLE,...", help="roles the new account gets (Prosody 13: "
                                                          "prosody:member...)")
-    sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 with mod_invites_groups)")
-    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account instead (a day "
-                                                     "unless --ttl): set on the sign-up page of serve --accounts, "
-                                                     "or made by the prosody backend; the account must "
-                                                     "exist, which --accounts or the backend tells")
+    sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 "
+                                                           "with mod_invites_groups)")
+    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account "
+                                                     "instead (a day unless --ttl): set on the "
+                                                     "sign-up page of serve --accounts, or made by "
+                                                     "the prosody backend; the account must exist, "
+                                                     "which --accounts or the backend tells")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
     sub.add_argument("--qr", nargs="?", const="url", choices=("url", "uri"),
-                     help="also print a QR code to scan from the screen: of the page URL (a phone camera "
-                          "opens it), or with --qr=uri of the xmpp: URI (for an XMPP app)")
+                     help="also print a QR code to scan from the screen: of the page URL (a phone "
+                          "camera opens it), or with --qr=uri of the xmpp: URI (for an XMPP app)")
     backend_args(sub)
     accounts_args(sub)
 
-    sub = command(actions, "list", cmd_invites_list, "list a host's invites (pending ones unless --all)",
+    sub = command(actions, "list", cmd_invites_list, "list a host's invites "
+                                                     "(pending ones unless --all)",
                   "invites list")
     host_arg(sub)
-    sub.add_argument("--status", default="valid", choices=("valid", "used", "expired", "revoked", "all"),
+    sub.add_argument("--status", default="valid",
+                     choices=("valid", "used", "expired", "revoked", "all"),
                      help="only the invites of this status (default valid: the pending ones)")
     sub.add_argument("--all", action="store_true", help="invites of any status (--status all)")
     sub.add_argument("--limit", type=_arg(parse_limit), default=DEFAULT_LIST_LIMIT,
-                     metavar="N", help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr says how many "
-                                       "there are and how to see the next page")
-    sub.add_argument("--after", metavar="TOKEN", help="the page after this invite (as the last page ended)")
+                     metavar="N", help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr "
+                                       "says how many there are and how to see the next page")
+    sub.add_argument("--after", metavar="TOKEN", help="the page after this invite "
+                                                      "(as the last page ended)")
     sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="a JSON array")
@@ -4515,16 +4675,19 @@ def build_parser():
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
     backend_args(sub)
 
-    sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once", "invites revoke")
+    sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once",
+                  "invites revoke")
     host_arg(sub)
     sub.add_argument("token", metavar="TOKEN")
     backend_args(sub)
 
-    sub = command(actions, "redeem", cmd_invites_redeem, "use an invite once; exit 1 if it is not valid",
+    sub = command(actions, "redeem", cmd_invites_redeem, "use an invite once; exit "
+                                                         "1 if it is not valid",
                   "invites redeem")
     host_arg(sub)
     sub.add_argument("token", metavar="TOKEN")
-    sub.add_argument("--username", help="the username being registered (checked if the invite has one)")
+    sub.add_argument("--username", help="the username being registered "
+                                        "(checked if the invite has one)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the used invite as JSON")
     return parser
