@@ -30,11 +30,14 @@ import hashlib
 import hmac
 import io
 import os
+import pwd
 import re
+import select
 import sqlite3
 import sys
 import threading
 import time
+import unicodedata
 
 __version__ = "0.1.0"
 
@@ -362,7 +365,6 @@ def saslprep_problem(text):
     # Its prohibited characters and bidi rule; unassigned code points pass, as they do in
     # Prosody's SASLprep (emoji are such).
     import stringprep
-    import unicodedata
     mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text
                      if not stringprep.in_table_b1(c))
     mapped = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
@@ -610,7 +612,6 @@ class Database:
         """Raise StoreError, naming the owner, if this user may not read and write the database."""
         if os.access(self.path, os.R_OK | os.W_OK):
             return
-        import pwd
 
         def name(uid):
             try:
@@ -1828,7 +1829,6 @@ class ProsodyAdmin:
 
     def _send(self, conn, line):
         """Send one line and return True; a failure raises OSError (a cut line runs nothing)."""
-        import select
         import socket
         from xml.sax.saxutils import escape
         # A connection Prosody closed while idle (a restart) is seen before anything is sent.
@@ -2189,7 +2189,6 @@ class EjabberdApi(EjabberdCtl):
     def _connection(self):
         """Return an idle connection that ejabberd has not closed, or a new one."""
         import http.client
-        import select
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()

@@ -3276,23 +3276,35 @@ class EjabberdListingTest(TempDirTestCase):
         self.assertEqual([c.args for c in ejabberd.call.call_args_list[3:]], [("list_invites",)])
 
 
-class EjabberdWithoutAdminExtraTest(EjabberdTest):
-    """ejabberd without mod_admin_extra: no check_account, so no resets, and serve says so."""
+class WithoutAModule:
+    """ejabberd without a module that resets need: its reset is refused (sign-up is tested above)."""
 
-    MODULES = "{}"
     test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
     test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started = None
     test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
 
-    def test_serve_warns_and_a_reset_is_refused_as_a_failure_not_as_a_missing_account(self):
+    def setUp(self):
+        super().setUp()
         subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
                        capture_output=True, timeout=60)
+
+    def reset_alice(self):
+        """Ask the command line for a reset invite for alice; return (exit code, stdout, stderr)."""
+        return run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
+                        "--accounts", "ejabberd", *self.via)
+
+
+class EjabberdWithoutAdminExtraTest(WithoutAModule, EjabberdTest):
+    """ejabberd without mod_admin_extra: no check_account, so no resets, and serve says so."""
+
+    MODULES = "{}"
+
+    def test_serve_warns_and_a_reset_is_refused_as_a_failure_not_as_a_missing_account(self):
         proc, port = self.start("--accounts", "ejabberd", *self.via)
         warning = wait_for_line(proc.stderr, 30)
         self.assertIn("--accounts ejabberd: ejabberd lacks check_account and change_password (enable "
                       "mod_admin_extra)", warning)
-        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", *self.via)
+        code, out, err = self.reset_alice()
         self.assertEqual(code, 1)
         self.assertIn(f"error: could not ask whether alice@{self.HOST} exists, so no reset was made", err)
         self.assertNotIn("there is no account", err)
@@ -3300,19 +3312,13 @@ class EjabberdWithoutAdminExtraTest(EjabberdTest):
         self.assertEqual(proc.wait(10), 0)
 
 
-class EjabberdWithoutPrivateTest(EjabberdTest):
+class EjabberdWithoutPrivateTest(WithoutAModule, EjabberdTest):
     """ejabberd without mod_private: nowhere to keep an account's mark, so no resets, and it says why."""
 
     MODULES = "{mod_admin_extra: {}}"
-    test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
-    test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started = None
-    test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
 
     def test_a_reset_is_refused_with_the_module_it_needs(self):
-        subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
-                       capture_output=True, timeout=60)
-        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--reset", "alice",
-                                  "--accounts", "ejabberd", *self.via)
+        code, out, err = self.reset_alice()
         self.assertEqual((code, out), (1, ""))
         self.assertIn("ejabberd kept no mark for the account (is mod_private enabled?)", err)
         self.assertEqual(ia.Store(self.db).read("SELECT count(*) FROM invites")[0][0], 0)
