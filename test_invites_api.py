@@ -4388,6 +4388,12 @@ class CliDatabaseErrorsTest(TempDirTestCase):
         content = b"my precious notes, not a database\n" * 100
         with open(path, "wb") as f:
             f.write(content)
+        self.assert_refused_and_untouched(path)
+
+    def assert_refused_and_untouched(self, path):
+        """Both key commands refuse the file with a clean error, and leave it as it was."""
+        with open(path, "rb") as f:
+            content = f.read()
         for argv in (("create", "example.com"), ("list", "example.com")):
             code, _, err = run_main("--db", path, *argv)
             self.assert_clean_error(path, code, err)
@@ -4400,13 +4406,7 @@ class CliDatabaseErrorsTest(TempDirTestCase):
         with open(path, "r+b") as f:
             f.seek(100)  # keep the 100-byte header, wreck the schema and the tables
             f.write(os.urandom(8192))
-        with open(path, "rb") as f:
-            content = f.read()
-        for argv in (("list", "example.com"), ("create", "example.com")):
-            code, _, err = run_main("--db", path, *argv)
-            self.assert_clean_error(path, code, err)
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(), content)
+        self.assert_refused_and_untouched(path)
 
     def test_an_unwritable_path_is_an_error(self):
         blocker = os.path.join(self.dir, "a-file")
