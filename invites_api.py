@@ -3571,9 +3571,9 @@ class InvitePages:
 class InviteRequests(InvitePages, StrictHTTP):
     """The application's request handler: a route reads a request, calls one operation, answers."""
 
-    @property
-    def app(self):
-        return self.server.app
+    def setup(self):
+        self.app = self.server.app  # (read by every route: an attribute, not a property)
+        super().setup()
 
     @property
     def trust_proxy(self):
