@@ -1017,8 +1017,8 @@ class Backend:
     def account_mark(self, host, username):
         """Return what names the account username@host for a reset (None: there is none); raise."""
         exists = getattr(self, "exists", None)
-        return _ask_mark(host, username, exists
-                         and (lambda: "" if exists(host, username) else None))
+        ask = exists and (lambda: "" if exists(host, username) else None)
+        return _ask_mark(host, username, ask)
 
     def status(self, invite):
         """Return (a valid invite's status as its server knows it, the account a use made)."""
@@ -1249,8 +1249,8 @@ def parse_limit(text, what="limit"):
 
 def _invite_option(name, value):
     """Return one invite option's value checked (options: query strings or JSON values)."""
-    if name != "uses" and not isinstance(value, str) and not (name == "ttl"
-                                                              and isinstance(value, int)):
+    if (name != "uses" and not isinstance(value, str)
+            and not (name == "ttl" and isinstance(value, int))):
         raise ValueError(f"{name} must be a string")
     if name == "ttl":
         return parse_duration(str(value))
@@ -1384,16 +1384,13 @@ def record_use(store, invite, account=None):
 def invite_info(invite, url=None, status=None, accounts=()):
     """Return an invite as a dict for JSON: no internals, ISO 8601 times, its accounts."""
     return {"token": invite["token"], "host": invite["host"], "type": invite["type"],
-            "uri": invite["uri"],
-            "url": url, "status": status or invite_status(invite),
-            "created_at": iso(invite["created_at"]),
-            "expires_at": iso(invite["expires_at"]), "uses": invite["uses"],
-            "uses_left": invite["uses_left"], "username": invite["username"],
-            "note": invite["note"],
-            "key_id": invite["key_id"], "revoked_at": iso(invite["revoked_at"]),
+            "uri": invite["uri"], "url": url, "status": status or invite_status(invite),
+            "created_at": iso(invite["created_at"]), "expires_at": iso(invite["expires_at"]),
+            "uses": invite["uses"], "uses_left": invite["uses_left"],
+            "username": invite["username"], "note": invite["note"], "key_id": invite["key_id"],
+            "revoked_at": iso(invite["revoked_at"]),
             "accounts": [{"jid": f"{a['username']}@{a['host']}", "action": a["action"],
-                          "at": iso(a["created_at"])}
-                         for a in accounts]}
+                          "at": iso(a["created_at"])} for a in accounts]}
 
 
 def get_invite(store, token, host=None, key_id=None):
@@ -1573,8 +1570,7 @@ def run_program(argv, what, timeout, stdin=b"", env=None):
     import subprocess
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
-                                start_new_session=True, env=env)
+                                stderr=subprocess.PIPE, start_new_session=True, env=env)
     except OSError as e:
         raise BackendError(f"{what}: cannot run "
                            f"{os.path.basename(argv[0])!r}: {e.strerror}") from None
@@ -2459,29 +2455,21 @@ def invite_url(invite, base, template=None):
 # Per error-correction level: (format bits, EC codewords per block, EC blocks), by version.
 _QR_LEVELS = {
     "L": (1, (0, 7, 10, 15, 20, 26, 18, 20, 24, 30, 18, 20, 24, 26, 30, 22, 24, 28, 30, 28, 28, 28,
-              28, 30,
-              30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+              28, 30, 30, 26, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
           (0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 4, 6, 6, 6, 6, 7, 8, 8, 9, 9, 10, 12, 12, 12,
-           13, 14, 15,
-           16, 17, 18, 19, 19, 20, 21, 22, 24, 25)),
+           13, 14, 15, 16, 17, 18, 19, 19, 20, 21, 22, 24, 25)),
     "M": (0, (0, 10, 16, 26, 18, 24, 16, 18, 22, 22, 26, 30, 22, 22, 24, 24, 28, 28, 26, 26, 26, 26,
-              28, 28,
-              28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28),
-          (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20, 21,
-           23, 25, 26,
-           28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)),
+              28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28, 28),
+          (0, 1, 1, 1, 2, 2, 4, 4, 4, 5, 5, 5, 8, 9, 9, 10, 10, 11, 13, 14, 16, 17, 17, 18, 20,
+           21, 23, 25, 26, 28, 29, 31, 33, 35, 37, 38, 40, 43, 45, 47, 49)),
     "Q": (3, (0, 13, 22, 18, 26, 18, 24, 18, 22, 20, 24, 28, 26, 24, 20, 30, 24, 28, 28, 26, 30, 28,
-              30, 30,
-              30, 30, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+              30, 30, 30, 30, 28, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
           (0, 1, 1, 2, 2, 4, 4, 6, 6, 8, 8, 8, 10, 12, 16, 12, 17, 16, 18, 21, 20, 23, 23, 25, 27,
-           29, 34, 34,
-           35, 38, 40, 43, 45, 48, 51, 53, 56, 59, 62, 65, 68)),
+           29, 34, 34, 35, 38, 40, 43, 45, 48, 51, 53, 56, 59, 62, 65, 68)),
     "H": (2, (0, 17, 28, 22, 16, 22, 28, 26, 26, 24, 28, 24, 28, 22, 24, 24, 30, 28, 28, 26, 28, 30,
-              24, 30,
-              30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
-          (0, 1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25, 25, 34, 30, 32,
-           35, 37, 40,
-           42, 45, 48, 51, 54, 57, 60, 63, 66, 70, 74, 77, 81)),
+              24, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30),
+          (0, 1, 1, 2, 4, 4, 4, 5, 6, 8, 8, 11, 11, 16, 16, 18, 16, 19, 21, 25, 25, 25, 34, 30,
+           32, 35, 37, 40, 42, 45, 48, 51, 54, 57, 60, 63, 66, 70, 74, 77, 81)),
 }
 # The eight mask conditions; a module (x column, y row) is flipped where true.
 _QR_MASKS = (
@@ -2962,9 +2950,8 @@ _UNAVAILABLE = {
 
 _ERROR_TITLES = {
     400: "This request cannot be used", 403: "This cannot be done from here",
-                 404: "We could not find this page",
-    405: "This page cannot be used that way", 409: "This cannot be done",
-                 410: "This invite is no longer valid",
+    404: "We could not find this page", 405: "This page cannot be used that way",
+    409: "This cannot be done", 410: "This invite is no longer valid",
     413: "This request is too large", 415: "This request cannot be used", 429: "Too many attempts",
     500: "Something went wrong on our side", 502: "The server could not do it just now",
     503: "The server is busy",
@@ -2975,8 +2962,8 @@ def render_error_page(status, message, site_name, nonce):
     """Return the page for an error a person sees: a heading for its status and its reason."""
     import html
     title = _ERROR_TITLES.get(status, "This cannot be done")
-    sentence = message[:1].upper() + message[1:] + ("" if message.endswith((".", "?", "!"))
-                                                    else ".")
+    sentence = message[:1].upper() + message[1:]
+    sentence += "" if message.endswith((".", "?", "!")) else "."
     return render_page(title, f"<h1>{title}</h1><p>{html.escape(sentence)}</p>", site_name, nonce)
 
 
@@ -2994,12 +2981,12 @@ def render_unavailable_page(status, site_name, nonce):
 
 # The whole URL space: (path pattern, {method: handler method}, cross-origin?, a page people read?).
 # Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages.
-ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page) for pattern, methods, cors,
-               page in (
+ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page)
+               for pattern, methods, cors, page in (
     (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True, False),
     (r"/invites_api/invites/?", {"GET": "api_list"}, True, False),
-    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"}, True,
-     False),
+    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"},
+     True, False),
     (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True, False),
     (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
     (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
@@ -3375,8 +3362,8 @@ class StrictHTTP:
         if int(length) > MAX_BODY:
             return self.refuse(413, f"request body over {MAX_BODY} bytes")
         try:
-            self.client, self.scheme, self.authority = self.proxy_view(hosts[0].strip() if hosts
-                                                                       else "")
+            host = hosts[0].strip() if hosts else ""
+            self.client, self.scheme, self.authority = self.proxy_view(host)
         except BadRequest as e:
             return self.refuse(400, str(e))
         if int(length) and "100-continue" in (headers.get("Expect") or "").lower():
@@ -3469,8 +3456,8 @@ class StrictHTTP:
 
     def log_request(self, code="-", size="-"):
         """http.server's hook for each answer (called before it is sent): see answered()."""
-        self.answered(int(code), time.monotonic() - self.started if self.started is not None
-                      else 0.0)
+        seconds = time.monotonic() - self.started if self.started is not None else 0.0
+        self.answered(int(code), seconds)
 
     def answered(self, code, seconds):
         """Count or log one answer (the application's handler overrides this)."""

@@ -1513,7 +1513,7 @@ class ServerProcessMixin(Requests):
         proc = subprocess.Popen([sys.executable, SCRIPT, "serve", "--port", "0", *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
         self.addCleanup(self.reap, proc)
-        line = self.banner = wait_for_line(proc.stdout)
+        line = self.banner = wait_for_line(proc.stdout, 60)  # (its start-up checks may run ejabberdctl VMs)
         match = re.search(r"https?://127\.0\.0\.1:(\d+)/invites_api", line)
         if match is None:
             proc.kill()
