@@ -702,7 +702,6 @@ class Database:
         self.committer.stop()
 
 
-
 class Store(Database):
     """The only code that reads or writes keys, invites and accounts (SQL in one place)."""
 
@@ -732,11 +731,12 @@ class Store(Database):
 
     def update_key(self, host, key_id, changes):
         """Change a key's name or policy columns; return whether the key exists."""
+        if not changes:
+            return self.key(key_id) is not None
         assignments = ", ".join(f"{column} = ?" for column in changes)  # names from KEY_POLICY
-        def update(conn):
-            return conn.execute(f"UPDATE keys SET {assignments} WHERE host = ? AND id = ?",
-                                [*changes.values(), host, key_id]).rowcount
-        return self.write(update) > 0 if changes else self.key(key_id) is not None
+        sql = f"UPDATE keys SET {assignments} WHERE host = ? AND id = ?"
+        args = [*changes.values(), host, key_id]
+        return self.write(lambda conn: conn.execute(sql, args).rowcount) > 0
 
     def delete_key(self, host, key_id, revoke_invites=False, at=0):
         """Delete a key (and revoke its pending invites if asked); return whether it existed."""
@@ -1953,9 +1953,8 @@ class ProsodyBackend(ServerBackend):
 
     def create(self, host, username, password):
         """Create username@host; raise Conflict (taken), BadRequest (password), BackendError."""
-        self.answer("create_user", "taken", Conflict(f"{username}@{host} is taken; choose another "
-                                                      "name"), host=host, username=username,
-                    password=password)
+        taken = Conflict(f"{username}@{host} is taken; choose another name")
+        self.answer("create_user", "taken", taken, host=host, username=username, password=password)
 
     def reset(self, host, username, password):
         """Set username@host's password; raise Conflict if there is no such account."""
@@ -3110,6 +3109,8 @@ class RateLimiter:
             if int(clock // 60) != self._window or self._counts.get(address, 0) < self.per_minute:
                 return 0
         return 60 - clock % 60
+
+
 class Metrics:
     """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
 
@@ -3155,10 +3156,10 @@ class Metrics:
                    [f"invites_api_invites_created_total{labels(host=h, backend=b)} {n}"
                     for (h, b), n in sorted(self.invites.items())])
             family("invites_api_requests", "counter", "HTTP requests answered, by status.",
-                   [f"invites_api_requests_total{labels(status=s)} {n}" for s,
-                    n in sorted(self.requests.items())])
-            family("invites_api_auth_failures", "counter", "Requests with a wrong, "
-                                                           "unknown or malformed key.",
+                   [f"invites_api_requests_total{labels(status=s)} {n}"
+                    for s, n in sorted(self.requests.items())])
+            family("invites_api_auth_failures", "counter",
+                   "Requests with a wrong, unknown or malformed key.",
                    [f"invites_api_auth_failures_total {self.auth_failures}"])
             family("invites_api_rate_limited", "counter", "Requests answered 429.",
                    [f"invites_api_rate_limited_total {self.rate_limited}"])
@@ -3173,8 +3174,7 @@ class Metrics:
             samples += [f"invites_api_request_duration_seconds_count {cumulative}",
                         f"invites_api_request_duration_seconds_sum {self.latency_sum:.6f}"]
             family("invites_api_request_duration_seconds", "histogram",
-                   "Time from request line to response.",
-                   samples)
+                   "Time from request line to response.", samples)
         family("invites_api_open_connections", "gauge", "Client connections open now.",
                [f"invites_api_open_connections {connections}"])
         family("invites_api_database_size_bytes", "gauge", "Database file and WAL size.",
@@ -3485,8 +3485,7 @@ class InvitePages:
         signup = f"{base}/register?t={invite['token']}" if minter.signs_up else None
         self.respond_html(200, lambda nonce: render_invite_page(
             invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps,
-                                                                nonce,
-            signup, in_apps=not minter.used_here),
+            nonce, signup, in_apps=not minter.used_here),
             headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
 
     def signup_page(self, _):
@@ -3668,9 +3667,8 @@ class InviteRequests(InvitePages, StrictHTTP):
             from urllib.parse import urlencode
             query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
                                "after": invites[-1]["token"]})
-            headers.append(("Link",
-                            f'<{self.public_base(key["host"])}/invites_api/invites?{query}>; '
-                                    'rel="next"'))
+            next_page = f'{self.public_base(key["host"])}/invites_api/invites?{query}'
+            headers.append(("Link", f'<{next_page}>; rel="next"'))
         self.respond_json(200, [invite_info(i, self.invite_url(i),
                                             invite_state(store, i, self.app.backend),
                                             store.accounts(i["token"])) for i in invites], headers)
@@ -4366,11 +4364,12 @@ def cmd_serve(args):
     said = [backend.describe()] + ([f"accounts made by {backend.accounts.describe_accounts()}"]
                                    if backend.accounts else [])
     said = "".join(f"; {clause}" for clause in said if clause)
+    tail = "" if said else ("; its invites become accounts only through a sign-up site of your "
+                            "own (the redeem API): --accounts makes them accounts on the invite's "
+                            "page")
     serve(server, f"invites_api {__version__} serving on {'https' if tls else 'http'}://"
                   f"{f'[{address}]' if ':' in address else address}:{port}/invites_api (database "
-                  f"{store.path}{said})" + ("" if said else "; its invites become accounts only "
-                  "through a sign-up site of your own (the redeem API): --accounts makes them "
-                  "accounts on the invite's page"))
+                  f"{store.path}{said}){tail}")
 
 
 def systemd_socket():
@@ -4465,12 +4464,11 @@ def build_parser():
                          default="builtin",
                          help="who mints invites: this tool's own store "
                               "(default), Prosody, ejabberd or a program")
-        sub.add_argument("--prosody-config", metavar="PATH", help="prosody backend: Prosody's "
-                                                                  "config file, where its "
-                                                                  "admin socket is found")
-        sub.add_argument("--prosody-socket", metavar="PATH", help="prosody backend: Prosody's "
-                                                                  "admin socket (default: "
-                                                                  "from the config)")
+        sub.add_argument("--prosody-config", metavar="PATH",
+                         help="prosody backend: Prosody's config file, where its admin socket is "
+                              "found")
+        sub.add_argument("--prosody-socket", metavar="PATH",
+                         help="prosody backend: Prosody's admin socket (default: from the config)")
         sub.add_argument("--ejabberdctl", default="ejabberdctl", metavar="PATH",
                          help="ejabberd's ejabberdctl, where no --ejabberd-api is given")
         sub.add_argument("--ejabberd-api", metavar="URL",
@@ -4482,16 +4480,16 @@ def build_parser():
                               "OAuth token, for an api_permissions that asks for one")
         sub.add_argument("--backend-command", metavar="TEMPLATE",
                          help="command backend: program and arguments, split like a shell would "
-                              "but never run by one; {host}, {ttl}, {uses}, {username} are filled "
-                              "in")
-        sub.add_argument("--backend-timeout", type=_arg(parse_seconds),
+                              "but never run by one; {host}, {ttl}, {uses}, {username} are "
+                              "filled in")
+        sub.add_argument("--backend-timeout", type=_arg(parse_seconds), metavar="SECONDS",
                          default=DEFAULT_BACKEND_TIMEOUT,
-                         metavar="SECONDS", help=f"kill a backend program after this (default "
-                                                 f"{DEFAULT_BACKEND_TIMEOUT:g})")
-        sub.add_argument("--backend-concurrency", type=_arg(parse_count),
+                         help="kill a backend program after this (default "
+                              f"{DEFAULT_BACKEND_TIMEOUT:g})")
+        sub.add_argument("--backend-concurrency", type=_arg(parse_count), metavar="N",
                          default=DEFAULT_BACKEND_CONCURRENCY,
-                         metavar="N", help="backend programs run at once (default "
-                                           f"{DEFAULT_BACKEND_CONCURRENCY})")
+                         help="backend programs run at once (default "
+                              f"{DEFAULT_BACKEND_CONCURRENCY})")
 
     def accounts_args(sub):
         sub.add_argument("--accounts", choices=("prosody", "ejabberd", "command"),
@@ -4536,11 +4534,12 @@ def build_parser():
                      help="send Location to an external landing page instead; "
                           "placeholders {host}, {token}, {uri}")
     sub.add_argument("--invite-ttl", type=_arg(parse_duration), default=DEFAULT_INVITE_TTL,
-                     metavar="DURATION", help="default invite lifetime, e.g. "
-                                              "12h, 7d, 1w2d (default 7d)")
+                     metavar="DURATION", help="default invite lifetime, e.g. 12h, 7d, 1w2d "
+                                              "(default 7d)")
     sub.add_argument("--purge-after", type=_arg(parse_duration), default=DEFAULT_PURGE_GRACE,
-                     metavar="DURATION", help="delete invites this long after they expired, "
-                                              "were used up or revoked (default 30d)")
+                     metavar="DURATION",
+                     help="delete invites this long after they expired, were used up or revoked "
+                          "(default 30d)")
     sub.add_argument("--max-connections", type=_arg(parse_count), default=DEFAULT_MAX_CONNECTIONS,
                      metavar="N",
                      help=f"simultaneous connections (default {DEFAULT_MAX_CONNECTIONS})")
@@ -4548,15 +4547,16 @@ def build_parser():
                      metavar="SECONDS",
                      help=f"close connections idle this long (default {DEFAULT_TIMEOUT:g})")
     sub.add_argument("--request-timeout", type=_arg(parse_seconds), default=DEFAULT_REQUEST_TIMEOUT,
-                     metavar="SECONDS", help="a request (and a TLS handshake) must arrive whole "
-                                             f"within this (default {DEFAULT_REQUEST_TIMEOUT:g})")
-    sub.add_argument("--site-name", metavar="NAME", help="shown at the top of invite "
-                                                         "pages (default: the host)")
+                     metavar="SECONDS",
+                     help="a request (and a TLS handshake) must arrive whole within this "
+                          f"(default {DEFAULT_REQUEST_TIMEOUT:g})")
+    sub.add_argument("--site-name", metavar="NAME",
+                     help="shown at the top of invite pages (default: the host)")
     sub.add_argument("--apps", metavar="FILE.json",
                      help='the "No app yet?" list on invite pages: '
                           '[{"platform", "name", "url"}, ...]')
-    sub.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS (TLS 1.2+) with this "
-                                                        "certificate chain; SIGHUP reloads it")
+    sub.add_argument("--tls-cert", metavar="FILE",
+                     help="serve HTTPS (TLS 1.2+) with this certificate chain; SIGHUP reloads it")
     sub.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
     sub.add_argument("--trust-proxy", nargs="?", const="x-forwarded-for",
                      choices=("x-forwarded-for", "forwarded"),
@@ -4607,7 +4607,7 @@ def build_parser():
     invites = commands.add_parser(
         "invites", help="create, list, show, revoke or redeem invites",
         description="Manage invites directly, without HTTP.", epilog=_EXAMPLES["invites"],
-                                  formatter_class=formatter)
+        formatter_class=formatter)
     actions = invites.add_subparsers(dest="action", required=True, metavar="ACTION")
     url_help = ("start of the printed invite URLs, may contain {host} (default: "
                 f"$INVITES_API_PUBLIC_URL, else http://{DEFAULT_BIND}:{DEFAULT_PORT})")
@@ -4618,15 +4618,14 @@ def build_parser():
     sub.add_argument("--ttl", metavar="DURATION", help="lifetime (default 7d)")
     sub.add_argument("--uses", metavar="N", help="how many accounts it may create (default 1)")
     sub.add_argument("--username", help="the only username it may register")
-    sub.add_argument("--roles", metavar="ROLE,...", help="roles the new account gets (Prosody 13: "
-                                                         "prosody:member...)")
-    sub.add_argument("--groups", metavar="GROUP,...", help="groups it joins (Prosody 13 "
-                                                           "with mod_invites_groups)")
-    sub.add_argument("--reset", metavar="USER", help="a password-reset invite for this account "
-                                                     "instead (a day unless --ttl): set on the "
-                                                     "sign-up page of serve --accounts, or made by "
-                                                     "the prosody backend; the account must exist, "
-                                                     "which --accounts or the backend tells")
+    sub.add_argument("--roles", metavar="ROLE,...",
+                     help="roles the new account gets (Prosody 13: prosody:member...)")
+    sub.add_argument("--groups", metavar="GROUP,...",
+                     help="groups it joins (Prosody 13 with mod_invites_groups)")
+    sub.add_argument("--reset", metavar="USER",
+                     help="a password-reset invite for this account instead (a day unless --ttl): "
+                          "set on the sign-up page of serve --accounts, or made by the prosody "
+                          "backend; the account must exist, which --accounts or the backend tells")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
@@ -4636,19 +4635,18 @@ def build_parser():
     backend_args(sub)
     accounts_args(sub)
 
-    sub = command(actions, "list", cmd_invites_list, "list a host's invites "
-                                                     "(pending ones unless --all)",
-                  "invites list")
+    sub = command(actions, "list", cmd_invites_list,
+                  "list a host's invites (pending ones unless --all)", "invites list")
     host_arg(sub)
     sub.add_argument("--status", default="valid",
                      choices=("valid", "used", "expired", "revoked", "all"),
                      help="only the invites of this status (default valid: the pending ones)")
     sub.add_argument("--all", action="store_true", help="invites of any status (--status all)")
-    sub.add_argument("--limit", type=_arg(parse_limit), default=DEFAULT_LIST_LIMIT,
-                     metavar="N", help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr "
-                                       "says how many there are and how to see the next page")
-    sub.add_argument("--after", metavar="TOKEN", help="the page after this invite "
-                                                      "(as the last page ended)")
+    sub.add_argument("--limit", type=_arg(parse_limit), default=DEFAULT_LIST_LIMIT, metavar="N",
+                     help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr says how many "
+                          "there are and how to see the next page")
+    sub.add_argument("--after", metavar="TOKEN",
+                     help="the page after this invite (as the last page ended)")
     sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="a JSON array")
@@ -4667,13 +4665,12 @@ def build_parser():
     sub.add_argument("token", metavar="TOKEN")
     backend_args(sub)
 
-    sub = command(actions, "redeem", cmd_invites_redeem, "use an invite once; exit "
-                                                         "1 if it is not valid",
-                  "invites redeem")
+    sub = command(actions, "redeem", cmd_invites_redeem,
+                  "use an invite once; exit 1 if it is not valid", "invites redeem")
     host_arg(sub)
     sub.add_argument("token", metavar="TOKEN")
-    sub.add_argument("--username", help="the username being registered "
-                                        "(checked if the invite has one)")
+    sub.add_argument("--username", help="the username being registered (checked if the invite "
+                                        "has one)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the used invite as JSON")
     return parser
