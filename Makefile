@@ -14,9 +14,12 @@ test-debian12:
 test-debian13:
 	contrib/test-in-root trixie
 
-# Python 3.9 compatibility (needs `pip install vermin`).
+# Python 3.9 compatibility, unused names, and the layout (100 columns; one-line error classes
+# allowed): needs `pip install vermin pyflakes pycodestyle`.
 check:
 	vermin -t=3.9- --no-tips --violations invites_api.py
+	$(PYTHON) -m pyflakes invites_api.py test_invites_api.py bench/bench.py
+	$(PYTHON) -m pycodestyle --max-line-length=100 --ignore=E701,W503,W504 invites_api.py
 
 # Throughput, latency, growth, CLI start-up, RSS (wrk if installed).
 bench:

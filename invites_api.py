@@ -1863,32 +1863,36 @@ _PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not 
 _PROSODY_USERS = ('local um = require"core.usermanager" if not prosody.hosts[{host}] then return '
                   'true, "nohost" end ')
 _PROSODY_LUA = {
-    "register": _PROSODY_INVITES + 'local i = assert(m.create_account({username}, {extra}, {ttl})) '
-                                   'return true, (i.landing_page or "") .. " " .. i.uri',
-    "reset": _PROSODY_INVITES + 'local i = assert(m.create_account_reset({username}, {ttl})) '
-                                'return true, (i.landing_page or "") .. " " .. i.uri',
-    "status": _PROSODY_INVITES + 'local i, e = m.get_account_invite_info({token}) '
-                                 'return true, i and "valid" or e',
+    "register": _PROSODY_INVITES + (
+        'local i = assert(m.create_account({username}, {extra}, {ttl})) '
+        'return true, (i.landing_page or "") .. " " .. i.uri'),
+    "reset": _PROSODY_INVITES + (
+        'local i = assert(m.create_account_reset({username}, {ttl})) '
+        'return true, (i.landing_page or "") .. " " .. i.uri'),
+    "status": _PROSODY_INVITES + (
+        'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e'),
     "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
-    "create_user": _PROSODY_USERS + 'if um.user_exists({username}, {host}) then return true, '
-                   '"taken" end local ok, e = um.create_user({username}, {password}, {host}) '
-                   'if not ok then return true, "refused " .. tostring(e) end return true, "done"',
-    "set_password": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, '
-                    '"missing" end local ok, e = um.set_password({username}, {password}, {host}, '
-                    'nil) if not ok then return true, "refused " .. tostring(e) end '
-                    'return true, "done"',
-    "user_exists": _PROSODY_USERS + 'return true, um.user_exists({username}, {host}) and "done" '
-                                    'or "missing"',
+    "create_user": _PROSODY_USERS + (
+        'if um.user_exists({username}, {host}) then return true, "taken" end '
+        'local ok, e = um.create_user({username}, {password}, {host}) '
+        'if not ok then return true, "refused " .. tostring(e) end return true, "done"'),
+    "set_password": _PROSODY_USERS + (
+        'if not um.user_exists({username}, {host}) then return true, "missing" end '
+        'local ok, e = um.set_password({username}, {password}, {host}, nil) '
+        'if not ok then return true, "refused " .. tostring(e) end return true, "done"'),
+    "user_exists": _PROSODY_USERS + (
+        'return true, um.user_exists({username}, {host}) and "done" or "missing"'),
     # In the account's own storage, which Prosody deletes with the account.
-    "account_mark": _PROSODY_USERS + 'if not um.user_exists({username}, {host}) then return true, '
-                    '"missing" end local s = require"core.storagemanager".open({host}, '
-                    '"invites_api") local d = s:get({username}) or {{}} if not d.mark and {new} '
-                    'then d.mark = {new} assert(s:set({username}, d)) end return true, "mark " .. '
-                    '(d.mark or "none")',
-    "hosts": 'local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end '
-             'return true, table.concat(s, " ")',
-    "modules": 'local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do '
-               's[#s + 1] = n end return true, table.concat(s, " ")',
+    "account_mark": _PROSODY_USERS + (
+        'if not um.user_exists({username}, {host}) then return true, "missing" end '
+        'local s = require"core.storagemanager".open({host}, "invites_api") '
+        'local d = s:get({username}) or {{}} '
+        'if not d.mark and {new} then d.mark = {new} assert(s:set({username}, d)) end '
+        'return true, "mark " .. (d.mark or "none")'),
+    "hosts": ('local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end '
+              'return true, table.concat(s, " ")'),
+    "modules": ('local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do '
+                's[#s + 1] = n end return true, table.concat(s, " ")'),
 }
 
 
@@ -4293,9 +4297,8 @@ def cmd_invites_list(args):
     if args.json:
         _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
     else:
-        when = lambda ts: time.strftime("%Y-%m-%d", time.gmtime(ts))  # noqa: E731
         rows = [("TOKEN", "EXPIRES", "USES", "STATUS", "KEY", "NOTE")]
-        rows += [(i["token"], when(i["expires_at"]), f"{i['uses_left']}/{i['uses']}", state,
+        rows += [(i["token"], iso(i["expires_at"])[:10], f"{i['uses_left']}/{i['uses']}", state,
                   i["key_id"] or "(cli)", i["note"] or "") for i, state in zip(invites, states)]
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
         for row in rows:

@@ -4,6 +4,7 @@ Tests that need an outside program (Prosody, Chromium, zbarimg) skip where it
 is missing, and fail instead when INVITES_API_REQUIRE_ALL=1 (as CI sets it).
 """
 
+import ast
 import contextlib
 import html
 import http.client
@@ -2011,6 +2012,37 @@ esac
         self.assertEqual(self.request("POST", "/register", {"Content-Type": "application/json"}, good)[0], 415)
         self.assertFalse(os.path.exists(self.calls))  # the account program never ran
         self.assertEqual(self.store.invite(token)["uses_left"], 1)
+
+
+class LayoutTest(unittest.TestCase):
+    """The shape issue 20 gave invites_api.py, kept: a reader's limits, checked on the source."""
+
+    @classmethod
+    def setUpClass(cls):
+        with open(SCRIPT, encoding="utf-8") as f:
+            cls.lines = f.read().splitlines()
+        cls.defs = [node for node in ast.walk(ast.parse("\n".join(cls.lines)))
+                    if isinstance(node, (ast.ClassDef, ast.FunctionDef))]
+
+    def test_no_line_over_100_characters(self):
+        self.assertEqual([n for n, line in enumerate(self.lines, 1) if len(line) > 100], [])
+
+    def test_no_class_over_250_lines_and_no_function_over_80(self):
+        exempt = ("build_parser", "qr_masked")  # the argparse table and the QR encoder
+        too_long = [(node.name, node.end_lineno - node.lineno + 1) for node in self.defs
+                    if node.end_lineno - node.lineno + 1 > (
+                        250 if isinstance(node, ast.ClassDef) else 80)
+                    and node.name not in exempt]
+        self.assertEqual(too_long, [])
+
+    def test_the_built_in_store_is_named_only_where_a_backend_is_chosen(self):
+        # As the issue counts it (grep '"builtin"'): the Builtin backend's own name, the code that
+        # makes a backend from a name, and the command line's choices; nowhere a string test.
+        def innermost(n):
+            return min((node for node in self.defs if node.lineno <= n <= node.end_lineno),
+                       key=lambda node: node.end_lineno - node.lineno).name
+        found = {innermost(n) for n, line in enumerate(self.lines, 1) if '"builtin"' in line}
+        self.assertEqual(found, {"Builtin", "make_backend", "_backend", "backend_args"})
 
 
 class AccountAnswersTest(unittest.TestCase):
