@@ -4161,21 +4161,14 @@ def open_store(args):
 
 def _policy(args):
     """Return the key policy options given on the command line, as KEY_POLICY columns."""
-    policy = {}
-    if args.expires is not None:
-        policy["expires_at"] = args.expires
-    if args.max_invites is not None:
-        policy["max_invites"] = args.max_invites
-    if args.rate is not None:
+    given = {"expires_at": args.expires, "max_invites": args.max_invites, "max_ttl": args.max_ttl,
+             "max_uses": args.max_uses,
+             "may_reset": None if args.allow_resets is None else int(args.allow_resets)}
+    if args.rate is not None:  # (count, period), or CLEAR for both
         rate = (CLEAR, CLEAR) if args.rate is CLEAR else args.rate
-        policy["rate_count"], policy["rate_period"] = rate
-    if args.max_ttl is not None:
-        policy["max_ttl"] = args.max_ttl
-    if args.max_uses is not None:
-        policy["max_uses"] = args.max_uses
-    if args.allow_resets is not None:
-        policy["may_reset"] = int(args.allow_resets)
-    return {name: None if value is CLEAR else value for name, value in policy.items()}
+        given["rate_count"], given["rate_period"] = rate
+    return {name: None if value is CLEAR else value
+            for name, value in given.items() if value is not None}
 
 
 def cmd_create(args):

@@ -5,13 +5,16 @@ is missing, and fail instead when INVITES_API_REQUIRE_ALL=1 (as CI sets it).
 """
 
 import ast
+import atexit
 import contextlib
 import html
 import http.client
 import io
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1282,7 +1285,6 @@ class BrowserTest(LiveServerTestCase):
             with open(shot, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
             if os.environ.get("INVITES_API_KEEP_SCREENSHOTS"):  # to look at them
-                import shutil
                 shutil.copy(shot, os.path.join(os.environ["INVITES_API_KEEP_SCREENSHOTS"], f"{name}-{width}.png"))
 
     def test_the_error_pages_render_and_say_what_happened(self):
@@ -2243,10 +2245,32 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
         self.assertEqual(code, 0, err)
 
 
+# The ports of the servers the tests start (Prosody, ejabberd, nginx) come from below the ephemeral
+# range (32768 and up), so that no outbound connection of the tests running beside them takes one
+# while the server starts, and each goes to one test of the run (a file per port in a directory
+# the test processes share), so that no two servers are given the same one.
+if "INVITES_API_TEST_PORTS" not in os.environ:
+    os.environ["INVITES_API_TEST_PORTS"] = tempfile.mkdtemp(prefix="invites-api-ports-")
+    _ports_owner = os.getpid()
+    atexit.register(lambda: os.getpid() == _ports_owner
+                    and shutil.rmtree(os.environ["INVITES_API_TEST_PORTS"], ignore_errors=True))
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """Return a loopback port that is free now and that no other test of this run was given."""
+    while True:
+        port = random.randrange(20000, 32768)
+        try:
+            os.close(os.open(os.path.join(os.environ["INVITES_API_TEST_PORTS"], str(port)),
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # (something else on the machine has it)
+                continue
+        return port
 
 
 class Xmpp:
@@ -2381,7 +2405,6 @@ modules_disabled = {{ "invites_page" }}
     def start_prosody(self):
         command = [self.prosody, "--config", self.config]
         if os.geteuid() == 0:  # Prosody refuses to run as root: use its own user
-            import shutil
             os.chmod(self.dir, 0o755)
             for root, dirs, files in os.walk(self.home):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
@@ -2909,7 +2932,6 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
     def setUp(self):
         super().setUp()
         real = require_program("ejabberdctl")
-        import shutil
         os.chmod(self.dir, 0o755)
         dirs = {name: os.path.join(self.dir, "ejabberd", name) for name in ("conf", "spool", "logs")}
         for path in dirs.values():
@@ -3441,7 +3463,6 @@ class SystemdTest(TempDirTestCase):
 
     def test_the_units_pass_systemd_analyze_verify(self):
         analyze = require_program("systemd-analyze") if os.environ.get("INVITES_API_REQUIRE_ALL") == "1" else None
-        import shutil
         analyze = analyze or shutil.which("systemd-analyze")
         if analyze is None:
             self.skipTest("systemd-analyze is not installed")
@@ -3911,7 +3932,6 @@ class FuzzTest(LiveServerTestCase):
     server_options = {"timeout": 0.5, "max_connections": 64}
 
     def test_ten_thousand_random_and_mutated_requests(self):
-        import random
         rng = random.Random(20261122)  # seeded: a failure can be replayed
         good = [f"GET /invites_api?key={self.key} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
                 f"POST /invites_api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {self.key}\r\nContent-Type: "
@@ -4526,7 +4546,6 @@ class CliEdgeTest(TempDirTestCase):
             self.skipTest("another user's database needs root to make")
         self.cli("create", "example.com")
         os.chmod(self.dir, 0o755)
-        import shutil
         script = shutil.copy(SCRIPT, self.dir)  # (where nobody can read it), run by Debian's Python
         result = subprocess.run(["runuser", "-u", "nobody", "--", require_program("/usr/bin/python3"), script, "--db",
                                  self.db, "list", "example.com"], capture_output=True, text=True, timeout=30, cwd="/")
@@ -4646,7 +4665,6 @@ class SeedWalkthroughTest(ServerProcessMixin, TempDirTestCase):
 
 def require_program(name):
     """Return the path of an outside program, or skip (fail under INVITES_API_REQUIRE_ALL=1)."""
-    import shutil
     path = shutil.which(name)
     if path is None:
         message = f"{name} is not installed"
