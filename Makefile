@@ -1,10 +1,15 @@
 # invites_api: `make test` runs the suite (standard library only).
 PYTHON ?= python3
 
-.PHONY: test test-debian12 test-debian13 check bench bench-compare clean
+.PHONY: test test-stress test-debian12 test-debian13 test-stress-debian13 check bench bench-compare clean
 
 test:
 	$(PYTHON) test_invites_api.py
+
+# The whole suite 8 times (STRESS_RUNS) with both cores kept busy: timing-dependent tests fail here.
+# Not part of CI.
+test-stress:
+	contrib/test-stress
 
 # The CI script for the other Debian release, in a fresh debootstrap root (as root; .ci/run
 # runs the one that is not this machine's).
@@ -13,6 +18,10 @@ test-debian12:
 
 test-debian13:
 	contrib/test-in-root trixie
+
+# test-stress in a fresh Debian 13 root, twice (STRESS_RUNS).
+test-stress-debian13:
+	INVITES_API_TEST_TARGET=test-stress STRESS_RUNS=$${STRESS_RUNS:-2} contrib/test-in-root trixie
 
 # Python 3.9 compatibility, unused names, and the layout (100 columns; one-line error classes
 # allowed): needs `pip install vermin pyflakes pycodestyle`.

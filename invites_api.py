@@ -93,9 +93,12 @@ DEFAULT_TIMEOUT = 20.0
 DEFAULT_REQUEST_TIMEOUT = 5.0
 # Simultaneous connections served; more are refused with a fast 503.
 DEFAULT_MAX_CONNECTIONS = 128
-# Failed authentications one client address may make per minute, then 429:
-# key ids cannot be enumerated fast.
+# Failed authentications one client address may make per minute with one key id (or with
+# malformed keys), then 429: a key cannot be guessed fast, and one broken client behind a shared
+# address (an old key in a script) does not lock out the others' keys. With all ids together,
+# ten times as many: ids cannot be sprayed fast either.
 AUTH_FAILURES_PER_MINUTE = 20
+AUTH_FAILURES_PER_ADDRESS = 10
 # /health fails if the database cannot answer a read and a write within this.
 HEALTH_TIMEOUT = 1.0
 # Request latency histogram buckets, in seconds.
@@ -106,7 +109,7 @@ SHUTDOWN_GRACE = 15.0
 KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{12,64}\Z")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
 _LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
-_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+_DURATION_RE = re.compile(r"([0-9]+)([smhdw])")  # (not \d: it takes any script's digits)
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
@@ -188,7 +191,16 @@ class Unavailable(Error):
 
 
 class StoreError(Unavailable):
-    """The database cannot be opened, read or written."""
+    """The database cannot be opened, read or written: the message names the file (for the log
+    and the command line), `public` says what happened without it (for HTTP answers)."""
+
+    def __init__(self, message, public=None):
+        super().__init__(message)
+        self.public = public or "the database is unavailable; try again shortly"
+
+
+# Another process holds the write lock past the busy timeout (SQLite's "database is locked").
+DATABASE_BUSY = "the database is busy (another invites_api is writing it); try again"
 
 
 # ---------------------------------------------------------------------------
@@ -277,6 +289,9 @@ def parse_rate(text):
 def parse_expiry(text):
     """Return epoch seconds for a duration from now ("90d") or a UTC date ("2027-01-31")."""
     import calendar
+    if not text.isascii():  # (strptime's digits are any script's)
+        raise ValueError(f"invalid expiry {text!r}: use a duration "
+                         "like 90d or a date like 2027-01-31")
     for layout in ("%Y-%m-%d", "%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"):
         try:
             at = calendar.timegm(time.strptime(text.strip(), layout))
@@ -409,10 +424,10 @@ def parse_note(text):
 
 def parse_seconds(text):
     """Return a positive number of seconds (fractions allowed); raise ValueError."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"invalid number of seconds {text!r}") from None
+    # (not float() alone: it takes "١", "1e3" and "inf")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text.strip()):
+        raise ValueError(f"invalid number of seconds {text!r}")
+    seconds = float(text)
     if not 0 < seconds <= 86400:
         raise ValueError(f"invalid number of seconds {text!r}: "
                          "must be more than 0 and at most a day")
@@ -525,8 +540,36 @@ _INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires
                       "used": "revoked_at IS NULL AND uses_left <= 0",
                       "expired": "revoked_at IS NULL AND uses_left > 0 AND expires_at <= ?",
                       "revoked": "revoked_at IS NOT NULL"}
+_GIVE_BACK_USE = ("UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at "
+                  "IS NULL THEN NULL ELSE done_at END WHERE token = ? AND uses_left < uses")
 _INSERT_INVITE = (f"INSERT INTO invites ({_INVITE_COLUMNS}) "
                   f"VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})")
+
+
+def _make_private_dirs(folder):
+    """Make folder and its missing parents, each readable by this user alone (0700)."""
+    if os.path.isdir(folder):
+        return
+    _make_private_dirs(os.path.dirname(folder))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(folder, 0o700)
+        os.chmod(folder, 0o700)  # (mkdir's mode passes through the umask)
+
+
+def _user(uid):
+    """Return a user's name, or their uid if they have none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _size(nbytes):
+    """Return a size in bytes as people read it: "200 KB", "1.5 MB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 def default_db_path():
@@ -548,9 +591,9 @@ class Database:
         self.committer = GroupCommitter(self)
         if create_dir:
             try:
-                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                _make_private_dirs(os.path.dirname(self.path))
             except OSError as e:
-                raise StoreError("cannot create the directory for "
+                raise self.error("cannot create the directory for "
                                  f"database {self.path!r}: {e.strerror}") from None
         self._migrate(self.connect())
 
@@ -577,7 +620,7 @@ class Database:
             self.check_file()
         else:
             if os.path.isdir(self.path):
-                raise StoreError(f"database {self.path!r} is a directory: give "
+                raise self.error(f"database {self.path!r} is a directory: give "
                                  "the path of a file (it is made if missing), "
                                  "e.g. --db /var/lib/invites_api/invites.db")
             try:
@@ -587,12 +630,15 @@ class Database:
                 os.close(fd)
             except FileExistsError:
                 self._check_access()
+                if os.path.getsize(self.path) == 0:  # (made by touch: ours to set up, privately)
+                    os.chmod(self.path, 0o600)
             except OSError as e:
-                raise StoreError(f"cannot create database {self.path!r}: {e.strerror}") from None
+                raise self.error(f"cannot create database {self.path!r}: {e.strerror}") from None
         try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
+            self._check_ours(conn)  # (before WAL mode, which would change another's file)
             # WAL: readers never block the writer; FULL: each commit is
             # fsynced before it returns, so an acknowledged invite survives
             # kill -9 and power loss.
@@ -600,29 +646,83 @@ class Database:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as e:
-            raise StoreError(f"cannot open database {self.path!r}: {e}") from None
+            raise self.problem(e, "cannot open database") from None
         if mode.lower() != "wal":
-            raise StoreError(f"cannot open database {self.path!r}: WAL mode refused ({mode})")
+            raise self.error(f"cannot open database {self.path!r}: WAL mode refused ({mode})")
         if self._identity is None:
             info = os.stat(self.path)
             self._identity = (info.st_dev, info.st_ino)
         return conn
 
     def _check_access(self):
-        """Raise StoreError, naming the owner, if this user may not read and write the database."""
-        if os.access(self.path, os.R_OK | os.W_OK):
-            return
+        """Raise StoreError saying why, if this user may not read and write the database."""
+        if not os.access(self.path, os.R_OK | os.W_OK):
+            raise self.error(self._why_not_writable(), "the database cannot be written")
 
-        def name(uid):
-            try:
-                return pwd.getpwuid(uid).pw_name
-            except KeyError:
-                return str(uid)
-        info = os.stat(self.path)
-        raise StoreError(f"database {self.path!r} belongs to {name(info.st_uid)} (mode "
-                         f"{info.st_mode & 0o777:o}) and this user ({name(os.getuid())}) "
-                         "may not write it: run as its owner (e.g. sudo -u OWNER), or "
-                         "see the README's \"Which database\" to share it")
+    def _why_not_writable(self):
+        """Return why this user cannot write the database (a read-only mount, a file of another
+        user or made read-only, a directory where SQLite cannot make its -wal and -shm)."""
+        folder = os.path.dirname(self.path)
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return (f"database {self.path!r} is on a file system mounted read-only: "
+                    "remount it read-write, or give a --db elsewhere")
+        info, me = os.stat(self.path), os.getuid()
+        if info.st_uid != me and not os.access(self.path, os.W_OK):
+            return (f"database {self.path!r} belongs to {_user(info.st_uid)} (mode "
+                    f"{info.st_mode & 0o777:o}) and this user ({_user(me)}) may not write it: "
+                    "run as its owner (e.g. sudo -u OWNER), or see the README's \"Which "
+                    "database\" to share it")
+        if not os.access(self.path, os.W_OK):
+            return (f"database {self.path!r} is read-only (mode {info.st_mode & 0o777:o}): "
+                    f"chmod u+w {self.path}")
+        if not os.access(folder, os.W_OK):
+            return (f"database {self.path!r} is in a directory this user ({_user(me)}) may not "
+                    f"write, where SQLite makes its -wal and -shm files: make {folder} "
+                    "writable for the database's owner")
+        return None
+
+    def _check_ours(self, conn):
+        """Raise StoreError if the file is another program's SQLite database (left as it is)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")}
+        if tables and (version == 0 or not {"keys", "invites"} <= tables):
+            conn.close()
+            raise self.error(f"database {self.path!r} is another program's SQLite database "
+                             f"(tables {', '.join(sorted(tables)[:5])}), not invites_api's: give "
+                             "--db a file of its own")
+
+    def problem(self, error, doing="database"):
+        """Return a StoreError saying what a sqlite3.Error means here (busy, full, read-only)."""
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return self.error(DATABASE_BUSY, DATABASE_BUSY)
+        if "full" in text or ("I/O error" in text and self.free() < 1 << 20):
+            return self.error(f"{doing} {self.path!r}: the disk is full (free some space in "
+                              f"{os.path.dirname(self.path)})", "the database's disk is full")
+        if "readonly" in text or "unable to open" in text:
+            why = os.path.exists(self.path) and self._why_not_writable()
+            if why:
+                return self.error(why, "the database cannot be written")
+        return self.error(f"{doing} {self.path!r}: {text}")
+
+    def free(self):
+        """Return the bytes free for this user beside the database (a large number if unknown)."""
+        try:
+            found = os.statvfs(os.path.dirname(self.path))
+        except OSError:
+            return 1 << 62
+        return found.f_bavail * found.f_frsize
+
+    def error(self, message, public=None):
+        """Return a StoreError: message names the file; its public text says "the database"."""
+        public = public or message.replace(f"database {self.path!r}", "the database")
+        return StoreError(message, public if self.path not in public else None)
+
+    def exposed(self):
+        """Return the database's files that other users may read (its -wal and -shm too)."""
+        return [path for path in (self.path, self.path + "-wal", self.path + "-shm")
+                if os.path.exists(path) and os.stat(path).st_mode & 0o044]
 
     def check_file(self):
         """Raise StoreError if the database file was deleted, replaced or made read-only."""
@@ -631,13 +731,13 @@ class Database:
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
-            raise StoreError(f"database {self.path!r} was deleted "
+            raise self.error(f"database {self.path!r} was deleted "
                              "while in use; restore it or restart") from None
         if (info.st_dev, info.st_ino) != self._identity:
-            raise StoreError(f"database {self.path!r} was replaced while "
+            raise self.error(f"database {self.path!r} was replaced while "
                              "in use; restart to use the new file")
         if not info.st_mode & 0o200:
-            raise StoreError(f"database {self.path!r} was made read-only; make it writable again")
+            raise self.error(f"database {self.path!r} was made read-only; make it writable again")
 
     def health(self, timeout=HEALTH_TIMEOUT):
         """Read and write the database within timeout seconds; raise StoreError if it cannot."""
@@ -661,10 +761,11 @@ class Database:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
-                raise StoreError(f"database {self.path!r} has schema {version}, newer than this "
+                raise self.error(f"database {self.path!r} has schema {version}, newer than this "
                                  f"invites_api {__version__} knows ({len(MIGRATIONS)}); upgrade it")
             if version == len(MIGRATIONS):
                 return
+            need, free = self.size(), self.free()  # (the WAL may hold a copy of every page)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Read again under the lock: another process may have migrated.
@@ -674,18 +775,23 @@ class Database:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {number + 1}")
                 conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            finally:
+                if conn.in_transaction:  # (SQLite may have rolled back itself: a full disk)
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
         except sqlite3.Error as e:
-            raise StoreError(f"database {self.path!r}: {e}") from None
+            problem = self.problem(e, "cannot upgrade database")
+            if "disk is full" in str(problem):
+                problem.args = (f"{problem}: upgrading it needs up to {_size(need)} free (the "
+                                f"database's size), {_size(free)} were; it is left as it was",)
+            raise problem from None
 
     def read(self, sql, args=()):
         """Return all rows of a query, as sqlite3.Row."""
         try:
             return self.connect().execute(sql, args).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"database {self.path!r}: {e}") from None
+            raise self.problem(e) from None
 
     def write(self, fn, timeout=None):
         """Run fn(conn) in a durable transaction (by the group committer); return its result."""
@@ -834,9 +940,7 @@ class Store(Database):
 
     def give_back_use(self, token):
         """Undo one use_invite (the account it was for could not be made)."""
-        self.write(lambda conn: conn.execute(
-            "UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at "
-            "IS NULL THEN NULL ELSE done_at END WHERE token = ? AND uses_left < uses", (token,)))
+        self.write(lambda conn: conn.execute(_GIVE_BACK_USE, (token,)))
 
     def record_account(self, token, host, username, action, at):
         """Record the account a use of an invite made (action "create") or reset ("reset")."""
@@ -855,6 +959,17 @@ class Store(Database):
         self.write(lambda conn: conn.execute("UPDATE accounts SET action = 'create' "
                                              "WHERE token = ? AND username = ? AND "
                                              "action = 'unconfirmed'", (token, username)))
+
+    def forget_account(self, token, username):
+        """Drop an unconfirmed account that was never made and give back its use; return
+        whether there was one."""
+        def forget(conn):
+            if not conn.execute("DELETE FROM accounts WHERE token = ? AND username = ? AND "
+                                "action = 'unconfirmed'", (token, username)).rowcount:
+                return False
+            conn.execute(_GIVE_BACK_USE, (token,))
+            return True
+        return self.write(forget)
 
     def accounts(self, token):
         """Return the accounts an invite made or reset, oldest first."""
@@ -915,8 +1030,8 @@ class GroupCommitter:
         else:
             self.queue.put(pending)
             if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
-                raise StoreError(f"database {self.store.path!r} did "
-                                 f"not answer within {timeout:g} s")
+                raise self.store.error(f"database {self.store.path!r} did "
+                                       f"not answer within {timeout:g} s")
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -960,7 +1075,7 @@ class GroupCommitter:
                     try:
                         pending.result = pending.fn(conn)
                     except Exception as e:
-                        pending.error = (StoreError(f"database {self.store.path!r}: {e}")
+                        pending.error = (self.store.problem(e)
                                          if isinstance(e, sqlite3.Error) else e)
                         conn.execute("ROLLBACK" if alone else "ROLLBACK TO write")
                     alone or conn.execute("RELEASE write")
@@ -971,7 +1086,7 @@ class GroupCommitter:
                     conn.execute("ROLLBACK")
                 raise
         except Exception as e:
-            error = e if isinstance(e, Error) else StoreError(f"database {self.store.path!r}: {e}")
+            error = e if isinstance(e, Error) else self.store.problem(e)
             for pending in batch:
                 pending.error = pending.error or error
         finally:
@@ -1231,10 +1346,19 @@ def presented_key(authorization, query_key):
     return query_key if isinstance(query_key, str) else ""
 
 
-def refuse_if_guessing(limiter, client):
-    """Raise TooManyRequests for an address that failed authentication too often this minute."""
+def guessed(presented):
+    """Return what a failed authentication is counted by, besides its address: its key id, or
+    "malformed" for a key that is not KEY_ID/SECRET."""
+    key_id, slash, secret = presented.partition("/")
+    return ("key", key_id) if slash and secret and KEY_ID_RE.match(key_id) else "malformed"
+
+
+def refuse_if_guessing(limiter, client, presented):
+    """Raise TooManyRequests if this address failed too often this minute with this key id (or
+    with malformed keys), or with all ids together."""
     # (each BadCredentials is counted at the HTTP boundary: App.count_auth_failure)
-    wait = limiter.over(client)
+    wait = max(limiter.over(client, guessed(presented)),
+               limiter.over(client, "all", AUTH_FAILURES_PER_ADDRESS * limiter.per_minute))
     if wait:
         raise TooManyRequests("too many failed authentications from your address", wait)
 
@@ -1247,8 +1371,19 @@ def parse_limit(text, what="limit"):
     return count
 
 
+# The invite options a request may give; JSON's null means "none" (as left out) for these alone.
+INVITE_OPTIONS = ("ttl", "uses", "username", "note", "type", "roles", "groups")
+_NULL_MEANS_NONE = ("username", "note", "roles", "groups")
+
+
 def _invite_option(name, value):
     """Return one invite option's value checked (options: query strings or JSON values)."""
+    if name not in INVITE_OPTIONS:
+        raise ValueError(f"unknown option {name[:40]!r}")
+    if value is None and name in _NULL_MEANS_NONE:
+        return None
+    if value is None:
+        raise ValueError(f"{name} cannot be null: give a value, or leave it out for the default")
     if (name != "uses" and not isinstance(value, str)
             and not (name == "ttl" and isinstance(value, int))):
         raise ValueError(f"{name} must be a string")
@@ -1267,9 +1402,7 @@ def _invite_option(name, value):
         return names
     if name == "type" and value in ("register", "reset"):
         return value
-    if name == "type":
-        raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
-    raise ValueError(f"unknown option {name!r}")
+    raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
 
 
 def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BUILTIN):
@@ -1278,10 +1411,8 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
               "roles": None, "groups": None}
     with bad_request():
         for name, value in options.items():
-            if value is None:
-                continue
             wanted[name] = _invite_option(name, value)
-            if name not in ("note", "type") and name not in backend.options:
+            if value is not None and name not in ("note", "type") and name not in backend.options:
                 raise ValueError(f"{backend.what} cannot honour {name!r}{backend.why_not(name)}")
         if key is not None and (wanted["ttl"] or 0) > key["max_ttl"]:
             raise ValueError(f"ttl {options['ttl']!r} is over this key's limit of "
@@ -1402,6 +1533,16 @@ def get_invite(store, token, host=None, key_id=None):
     return invite
 
 
+def show_invite(store, token, backend, host=None, key_id=None):
+    """Return (one invite, its status as its server knows it), its unconfirmed accounts asked
+    about first (see settle_accounts)."""
+    invite = get_invite(store, token, host, key_id)
+    accounts = minted_by(invite, backend).signs_up
+    if accounts is not None and settle_accounts(store, accounts, invite):
+        invite = store.invite(token)
+    return invite, invite_state(store, invite, backend)
+
+
 def find_invite(store, token, backend=BUILTIN):
     """Return (an invite that our page shows, or None; its status)."""
     invite = store.invite(token) if TOKEN_RE.match(token) else None
@@ -1467,6 +1608,8 @@ def sign_up(store, backend, token, username, password, confirmation):
     accounts = minted_by(invite, backend).signs_up if invite is not None else None
     if accounts is None:  # (not ours, or nobody here makes accounts)
         raise NotFound("we could not find this invite")
+    if settle_accounts(store, accounts, invite):  # (a use an unmade account held is back)
+        invite = store.invite(token)
     if invite_status(invite) != "valid":
         raise Gone(f"this invite is {invite_status(invite)}")
     with bad_request():
@@ -1480,7 +1623,6 @@ def sign_up(store, backend, token, username, password, confirmation):
         raise Forbidden("this reset was made for an earlier account "
                         f"named {username}@{invite['host']}, so it cannot "
                         "set this one's password: ask for a new one")
-    _confirm_accounts(store, accounts, invite)
     used = store.use_invite(token, now())
     if used is None:
         raise Gone(f"this invite is {invite_status(store.invite(token))}")
@@ -1500,15 +1642,24 @@ def sign_up(store, backend, token, username, password, confirmation):
     return used, username
 
 
-def _confirm_accounts(store, accounts, invite):
-    """Record as made those of the invite's unconfirmed accounts that exist now."""
+def settle_accounts(store, accounts, invite):
+    """Ask the server about the invite's unconfirmed accounts: record those that exist as made,
+    give back the use of those it says do not; return whether a use came back."""
+    # "Does not exist" is believed when said twice, the second asked after the first answer:
+    # by then the server is serving again and has read the creation it was sent before it
+    # stalled, so that creation cannot still come after.
+    returned = False
     for account in store.accounts(invite["token"]):
-        if account["action"] == "unconfirmed":
-            try:
-                if accounts.exists(account["host"], account["username"]):
-                    store.confirm_account(invite["token"], account["username"])
-            except BackendError:
-                pass  # still nobody can tell: it stays unconfirmed, its use kept
+        if account["action"] != "unconfirmed":
+            continue
+        try:
+            if accounts.exists(account["host"], account["username"]):
+                store.confirm_account(invite["token"], account["username"])
+            elif not accounts.exists(account["host"], account["username"]):
+                returned |= store.forget_account(invite["token"], account["username"])
+        except BackendError:
+            pass  # still nobody can tell: it stays unconfirmed, its use kept
+    return returned
 
 
 def _made_after_all(store, accounts, token, host, username):
@@ -3015,7 +3166,6 @@ def page_headers(nonce, form=False):
         # The token is in the URL: no other site sees it in a Referer. (Not no-referrer: under that
         # policy browsers send "Origin: null" with our own forms, which then look cross-site.)
         ("Referrer-Policy", "same-origin"),
-        ("X-Content-Type-Options", "nosniff"),
         ("Cache-Control", "no-store"),
     )
 
@@ -3024,7 +3174,7 @@ def page_headers(nonce, form=False):
 # token, a colon, and no NUL, CR or LF; no obsolete folding): else 400.
 _REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[!-~]*) (HTTP/1\.[01])\r?\n\Z")
 _HEADER_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00\r\n]*\r?\n\Z")
-_HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:\d{1,5})?\Z")
+_HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?\Z")
 _FORWARDED_PAIR_RE = re.compile(r'(?i)\b(for|proto|host)=("[^"]*"|[^;,\s]*)')
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 _date_cache = [0, ""]  # (second, Date header)
@@ -3060,6 +3210,21 @@ def json_fields(headers, body):
     return data
 
 
+def with_json(params, values):
+    """Return a query's parameters with a JSON body's values (unknown names are left to the
+    operation); raise BadRequest for a name given in both, a key not a string, a null redirect."""
+    for name, value in values.items():
+        if name in params:
+            raise BadRequest(f"option {name!r} given in both the query and the body")
+        if name == "key" and not isinstance(value, str):
+            raise BadRequest("key must be a string: KEY_ID/SECRET")
+        if name == "redirect" and value is None:
+            raise BadRequest("redirect cannot be null: true or false, or leave it out")
+        params[name] = (str(value).lower() if name == "redirect" and isinstance(value, bool)
+                        else value)
+    return params
+
+
 def iri_to_uri(text):
     """Return text with non-ASCII and controls percent-encoded as UTF-8 (RFC 3987, 3.1)."""
     from urllib.parse import quote
@@ -3080,21 +3245,22 @@ def address_key(address):
 class RateLimiter:
     """Counts events per client address (IPv6: per /64) in one-minute windows, in memory."""
 
-    def __init__(self, per_minute):
-        self.per_minute = per_minute
+    def __init__(self, per_minute, clock=time.monotonic):
+        self.per_minute, self.clock = per_minute, clock  # (tests fix the clock mid-minute)
         self._window = None
         self._counts = {}
         self._noted = set()
         self._lock = threading.Lock()
 
-    def hit(self, address):
-        """Count one event; return 0 if allowed, else the seconds until the next window."""
-        clock, address = time.monotonic(), address_key(address)
+    def hit(self, address, subject=None):
+        """Count one event (of an address, with subject); return 0 if allowed, else the seconds
+        until the next window."""
+        clock, name = self.clock(), (address_key(address), subject)
         with self._lock:
             window = int(clock // 60)
             if window != self._window:  # a new minute: forget the old one (bounded memory)
                 self._window, self._counts, self._noted = window, {}, set()
-            count = self._counts[address] = self._counts.get(address, 0) + 1
+            count = self._counts[name] = self._counts.get(name, 0) + 1
         return 0 if count <= self.per_minute else 60 - clock % 60
 
     def first_time_over(self, address):
@@ -3106,11 +3272,13 @@ class RateLimiter:
             self._noted.add(address)
             return True
 
-    def over(self, address):
-        """Return 0 if the address is within its limit this minute, else seconds to wait."""
-        clock, address = time.monotonic(), address_key(address)
+    def over(self, address, subject=None, limit=None):
+        """Return 0 if the address (with subject) is within its limit (per_minute unless given)
+        this minute, else seconds to wait."""
+        clock, name = self.clock(), (address_key(address), subject)
         with self._lock:
-            if int(clock // 60) != self._window or self._counts.get(address, 0) < self.per_minute:
+            if (int(clock // 60) != self._window
+                    or self._counts.get(name, 0) < (limit or self.per_minute)):
                 return 0
         return 60 - clock % 60
 
@@ -3235,14 +3403,20 @@ class App:
             text += f" (and {seen[1]} more times since it was last logged)"
         self.log_line(text)
 
-    def count_auth_failure(self, client):
-        """Count a failed authentication; log once when an address passes its limit this minute."""
+    def count_auth_failure(self, client, presented):
+        """Count a failed authentication; log once when an address passes a limit this minute."""
         self.metrics.count("auth_failure")
-        self.auth_limiter.hit(client)
-        if self.auth_limiter.over(client) and self.auth_limiter.first_time_over(client):
-            self.log_line(f"{client.translate(_UNPRINTABLE)} passed {self.auth_limiter.per_minute} "
-                          "failed authentications this minute; refusing it with 429 until the "
-                          "minute ends")
+        limiter = self.auth_limiter
+        limiter.hit(client, guessed(presented))
+        limiter.hit(client, "all")
+        try:
+            refuse_if_guessing(limiter, client, presented)
+        except TooManyRequests:
+            if limiter.first_time_over(client):
+                self.log_line(f"{client.translate(_UNPRINTABLE)} passed the failed "
+                              f"authentications allowed this minute ({limiter.per_minute} with "
+                              f"one key id, {AUTH_FAILURES_PER_ADDRESS * limiter.per_minute} in "
+                              "all); refusing it with 429 until the minute ends")
 
 
 class StrictHTTP:
@@ -3435,8 +3609,9 @@ class StrictHTTP:
             self.send_header(name, value if value.isascii() and value.isprintable()
                              else iri_to_uri(value))
         if status != 204:
-            if body:
+            if body:  # (nosniff: no browser reads an error's text as HTML or script)
                 self.send_header("Content-Type", content_type)
+                self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -3532,14 +3707,15 @@ class InvitePages:
 
     def same_origin(self, host):
         """Return whether a form post comes from our own pages (the cross-site request defence)."""
-        # Sec-Fetch-Site, which every current browser sends, must be same-origin; without it, an
-        # Origin must be ours, scheme included ("null" is not); with neither, it is no browser's.
-        site = self.headers.get("Sec-Fetch-Site")
-        if site is not None:
-            return site == "same-origin"
-        origin = self.headers.get("Origin")
-        return origin is None or origin in (self.public_base(host),
-                                            f"{self.scheme}://{self.authority}")
+        # An Origin that names a site must be ours, scheme included, whatever else is claimed;
+        # then Sec-Fetch-Site, which every current browser sends, must be same-origin ("Origin:
+        # null" with it: our page under a proxy's no-referrer). Without it, "null" is refused;
+        # with neither header, it is no browser's.
+        site, origin = self.headers.get("Sec-Fetch-Site"), self.headers.get("Origin")
+        ours = (self.public_base(host), f"{self.scheme}://{self.authority}")
+        if origin not in (None, "null", *ours):
+            return False
+        return site == "same-origin" if site is not None else origin != "null"
 
     def respond_page(self, status, unavailable=None, invite=None, username="", error=None,
                      done=False):
@@ -3573,13 +3749,15 @@ class InviteRequests(InvitePages, StrictHTTP):
         """Route the request to its operation: the one boundary that turns errors into answers."""
         path, _, self.query = self.path.partition("?")
         self.form = None  # the sign-up form's fields, shown again with an error
+        self.presented = ""  # the key it presented, once read (failures are counted by its id)
         try:
             for pattern, methods, cors, self.page in ROUTES:
                 match = pattern.match(path)
                 if match:
                     break
-            else:
-                raise NotFound(f"no such page: {path[:100]!r}")
+            else:  # (a person's browser gets a page; the path is not echoed)
+                self.page = "text/html" in (self.headers.get("Accept") or "")
+                raise NotFound("no such page here")
             allowed = tuple(methods) + (("OPTIONS",) if cors else ())
             if cors:
                 self.response_headers += [("Access-Control-Allow-Methods", ", ".join(allowed)),
@@ -3591,7 +3769,7 @@ class InviteRequests(InvitePages, StrictHTTP):
             getattr(self, methods[self.command])(match.groupdict().get("token"))
         except Error as e:
             if isinstance(e, BadCredentials):
-                self.app.count_auth_failure(self.client)
+                self.app.count_auth_failure(self.client, self.presented)
             elif isinstance(e, (StoreError, BackendError)):
                 self.app.log_problem(f"{type(e).__name__} on {self.command} "
                                      f"{self.redacted_path()}: {e}", cause=str(e))
@@ -3619,8 +3797,8 @@ class InviteRequests(InvitePages, StrictHTTP):
         self.params()
         try:
             self.app.store.health()
-        except Error as e:
-            return self.respond_json(503, {"status": "error", "reason": str(e).split(": ", 1)[-1]},
+        except StoreError as e:
+            return self.respond_json(503, {"status": "error", "reason": e.public},
                                      [("Retry-After", "5")])
         self.respond_json(200, {"status": "ok"})
 
@@ -3637,12 +3815,7 @@ class InviteRequests(InvitePages, StrictHTTP):
 
     def api_create(self, _):
         """Create an invite: GET or POST /invites_api."""
-        params = self.params("key", "redirect", "ttl", "uses", "username", "note", "type", "roles",
-                             "groups")
-        for name, value in self.json_body().items():
-            if name in params:
-                raise BadRequest(f"option {name!r} given in both the query and the body")
-            params[name] = str(value).lower() if isinstance(value, bool) else value
+        params = self.options("key", "redirect", *INVITE_OPTIONS)
         redirect = parse_bool("redirect", str(params.pop("redirect", "")))
         credentials = self.credentials(params.pop("key", ""))
         invite = create_invite(self.app.store, credentials, options=params,
@@ -3680,8 +3853,8 @@ class InviteRequests(InvitePages, StrictHTTP):
     def api_show(self, token):
         """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
         key = self.authenticate(self.params("key").get("key", ""))
-        invite = get_invite(self.app.store, token, key["host"], key["id"])
-        status = invite_state(self.app.store, invite, self.app.backend)
+        invite, status = show_invite(self.app.store, token, self.app.backend, key["host"],
+                                     key["id"])
         self.respond_json(200, invite_info(invite, self.invite_url(invite), status,
                                            self.app.store.accounts(token)))
 
@@ -3693,8 +3866,7 @@ class InviteRequests(InvitePages, StrictHTTP):
 
     def api_redeem(self, token):
         """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
-        params = self.params("key", "username")
-        params.update(self.json_body())
+        params = self.options("key", "username")
         key = self.authenticate(params.pop("key", ""))
         username = params.pop("username", None)
         if params:
@@ -3721,13 +3893,17 @@ class InviteRequests(InvitePages, StrictHTTP):
     def form_body(self, *allowed):
         return form_fields(self.headers, self.body, allowed)
 
-    def json_body(self):
-        return json_fields(self.headers, self.body)
+    def options(self, *allowed):
+        """Return the query string's parameters with a JSON body's values (see with_json)."""
+        return with_json(self.params(*allowed), json_fields(self.headers, self.body))
 
     def credentials(self, query_key):
         """Return the key this request presents, unless its address is refused for guessing."""
-        refuse_if_guessing(self.app.auth_limiter, self.client)
-        return presented_key(self.headers.get_all("Authorization") or [], query_key)
+        try:
+            self.presented = presented_key(self.headers.get_all("Authorization") or [], query_key)
+        finally:  # (a malformed Authorization too: refused if its address guessed too often)
+            refuse_if_guessing(self.app.auth_limiter, self.client, self.presented)
+        return self.presented
 
     def authenticate(self, query_key):
         """Return the key row of this request's credentials (Authorization wins over ?key=)."""
@@ -3753,8 +3929,9 @@ class InviteRequests(InvitePages, StrictHTTP):
 
     def respond_error(self, error):
         """Answer an Error: JSON if asked for, the sign-up form again, a page, or plain text."""
+        message = error.public if isinstance(error, StoreError) else str(error)  # (no file path)
         if self.wants_json():
-            return self.respond_json(error.status, {"error": str(error)}, error.headers)
+            return self.respond_json(error.status, {"error": message}, error.headers)
         if self.form is not None and isinstance(error, Gone):
             invite = self.app.store.invite(self.form["invite"]["token"])
             return self.respond_page(410, invite_status(invite))
@@ -3765,8 +3942,8 @@ class InviteRequests(InvitePages, StrictHTTP):
         if self.page:  # a person reads it
             site_name = self.app.site_name or "Invite"
             return self.respond_html(error.status, lambda nonce: render_error_page(
-                error.status, str(error), site_name, nonce), headers=error.headers)
-        self.respond(error.status, f"{error}\n", error.headers)
+                error.status, message, site_name, nonce), headers=error.headers)
+        self.respond(error.status, f"{message}\n", error.headers)
 
     def respond_json(self, status, data, headers=()):
         import json
@@ -4259,8 +4436,9 @@ def _ejabberd(args):
 
 def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
-    options = {"ttl": args.ttl, "uses": args.uses, "username": args.username, "note": args.note,
-               "roles": args.roles, "groups": args.groups}
+    options = {name: value for name, value in (
+        ("ttl", args.ttl), ("uses", args.uses), ("username", args.username), ("note", args.note),
+        ("roles", args.roles), ("groups", args.groups)) if value is not None}  # (None: not given)
     if args.reset is not None:
         if args.username is not None:
             raise Error("--reset USER names the account; give no --username")
@@ -4311,8 +4489,11 @@ def cmd_invites_list(args):
 def cmd_invites_show(args):
     """invites show HOST TOKEN: print one invite."""
     store = open_store(args)
-    invite = get_invite(store, args.token, args.host)
-    status = invite_state(store, invite, _backend(args, sys.stderr, asking=True))
+    invite, status = show_invite(store, args.token, _backend(args, sys.stderr, asking=True),
+                                 args.host)
+    if any(a["action"] == "unconfirmed" for a in store.accounts(args.token)) and not args.accounts:
+        print("note: an account of this invite is unconfirmed: give --accounts to ask the server "
+              "(its use comes back if it was never made)", file=sys.stderr)
     info = invite_info(store.invite(args.token), _cli_url(args, invite), status,
                        store.accounts(args.token))
     if args.json:
@@ -4346,6 +4527,10 @@ def cmd_serve(args):
     tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
     store = open_store(args)
     backend = _backend(args, log=sys.stderr)
+    exposed = store.exposed()
+    if exposed:
+        print(f"warning: database {store.path} can be read by other users (its keys' hashes, its "
+              f"invites): chmod 600 {' '.join(exposed)}", file=sys.stderr, flush=True)
     for warning in backend.start_warnings(store.key_hosts()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
@@ -4372,7 +4557,7 @@ def systemd_socket():
     """Return the listening socket systemd passed (LISTEN_PID/LISTEN_FDS, fd 3), or None."""
     import socket
     if (os.environ.get("LISTEN_PID") != str(os.getpid())
-            or not os.environ.get("LISTEN_FDS", "").isdigit()):
+            or not re.fullmatch("[0-9]+", os.environ.get("LISTEN_FDS", ""))):
         return None
     if int(os.environ["LISTEN_FDS"]) < 1:
         return None
@@ -4654,6 +4839,7 @@ def build_parser():
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
     backend_args(sub)
+    accounts_args(sub)
 
     sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once",
                   "invites revoke")
