@@ -522,18 +522,24 @@ MIGRATIONS = [
     (  # 8: a reset names the account it was made for (a later account of the same name is another)
         "ALTER TABLE invites ADD COLUMN account_mark TEXT",
     ),
+    (  # 9: contact invites: who invites (a key's or an invite's), whether the contact was made
+        "ALTER TABLE keys ADD COLUMN inviter TEXT",
+        "ALTER TABLE invites ADD COLUMN inviter TEXT",
+        "ALTER TABLE accounts ADD COLUMN contact TEXT",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
-                "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses, may_reset")
+                "expires_at, max_invites, rate_count, rate_period, max_ttl, max_uses, may_reset, "
+                "inviter")
 # An unknown id finds the decoy row by the same two index lookups a known one takes.
 _KEY_OR_DECOY = (f"SELECT {_KEY_COLUMNS} FROM keys "
                  "WHERE id = coalesce((SELECT id FROM keys WHERE id = ?), '')")
 # Settable with `create` and `update`.
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses",
-              "may_reset")
+              "may_reset", "inviter")
 _INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
-                   "username, note, revoked_at, done_at, backend, account_mark")
+                   "username, note, revoked_at, done_at, backend, account_mark, inviter")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
 # What invite_status says, as SQL (each ? is the time).
 _INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires_at > ?",
@@ -825,6 +831,11 @@ class Store(Database):
                 else self.read(sql, (key_id,)))
         return rows[0] if rows else None
 
+    def key_inviters(self):
+        """Return (host, inviter) of the keys that mint contact invites."""
+        return [tuple(row) for row in self.read("SELECT DISTINCT host, inviter FROM keys WHERE "
+                                                "inviter IS NOT NULL ORDER BY host, inviter")]
+
     def key_hosts(self):
         """Return the hosts that have keys."""
         return [row[0] for row in self.read("SELECT DISTINCT host FROM keys "
@@ -973,8 +984,13 @@ class Store(Database):
 
     def accounts(self, token):
         """Return the accounts an invite made or reset, oldest first."""
-        return self.read("SELECT username, host, action, created_at FROM accounts WHERE token = ? "
-                         "ORDER BY created_at, rowid", (token,))
+        return self.read("SELECT username, host, action, created_at, contact FROM accounts "
+                         "WHERE token = ? ORDER BY created_at, rowid", (token,))
+
+    def record_contact(self, token, username, outcome):
+        """Record whether an account made by a contact invite became its inviter's contact."""
+        self.write(lambda conn: conn.execute("UPDATE accounts SET contact = ? WHERE token = ? AND "
+                                             "username = ?", (outcome, token, username)))
 
     def purge_invites(self, before, stale_slots_before):
         """Delete a batch of invites ended before a time, and stale slots; return how many."""
@@ -1170,6 +1186,13 @@ class Backend:
         """Return how invites are minted, for serve's start-up line."""
         return f"{self.name} backend"
 
+    def close(self):
+        """Close its connections to the XMPP server, and those of its accounts."""
+        for part in {id(self): self, id(self.accounts): self.accounts}.values():
+            connection = getattr(part, "admin", None) or getattr(part, "ejabberd", None)
+            if part is not None and hasattr(connection, "close"):
+                connection.close()
+
 
 class Builtin(Backend):
     """This tool's own store: its invites become accounts here, through an Accounts if given."""
@@ -1183,7 +1206,8 @@ class Builtin(Backend):
 
     @property
     def options(self):
-        return frozenset({"ttl", "uses", "username"} | ({"reset"} if self.accounts else set()))
+        return frozenset({"ttl", "uses", "username", "inviter"}
+                         | ({"reset"} if self.accounts else set()))
 
     def why_not(self, option):
         if option == "reset":
@@ -1285,7 +1309,8 @@ def key_info(row):
             "created_at": iso(row["created_at"]), "last_used_at": iso(row["last_used_at"]),
             "invites_created": row["invites_created"], "expires_at": iso(row["expires_at"]),
             "max_invites": row["max_invites"], "rate": rate, "max_ttl": row["max_ttl"],
-            "max_uses": row["max_uses"], "may_reset": bool(row["may_reset"])}
+            "max_uses": row["max_uses"], "may_reset": bool(row["may_reset"]),
+            "inviter": f"{row['inviter']}@{row['host']}" if row["inviter"] else None}
 
 
 def list_keys(store, host):
@@ -1409,6 +1434,9 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
     """Return an invite request's options checked against the key's policy and the backend."""
     wanted = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register",
               "roles": None, "groups": None}
+    # An inviter is the key's; only the command line, with no key, names one.
+    options = dict(options)
+    inviter = key["inviter"] if key is not None else options.pop("inviter", None)
     with bad_request():
         for name, value in options.items():
             wanted[name] = _invite_option(name, value)
@@ -1424,6 +1452,10 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
                              "raise it: update HOST KEY_ID --max-uses)")
         if wanted["type"] == "reset":
             _check_reset(wanted, key, backend)
+        wanted["inviter"] = inviter if wanted["type"] == "register" else None  # (not a reset's)
+        if wanted["inviter"] and "inviter" not in backend.options:
+            raise ValueError(f"{backend.what} cannot make contact invites (from "
+                             f"{inviter}){backend.why_not('inviter')}")
     if wanted["ttl"] is None:  # a reset is short-lived: a day
         ttl = RESET_INVITE_TTL if wanted["type"] == "reset" else default_ttl
         wanted["ttl"] = min(ttl, key["max_ttl"]) if key is not None else ttl
@@ -1478,7 +1510,8 @@ def _new_invite(host, key, backend, wanted):
               "key_id": key["id"] if key is not None else None, "created_at": created_at,
               "expires_at": created_at + wanted["ttl"], "uses": wanted["uses"],
               "uses_left": wanted["uses"], "username": wanted["username"], "note": wanted["note"],
-              "revoked_at": None, "done_at": None, "backend": backend.name, "account_mark": None}
+              "revoked_at": None, "done_at": None, "backend": backend.name, "account_mark": None,
+              "inviter": wanted["inviter"]}
     invite["uri"] = backend.held_uri(invite)
     return invite
 
@@ -1519,9 +1552,14 @@ def invite_info(invite, url=None, status=None, accounts=()):
             "created_at": iso(invite["created_at"]), "expires_at": iso(invite["expires_at"]),
             "uses": invite["uses"], "uses_left": invite["uses_left"],
             "username": invite["username"], "note": invite["note"], "key_id": invite["key_id"],
-            "revoked_at": iso(invite["revoked_at"]),
+            "revoked_at": iso(invite["revoked_at"]), "inviter": inviter_jid(invite),
             "accounts": [{"jid": f"{a['username']}@{a['host']}", "action": a["action"],
-                          "at": iso(a["created_at"])} for a in accounts]}
+                          "at": iso(a["created_at"]), "contact": a["contact"]} for a in accounts]}
+
+
+def inviter_jid(invite):
+    """Return the JID of whoever a contact invite is from, or None."""
+    return f"{invite['inviter']}@{invite['host']}" if invite["inviter"] else None
 
 
 def get_invite(store, token, host=None, key_id=None):
@@ -1531,6 +1569,34 @@ def get_invite(store, token, host=None, key_id=None):
             or (key_id is not None and invite["key_id"] != key_id)):
         raise NotFound(f"invite {token[:40]!r} not found")
     return invite
+
+
+def check_inviter(backend, host, inviter):
+    """Return whether the XMPP server could tell that inviter@host has an account; raise
+    BadRequest if it says there is none."""
+    asker = backend.accounts or backend
+    if not hasattr(asker, "exists"):
+        return False
+    if not asker.exists(host, inviter):
+        raise BadRequest(f"{inviter}@{host} has no account: a contact invite is from an account "
+                         "(make it first)")
+    return True
+
+
+def inviter_warnings(backend, inviters):
+    """Return what keeps keys' contact invites from working: (host, inviter)s."""
+    warnings = []
+    for host, inviter in inviters:
+        try:
+            if "inviter" not in backend.options:
+                raise BadRequest(f"{backend.what} cannot make contact invites"
+                                 f"{backend.why_not('inviter')}")
+            check_inviter(backend, host, inviter)
+        except BadRequest as e:
+            warnings.append(f"keys with --inviter {inviter} for {host}: {e}")
+        except Error:
+            pass  # (the server cannot be asked: said already)
+    return warnings
 
 
 def show_invite(store, token, backend, host=None, key_id=None):
@@ -1599,11 +1665,13 @@ def check_invite(store, token):
 
 
 def sign_up(store, backend, token, username, password, confirmation):
-    """Use a built-in invite to make its account (or set a password); return (invite, username)."""
+    """Use a built-in invite to make its account (or set a password), and of a contact invite
+    make the newcomer and the inviter contacts; return (invite, username, why the contact
+    could not be made or None)."""
     # Raises NotFound, Gone, Forbidden, BadRequest, Conflict (the name is taken, or a reset's
     # account is missing), BackendError, or OutcomeUnknown (the use is kept: nobody can tell
     # whether the account was made). Invariant: an invite never makes more accounts than its
-    # uses, and every account it made is recorded.
+    # uses, and every account it made is recorded; a failed contact never undoes an account.
     invite = store.invite(token) if TOKEN_RE.match(token or "") else None
     accounts = minted_by(invite, backend).signs_up if invite is not None else None
     if accounts is None:  # (not ours, or nobody here makes accounts)
@@ -1639,7 +1707,21 @@ def sign_up(store, backend, token, username, password, confirmation):
         store.give_back_use(token)
         raise
     store.record_account(token, invite["host"], username, "reset" if reset else "create", now())
-    return used, username
+    return used, username, (befriend(store, accounts, invite, username)
+                            if invite["inviter"] and not reset else None)
+
+
+def befriend(store, accounts, invite, username):
+    """Make a contact invite's newcomer and inviter each other's contacts, asked once; record
+    the outcome (made, failed, unknown); return why it failed, or None."""
+    try:
+        accounts.befriend(invite["host"], username, invite["inviter"])
+    except Error as e:
+        store.record_contact(invite["token"], username,
+                             "unknown" if isinstance(e, OutcomeUnknown) else "failed")
+        return str(e)
+    store.record_contact(invite["token"], username, "made")
+    return None
 
 
 def settle_accounts(store, accounts, invite):
@@ -1820,18 +1902,20 @@ class ServerBackend(Backend):
         if not valid:  # it reaches a program only as a checked domain name
             raise BadRequest(f"invalid host {host!r}")
         output = self.fetch(host, invite["expires_at"] - invite["created_at"], invite["uses"],
-                            username, invite["type"], roles, groups)
+                            username, invite["type"], roles, groups, invite["inviter"])
         urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
         uri, url = (uris[-1] if uris else None), (urls[-1] if urls else None)
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
         token = token.group(1) if token else None
-        if uri is None and token:  # what an account invite's URI is, by XEP-0401
-            uri = f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}"
+        if uri is None and token:  # what an account (or contact) invite's URI is, by XEP-0401
+            uri = (f"xmpp:{invite['inviter']}@{host}?roster;preauth={token};ibr=y"
+                   if invite["inviter"] else
+                   f"xmpp:{username + '@' if username else ''}{host}?register;preauth={token}")
         return {"token": token or invite["token"], "uri": uri or "", "url": url}
 
-    def fetch(self, host, ttl, uses, username, kind, roles, groups):
+    def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
         """Return the server's answer for one invite, holding its URL or xmpp: URI."""
         raise NotImplementedError
 
@@ -1846,7 +1930,8 @@ class ServerBackend(Backend):
 
 
 class CommandBackend(ServerBackend):
-    """A program mints each invite: its argv's {host}, {ttl}, {uses}, {username} are filled in."""
+    """A program mints each invite: its argv's {host}, {ttl}, {uses}, {username}, {inviter}
+    are filled in."""
 
     name = "command"
 
@@ -1854,11 +1939,12 @@ class CommandBackend(ServerBackend):
         super().__init__(**limits)
         self.template = list(argv)
         # The options whose placeholder appears are the ones it honours.
-        self.options = frozenset(o for o in ("ttl", "uses", "username")
+        self.options = frozenset(o for o in ("ttl", "uses", "username", "inviter")
                                  if any(f"{{{o}}}" in a for a in argv))
 
-    def fetch(self, host, ttl, uses, username, kind, roles, groups):
-        argv = fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "")
+    def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
+        argv = fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "",
+                    inviter=inviter or "")
         with self.slot():
             try:
                 status, stdout, stderr = run_program(argv, "the command backend", self.timeout)
@@ -2020,6 +2106,12 @@ _PROSODY_LUA = {
     "reset": _PROSODY_INVITES + (
         'local i = assert(m.create_account_reset({username}, {ttl})) '
         'return true, (i.landing_page or "") .. " " .. i.uri'),
+    # (registration allowed: a contact-only invite fails on Prosody 0.12.0 to 0.12.4)
+    "contact": _PROSODY_INVITES + (
+        'if not require"core.usermanager".user_exists({inviter}, {host}) then error({inviter} '
+        '.. "@" .. {host} .. " has no account: a contact invite needs its inviter") end '
+        'local i = assert(m.create_contact({inviter}, true, {extra}, {ttl})) '
+        'return true, (i.landing_page or "") .. " " .. i.uri'),
     "status": _PROSODY_INVITES + (
         'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e'),
     "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
@@ -2033,6 +2125,22 @@ _PROSODY_LUA = {
         'if not ok then return true, "refused " .. tostring(e) end return true, "done"'),
     "user_exists": _PROSODY_USERS + (
         'return true, um.user_exists({username}, {host}) and "done" or "missing"'),
+    # Each other's contacts (subscription both) and a roster push to each: Prosody 13's mod_roster
+    # subscribe_both (its shell's roster:subscribe_both), else (0.12) what its
+    # mod_invites_register does at a contact invite's registration.
+    "befriend": _PROSODY_USERS + (
+        'if not um.user_exists({inviter}, {host}) then return true, "missing" end '
+        'local rm, a, b = require"core.rostermanager", {username} .. "@" .. {host}, '
+        '{inviter} .. "@" .. {host} '
+        'local r = require"core.modulemanager".get_module({host}, "roster") '
+        'if r and r.subscribe_both then assert(r.subscribe_both(a, b)) else '
+        'for _, p in ipairs({{{{{username}, {inviter}, a, b}}, {{{inviter}, {username}, b, a}}}}) '
+        'do rm.set_contact_pending_out(p[1], {host}, p[4]) '
+        'rm.set_contact_pending_in(p[2], {host}, p[3]) '
+        'rm.subscribed(p[2], {host}, p[3]) '
+        'rm.process_inbound_subscription_approval(p[1], {host}, p[4]) end end '
+        'rm.roster_push({inviter}, {host}, a) rm.roster_push({username}, {host}, b) '
+        'return true, "done"'),
     # In the account's own storage, which Prosody deletes with the account.
     "account_mark": _PROSODY_USERS + (
         'if not um.user_exists({username}, {host}) then return true, "missing" end '
@@ -2072,7 +2180,8 @@ class ProsodyBackend(ServerBackend):
     def options(self):
         major = (self.version or "").split(".")[0]
         newer = major.isdigit() and int(major) >= 13
-        return frozenset({"username", "ttl", "reset"} | ({"roles", "groups"} if newer else set()))
+        return frozenset({"username", "ttl", "reset", "inviter"}
+                         | ({"roles", "groups"} if newer else set()))
 
     def why_not(self, option):
         return (f" on Prosody {self.version or '(version unknown)'}: roles and groups need "
@@ -2083,11 +2192,16 @@ class ProsodyBackend(ServerBackend):
         code = _PROSODY_LUA[name].format(**{k: _lua_literal(v) for k, v in values.items()})
         return self.admin.run(">" + code).partition("OK: ")[2].strip()
 
-    def fetch(self, host, ttl, uses, username, kind, roles, groups):
+    def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
+        if inviter and username:
+            raise BadRequest("Prosody's contact invites cannot be bound to a username "
+                             f"(this one is from {inviter}@{host})")
         try:
             if groups and "invites_groups" not in self.lua("modules", host=host).split():
                 raise BadRequest(f"groups need mod_invites_groups on {host} (Prosody 13)")
             extra = {"roles": roles, "groups": groups} if roles or groups else None
+            if inviter:  # Prosody's own contact invite: it makes the contact at registration
+                return self.lua("contact", host=host, inviter=inviter, ttl=ttl, extra=extra)
             return self.lua(kind, host=host, username=username, ttl=ttl, extra=extra)
         except BackendError as e:
             self.fail(str(e).replace("Prosody refused: ", "answered "))
@@ -2119,6 +2233,11 @@ class ProsodyBackend(ServerBackend):
     def exists(self, host, username):
         """Return whether username@host is an account; raise BackendError."""
         return self.answer("user_exists", "missing", False, host=host, username=username) is True
+
+    def befriend(self, host, username, inviter):
+        """Make username and inviter each other's contacts; raise Conflict if inviter is gone."""
+        self.answer("befriend", "missing", Conflict(f"{inviter}@{host} has no account"),
+                    host=host, username=username, inviter=inviter)
 
     def mark(self, host, username, new=None):
         """Return the account's mark (new: one to give it if it has none), or None if none."""
@@ -2188,10 +2307,12 @@ class ProsodyBackend(ServerBackend):
 class Accounts:
     """Makes the accounts of built-in invites by running a program (--accounts command)."""
 
-    # Its argv may hold {action} (create, reset, exists or mark), {username} and {host}; the
-    # password comes on its standard input, never in its arguments. Exit status 0: done (exists:
-    # it does; mark: it printed the account's mark); 3: the name is taken (reset, exists, mark: no
-    # such account); else the server failed (502). A mark is any text a later account of the
+    # Its argv may hold {action} (create, reset, exists, mark or befriend), {username}, {host} and
+    # {inviter} (befriend's; also $INVITES_API_INVITER); the password comes on its standard input,
+    # never in its arguments. Exit status 0: done (exists: it does; mark: it printed the account's
+    # mark; befriend: username and inviter are each other's contacts); 3: the name is taken
+    # (reset, exists, mark: no such account; befriend: the inviter has none); else the server
+    # failed (502). A mark is any text a later account of the
     # same name would not have (its creation time, say): a reset sets only its own's password.
 
     name = "command"
@@ -2214,6 +2335,11 @@ class Accounts:
         """Return whether username@host exists; raise BackendError if the server cannot tell."""
         return self.run("exists", host, username, "")[0] == 0
 
+    def befriend(self, host, username, inviter):
+        """Make username and inviter each other's contacts; raise Conflict if inviter is gone."""
+        if self.run("befriend", host, username, "", inviter)[0] == 3:
+            raise Conflict(f"{inviter}@{host} has no account")
+
     def mark(self, host, username, new=None):
         """Return what tells username@host from a later account of its name (None: no account)."""
         status, output = self.run("mark", host, username, "")
@@ -2227,11 +2353,12 @@ class Accounts:
     def describe_accounts(self):
         return "command"
 
-    def run(self, action, host, username, password):
+    def run(self, action, host, username, password, inviter=""):
         """Run the program for one action; return its exit status (0 or 3, else raise), output."""
-        argv = fill(self.template, action=action, username=username, host=host)
+        argv = fill(self.template, action=action, username=username, host=host, inviter=inviter)
+        env = dict(os.environ, INVITES_API_INVITER=inviter) if inviter else None
         status, stdout, stderr = run_program(argv, "the accounts program", self.timeout,
-                                             password.encode("utf-8") + b"\n")
+                                             password.encode("utf-8") + b"\n", env)
         if status not in (0, 3):
             detail = redact((stderr or stdout).decode("utf-8", "replace")).strip()[:300]
             raise BackendError(f"the accounts program exited with status {status}: {detail}")
@@ -2395,11 +2522,15 @@ class EjabberdBackend(ServerBackend):
         super().__init__(**limits)
         self.ejabberd = ejabberd
         self._listed = {}  # host: (when, its invites): a listing asks once a page, not an invite
+        self._release = None
 
     def why_not(self, option):
         return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' "
                        "token_expire_seconds)",
                 "uses": ": ejabberd's invites are for one account each",
+                "inviter": ": ejabberd's API has no contact invites; use the built-in store "
+                           "(--backend builtin) with --accounts ejabberd, whose sign-up makes "
+                           "the contact",
                 }.get(option, ": ejabberd's invites have no roles or groups")
 
     def call(self, command, **args):
@@ -2420,7 +2551,7 @@ class EjabberdBackend(ServerBackend):
             self.fail(f"{command} failed ({code})", output.encode())
         return output
 
-    def fetch(self, host, ttl, uses, username, kind, roles, groups):
+    def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
         if kind == "reset":
             return self.call("generate_reset_token", username=username, host=host)
         if username:
@@ -2504,6 +2635,25 @@ class EjabberdBackend(ServerBackend):
         if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
             self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): no answer
         return code == 0
+
+    def befriend(self, host, username, inviter):
+        """Make username and inviter each other's contacts (add_rosteritem both ways, which
+        pushes each to the other's connected resources); raise Conflict if inviter is gone."""
+        if not self.exists(host, inviter):
+            raise Conflict(f"{inviter}@{host} has no account")
+        # 23.01 names a group ("" none, ";" between several); 24.02 and later, a list of groups.
+        group = {"groups": []} if self.release() >= 24 else {"group": ""}
+        for user, contact in ((username, inviter), (inviter, username)):
+            self.done(*self.ejabberd.call("add_rosteritem", localuser=user, localhost=host,
+                                          user=contact, host=host, nick=contact, **group,
+                                          subs="both"), host)
+
+    def release(self):
+        """Return ejabberd's major version (23, 24, 26...), asked once."""
+        if self._release is None:
+            found = re.search(r"ejabberd (\d+)\.", self.ejabberd.call("status")[1])
+            self._release = int(found.group(1)) if found else 0
+        return self._release
 
     def mark(self, host, username, new=None):
         if not self.exists(host, username):
@@ -2838,10 +2988,10 @@ def _qr_penalty(matrix):
 
 
 @functools.lru_cache(maxsize=128)  # about 4 KB each; a page seen again (a refresh) costs no QR work
-def _invite_qr(uri, host):
+def _invite_qr(uri, host, label=None):
     """Return an invite page's QR code of its xmpp: URI (about 15 ms of CPU to make)."""
-    return qr_svg(qr_matrix(uri), label="QR code of the invite for "
-                                        f"{host}; scan it with an XMPP app")
+    return qr_svg(qr_matrix(uri), label=label or "QR code of the invite for "
+                                                 f"{host}; scan it with an XMPP app")
 
 
 def qr_svg(matrix, quiet=4, label="QR code"):
@@ -3018,6 +3168,10 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
     heading = (f"Set a new password for {esc(invite['username'])}@{host}"
                if invite["type"] == "reset"
                else f"You have been invited to join {host}")
+    inviter = inviter_jid(invite) if invite["type"] != "reset" else None
+    if inviter:
+        heading = f"{esc(inviter)} invited you to join {host}"
+        main += render_already_have_account(invite, inviter)
     return render_page(f"Invite to {invite['host']}", (
         f"<h1>{heading}</h1>{note}"
         f'<p class="muted">{details}</p>{main}'
@@ -3030,6 +3184,25 @@ def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None
            if in_apps and not signup_url
            else "<p>To chat once your account exists, install one of these:</p>")
         + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
+
+
+def render_already_have_account(invite, inviter):
+    """Return a contact invite's part for people who have an XMPP account: add the inviter."""
+    # The server's own contact invite (Prosody's) has a URI with its token, which the server
+    # checks and approves at once (XEP-0401); ours cannot be checked there: the inviter approves.
+    import html
+    esc = html.escape
+    if invite["uri"].startswith(f"xmpp:{inviter}?roster;"):
+        uri, who = invite["uri"], "You are added to each other's contacts at once."
+    else:
+        uri, who = (f"xmpp:{inviter}?roster",
+                    f"{esc(inviter)} will be asked to approve, and then you are each other's "
+                    "contacts.")
+    qr = _invite_qr(uri, invite["host"],
+                    f"QR code to add {inviter} as a contact; scan it with an XMPP app")
+    return (f"<h2>I already have an XMPP account</h2><p>Add {esc(inviter)} to your contacts from "
+            f'your app: {who}</p><a class="button" href="{esc(uri)}">Add {esc(inviter)}</a>'
+            f"<figure>{qr}<figcaption>Scan this with your XMPP app</figcaption></figure>")
 
 
 def render_app_list(apps):
@@ -3076,11 +3249,21 @@ def render_signup_page(invite, form_url, site_name, nonce, username="", error=No
         "</button></p></form>"), site_name, nonce)
 
 
-def render_signup_done(invite, username, site_name, apps, nonce):
-    """Return the page after a sign-up (or password reset): the new address and how to log in."""
+def render_signup_done(invite, username, site_name, apps, nonce, contact=None):
+    """Return the page after a sign-up (or password reset): the new address and how to log in,
+    and of a contact invite whether the inviter is in the newcomer's contacts (contact: made,
+    failed or unknown)."""
     import html
     esc = html.escape
     jid = f"{username}@{invite['host']}"
+    inviter = esc(inviter_jid(invite) or "")
+    friends = {"made": f"<p><strong>{inviter}</strong>, who invited you, is in your contacts, "
+                       "and you are in theirs.</p>",
+               "failed": f"<p>We could not add <strong>{inviter}</strong>, who invited you, to "
+                         "your contacts: add them in your app.</p>",
+               "unknown": f"<p>We could not tell whether <strong>{inviter}</strong>, who invited "
+                          "you, is in your contacts: if not, add them in your app.</p>",
+               }.get(contact, "") if inviter else ""
     reset = invite["type"] == "reset"
     left = invite["uses_left"] if not reset and invite_status(invite) == "valid" else 0
     more = (f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>"
@@ -3088,7 +3271,7 @@ def render_signup_done(invite, username, site_name, apps, nonce):
     links = render_app_list(apps)
     first = "Your new password is set" if reset else f"Your account {esc(jid)} is ready"
     return render_page("Your account is ready", (
-        f"<h1>{first}</h1>{more}"
+        f"<h1>{first}</h1>{more}{friends}"
         f"<p>Log in with an XMPP app as <strong>{esc(jid)}</strong> and your password.</p>"
         f'<a class="button" href="xmpp:{esc(jid)}">Open in your XMPP app</a>'
         f"<h2>No app yet?</h2><ul>{links}</ul>"), site_name, nonce)
@@ -3674,10 +3857,12 @@ class InvitePages:
         if invite is None or minted_by(invite, self.app.backend).signs_up is None:
             return self.respond_page(404, None)
         if "account" in params:  # (Post/Redirect/Get) only an account this invite made or reset
-            if not any(a["username"] == params["account"] and a["action"] != "unconfirmed"
-                       for a in self.app.store.accounts(invite["token"])):
+            made = [a for a in self.app.store.accounts(invite["token"])
+                    if a["username"] == params["account"] and a["action"] != "unconfirmed"]
+            if not made:
                 return self.respond_page(404, None)
-            return self.respond_page(200, invite=invite, username=params["account"], done=True)
+            return self.respond_page(200, invite=invite, username=params["account"],
+                                     done=made[0]["contact"] or True)
         if status != "valid":
             return self.respond_page(410, status)
         self.respond_page(200, invite=invite)
@@ -3695,9 +3880,12 @@ class InvitePages:
         if not self.same_origin(invite["host"]):
             raise Forbidden("this form can only be sent from its own page")
         self.form = {"invite": invite, "username": fields.get("user", "")}
-        used, username = sign_up(self.app.store, self.app.backend, invite["token"],
-                                 fields.get("user", ""), fields.get("password", ""),
-                                 fields.get("password_confirm", ""))
+        used, username, unfriended = sign_up(self.app.store, self.app.backend, invite["token"],
+                                             fields.get("user", ""), fields.get("password", ""),
+                                             fields.get("password_confirm", ""))
+        if unfriended:  # (the account is made and kept: its page says to add the inviter by hand)
+            self.app.log_line(f"sign-up of {username}@{used['host']}: the contact with "
+                              f"{inviter_jid(used)} was not made: {unfriended}")
         from urllib.parse import quote
         done = (f"{self.public_base(invite['host'])}/register?t={used['token']}&"
                 f"account={quote(username)}")
@@ -3721,9 +3909,9 @@ class InvitePages:
                      done=False):
         """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
         site_name, apps = self.site_name(invite), self.app.apps
-        if done:
+        if done:  # (True, or a contact invite's outcome: made, failed, unknown)
             return self.respond_html(status, lambda nonce: render_signup_done(
-                invite, username, site_name, apps, nonce))
+                invite, username, site_name, apps, nonce, contact=done))
         if invite is not None and unavailable is None:
             return self.respond_html(status, lambda nonce: render_signup_page(
                 invite, "/register", site_name, nonce, username, error), form=True)
@@ -4339,7 +4527,7 @@ def open_store(args):
 def _policy(args):
     """Return the key policy options given on the command line, as KEY_POLICY columns."""
     given = {"expires_at": args.expires, "max_invites": args.max_invites, "max_ttl": args.max_ttl,
-             "max_uses": args.max_uses,
+             "max_uses": args.max_uses, "inviter": args.inviter,
              "may_reset": None if args.allow_resets is None else int(args.allow_resets)}
     if args.rate is not None:  # (count, period), or CLEAR for both
         rate = (CLEAR, CLEAR) if args.rate is CLEAR else args.rate
@@ -4351,6 +4539,7 @@ def _policy(args):
 def cmd_create(args):
     """create HOST [NAME]: print a new key (and on stderr, which database holds it)."""
     store = open_store(args)
+    _check_inviter(args)
     print(create_key(store, args.host, args.name, **_policy(args)))
     print(f"a key for {args.host}, in database {store.path}", file=sys.stderr)
 
@@ -4375,7 +4564,21 @@ def cmd_update(args):
         changes["name"] = args.name
     if not changes:
         raise Error("nothing to change: give --name or a policy option (see --help)")
-    update_key(open_store(args), args.host, args.key_id, **changes)
+    store = open_store(args)
+    _check_inviter(args)
+    update_key(store, args.host, args.key_id, **changes)
+
+
+def _check_inviter(args):
+    """Refuse an --inviter the XMPP server says has no account; say so where none can tell."""
+    if args.inviter in (None, CLEAR):
+        return
+    with contextlib.closing(_backend(args, sys.stderr)) as backend:
+        told = check_inviter(backend, args.host, args.inviter)
+    if not told:
+        print(f"note: nothing here can tell whether {args.inviter}@{args.host} has an account "
+              "(give --accounts or --backend prosody to ask); serve warns at start if not",
+              file=sys.stderr)
 
 
 def cmd_delete(args):
@@ -4438,15 +4641,20 @@ def cmd_invites_create(args):
     """invites create HOST: mint one invite and print its page URL."""
     options = {name: value for name, value in (
         ("ttl", args.ttl), ("uses", args.uses), ("username", args.username), ("note", args.note),
-        ("roles", args.roles), ("groups", args.groups)) if value is not None}  # (None: not given)
+        ("roles", args.roles), ("groups", args.groups), ("inviter", args.inviter))
+        if value is not None}  # (None: not given)
     if args.reset is not None:
         if args.username is not None:
             raise Error("--reset USER names the account; give no --username")
         options.update(type="reset", username=args.reset)
-    backend = _backend(args, sys.stderr, accounts=args.reset is not None)
-    for warning in backend.start_warnings([]):
-        print(f"warning: {warning}", file=sys.stderr)
-    invite = create_invite(open_store(args), host=args.host, options=options, backend=backend)
+    backend = _backend(args, sys.stderr, accounts=args.reset is not None or bool(args.inviter))
+    with contextlib.closing(backend):
+        for warning in backend.start_warnings([]):
+            print(f"warning: {warning}", file=sys.stderr)
+        if args.inviter and not check_inviter(backend, args.host, args.inviter):
+            print(f"note: nothing here can tell whether {args.inviter}@{args.host} has an "
+                  "account (give --accounts or --backend prosody to ask)", file=sys.stderr)
+        invite = create_invite(open_store(args), host=args.host, options=options, backend=backend)
     url = _cli_url(args, invite)
     if args.qr and re.match(r"https?://(127\.|localhost|\[::1\])", url):
         print(f"warning: the QR code is of {url}, which only this machine can open (a phone "
@@ -4531,7 +4739,8 @@ def cmd_serve(args):
     if exposed:
         print(f"warning: database {store.path} can be read by other users (its keys' hashes, its "
               f"invites): chmod 600 {' '.join(exposed)}", file=sys.stderr, flush=True)
-    for warning in backend.start_warnings(store.key_hosts()):
+    for warning in backend.start_warnings(store.key_hosts()) + inviter_warnings(
+            backend, store.key_inviters()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
     app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
@@ -4661,8 +4870,8 @@ def build_parser():
                               "OAuth token, for an api_permissions that asks for one")
         sub.add_argument("--backend-command", metavar="TEMPLATE",
                          help="command backend: program and arguments, split like a shell would "
-                              "but never run by one; {host}, {ttl}, {uses}, {username} are "
-                              "filled in")
+                              "but never run by one; {host}, {ttl}, {uses}, {username}, "
+                              "{inviter} are filled in")
         sub.add_argument("--backend-timeout", type=_arg(parse_seconds), metavar="SECONDS",
                          default=DEFAULT_BACKEND_TIMEOUT,
                          help="kill a backend program after this (default "
@@ -4680,9 +4889,10 @@ def build_parser():
                               "admin socket, ejabberdctl, or --accounts-command")
         sub.add_argument("--accounts-command", metavar="TEMPLATE",
                          help="accounts command: program and arguments with {action} "
-                              "(create, reset, exists or mark), {username}, {host}; the "
-                              "password comes on its standard input; exit 3 means the name "
-                              "is taken (reset, exists, mark: there is no such account)")
+                              "(create, reset, exists, mark or befriend), {username}, {host}, "
+                              "{inviter}; the password comes on its standard input; exit 3 "
+                              "means the name is taken (reset, exists, mark: there is no such "
+                              "account; befriend: the inviter has none)")
 
     def policy_args(sub, clear):
         none = " ('never' removes it)" if clear else ""
@@ -4701,6 +4911,12 @@ def build_parser():
         sub.add_argument("--allow-resets", action=argparse.BooleanOptionalAction, default=None,
                          help="the key may mint password-reset invites for existing accounts of "
                               "its host (default: it may not; --no-allow-resets takes it back)")
+        sub.add_argument("--inviter", type=_arg(parse_username, clear and "none"), metavar="USER",
+                         help="every invite the key mints is a contact invite from USER@HOST: "
+                              "the newcomer and USER become each other's contacts at sign-up "
+                              f"(USER must have an account){none}")
+        backend_args(sub)  # (to ask the XMPP server whether the inviter has an account)
+        accounts_args(sub)
 
     sub = command(commands, "serve", cmd_serve, "run the HTTP API")
     sub.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
@@ -4808,6 +5024,9 @@ def build_parser():
                           "set on the sign-up page of serve --accounts, or made by the prosody "
                           "backend; the account must exist, which --accounts or the backend tells")
     sub.add_argument("--note", help="a note for yourself, shown on the invite (200 characters)")
+    sub.add_argument("--inviter", type=_arg(parse_username), metavar="USER",
+                     help="a contact invite from USER@HOST: the newcomer and USER become each "
+                          "other's contacts at sign-up (USER must have an account)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
     sub.add_argument("--qr", nargs="?", const="url", choices=("url", "uri"),

@@ -1887,6 +1887,7 @@ case "$1:$2" in
   exists:slow*) grep -qx "$2" '{self.made}' 2>/dev/null && exit 0; exit 3;;
   exists:*) exit 0;;
   mark:ghost) exit 3;;
+  befriend:*) test "$INVITES_API_INVITER" = ghost && exit 3; echo "friends $2 $INVITES_API_INVITER" >> '{self.calls}';;
   mark:*) echo "$2-$(grep -cx "$2" '{self.made}' 2>/dev/null)";;
   create:taken) exit 3;;
   create:broken) echo 'backend on fire' >&2; exit 1;;
@@ -2040,6 +2041,38 @@ esac
         self.assertEqual(self.store.invite(token)["uses_left"], 3)
         self.assertNotIn(self.PASSWORD, self.log.getvalue())
         self.assertNotIn("create", self.log.getvalue())  # no argv in any error text
+
+    def test_a_contact_invite_befriends_once_through_the_program_and_only_the_operator_names_the_inviter(self):
+        key = ia.create_key(self.store, "example.com", inviter="alice")
+        for extra in ("&inviter=mallory", "&inviter="):  # a key holder cannot choose or change it
+            status, _, body = self.create(key, extra)
+            self.assertEqual((status, body), (400, b"unknown parameter 'inviter'\n"))
+        status, _, body = self.request("POST", "/invites_api", {"Authorization": f"Bearer {key}",
+                                                                "Content-Type": "application/json"},
+                                       json.dumps({"inviter": None}))
+        self.assertEqual(status, 400, body)
+        status, headers, body = self.create(key, headers={"Accept": "application/json"})
+        invite = json.loads(body)
+        self.assertEqual((status, invite["inviter"]), (201, "alice@example.com"))
+        page = self.request("GET", f"/invite?{invite['token']}")[2].decode()
+        self.assertIn("<h1>alice@example.com invited you to join example.com</h1>", page)
+        self.assertIn('href="xmpp:alice@example.com?roster"', page)
+        status, page = self.sign_up(invite["token"], "dora")
+        self.assertEqual(status, 200, page)
+        self.assertIn(b"<strong>alice@example.com</strong>, who invited you, is in your contacts", page)
+        self.assertEqual([c for c in self.calls_made() if c.startswith(("befriend", "friends"))],
+                         ["befriend dora example.com", "friends dora alice"])  # once
+        listed = json.loads(self.request("GET", f"/invites_api/invites?key={key}&all=true")[2])
+        self.assertEqual(listed[0]["accounts"][0]["contact"], "made")
+        # An inviter the server says has no account: the account is made, the page says so, the log says why.
+        ia.update_key(self.store, "example.com", key.split("/")[0], inviter="ghost")
+        status, page = self.sign_up(self.token_of(self.create(key)[1]["location"]), "emil")
+        self.assertEqual(status, 200, page)
+        self.assertIn(b"We could not add <strong>ghost@example.com</strong>, who invited you", page)
+        self.assertIn("sign-up of emil@example.com: the contact with ghost@example.com was not made: "
+                      "ghost@example.com has no account", self.log.getvalue())
+        # Resets are no contact invites; keys without an inviter mint as before.
+        self.assertIsNone(json.loads(self.create(headers={"Accept": "application/json"})[2])["inviter"])
 
     def test_an_unconfirmed_account_the_server_says_was_never_made_gives_its_use_back(self):
         first, second = (self.token_of(self.create()[1]["location"]) for _ in range(2))  # one use each
@@ -2490,6 +2523,19 @@ def listening_pids(port):
     return sorted(pids)
 
 
+def listening_unix_pids(path):
+    """Return the pids holding a listening Unix socket bound to path, from /proc."""
+    with open("/proc/net/unix") as f:
+        inodes = {f"socket:[{fields[6]}]" for fields in map(str.split, list(f)[1:])
+                  if len(fields) > 7 and fields[7] == path and fields[3] == "00010000"}
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                pids.add(int(pid))
+    return sorted(pids)
+
+
 def thread_states(pid):
     """Return the states of a process's threads ("S", "R", "T", ...) as one string, from /proc."""
     states = []
@@ -2589,12 +2635,100 @@ class Xmpp:
         self.sock.close()
 
 
+class XmppClient:
+    """A real XMPP client (slixmpp) logged in over plain c2s on 127.0.0.1, in a thread of its own:
+    its roster ({contact JID: subscription}) and the roster pushes it got while online."""
+
+    def __init__(self, test, port, jid, password, plain=False):
+        # plain: SASL PLAIN (ejabberd 26 refuses SCRAM without TLS: "Invalid channel binding")
+        try:
+            import slixmpp
+        except ImportError:
+            if os.environ.get("INVITES_API_REQUIRE_ALL") == "1":
+                raise AssertionError("slixmpp is not installed (INVITES_API_REQUIRE_ALL=1)") from None
+            raise unittest.SkipTest("slixmpp is not installed (pip install slixmpp)") from None
+        import asyncio
+        self.jid, self.pushes, self.failure = jid, [], None
+        self.loop = asyncio.new_event_loop()
+        mechanisms = ({"unencrypted_plain": True, "use_mech": "PLAIN"} if plain
+                      else {"unencrypted_scram": True})
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.client = slixmpp.ClientXMPP(jid, password, plugin_config={"feature_mechanisms": mechanisms})
+            self.client.enable_starttls = self.client.enable_direct_tls = False
+            self.client.enable_plaintext = True
+
+            async def started(_):
+                try:
+                    await self.client.get_roster()
+                except slixmpp.exceptions.IqError as e:
+                    return failed(f"the roster was refused: {e.iq['error']['condition']}")
+                self.client.send_presence()
+                ready.set()
+
+            def failed(why):
+                self.failure = why
+                ready.set()
+            self.client.add_event_handler("session_start", started)
+            self.client.add_event_handler("failed_all_auth", lambda _: failed("authentication failed"))
+            self.client.add_event_handler("roster_update", lambda iq: self.pushes.append(
+                {str(jid): item["subscription"] for jid, item in iq["roster"]["items"].items()}))
+            self.client.connect("127.0.0.1", port)
+            self.loop.run_forever()
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.close)
+        if not ready.wait(30) or self.failure:
+            raise AssertionError(f"{jid} could not log in: {self.failure or 'no session within 30 s'}")
+
+    def roster(self):
+        """Return the roster as {contact JID: subscription} (the account itself left out)."""
+        def read():
+            roster = self.client.client_roster
+            return {str(j): roster[j]["subscription"] for j in roster if str(j) != self.jid}
+        return asyncio_call(self.loop, read)
+
+    def close(self):
+        import asyncio
+        if self.thread.is_alive():
+            async def bye():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.client.disconnect(), 5)
+                self.loop.stop()
+            asyncio.run_coroutine_threadsafe(bye(), self.loop)
+        self.thread.join(10)
+
+
+def asyncio_call(loop, fn):
+    """Return fn() run in loop's thread."""
+    import concurrent.futures
+    future = concurrent.futures.Future()
+    loop.call_soon_threadsafe(lambda: future.set_result(fn()))
+    return future.result(10)
+
+
+def roster_of(test, port, jid, password, plain=False):
+    """Log in as jid with a real XMPP client; return its roster ({contact: subscription})."""
+    client = XmppClient(test, port, jid, password, plain)
+    try:
+        return client.roster()
+    finally:
+        client.close()
+
+
 class ProsodyTest(ServerProcessMixin, TempDirTestCase):
     """Against Debian's real Prosody: every invite we return must be one Prosody accepts."""
 
     HOST = "example.test"
     MODULES = '"admin_shell", "http", "invites", "invites_page", "register_apps", "saslauth", "register", ' \
-              '"invites_register"'
+              '"invites_register", "roster"'
 
     def setUp(self):
         super().setUp()
@@ -2638,14 +2772,17 @@ modules_disabled = {{ "invites_page" }}
         return require_program("prosody")
 
     def start_prosody(self):
-        command = [self.prosody, "--config", self.config]
+        user = {}
         if os.geteuid() == 0:  # Prosody refuses to run as root: use its own user
             os.chmod(self.dir, 0o755)
             for root, dirs, files in os.walk(self.home):
                 for name in [root] + [os.path.join(root, n) for n in dirs + files]:
                     shutil.chown(name, "prosody", "prosody")
-            command = ["runuser", "-u", "prosody", "--"] + command
-        self.server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # (Popen's own setuid, not runuser: runuser stops itself when Prosody is stopped, and then
+            # neither dies of SIGTERM nor lets Prosody go; SIGKILLed, it left Prosody running)
+            user = {"user": "prosody", "group": "prosody", "extra_groups": []}
+        self.server = subprocess.Popen([self.prosody, "--config", self.config], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, env=dict(os.environ, HOME=self.home), **user)
         deadline = time.monotonic() + 20
         while True:  # until its admin socket accepts (the file appears just before it listens)
             try:
@@ -2992,14 +3129,20 @@ modules_disabled = {{ "invites_page" }}
         key = self.make_key_for(self.HOST)
         proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config, "--backend-timeout", "1")
         token = self.mint(key)
-        with open(os.path.join(self.home, "prosody.pid")) as f:  # (Prosody itself, not runuser)
-            pid = int(f.read())
+        pid = self.server.pid
+        self.assertEqual(listening_unix_pids(os.path.join(self.home, "prosody.sock")), [pid])
         stop_process(self, pid)  # a Prosody that is really slow: it answers nothing until continued
         form = {"token": token, "user": "slow", "password": "a long password",
                 "password_confirm": "a long password"}
+        seen = {"listening": listening_unix_pids(os.path.join(self.home, "prosody.sock")),
+                "Prosody before": thread_states(pid)}
+        started = time.monotonic()
         status, page = self.post_form(form)
+        seen.update({"Prosody after": thread_states(pid), "after s": round(time.monotonic() - started, 3)})
         os.kill(pid, signal.SIGCONT)  # (after the answer: its timeout, however long the machine took)
-        self.assertEqual(status, 502, page)
+        if status != 502:  # (what answered, for the failure to explain itself)
+            proc.terminate()
+            self.fail(f"a stopped Prosody answered {status}: {seen}; serve said {proc.stderr.read()[-2000:]!r}")
         self.assertIn("cannot tell whether it was done", page)
         self.assertNotIn("taken", page)
         self.assertEqual(ia.Store(self.db).invite(token)["uses_left"], 0)  # kept: it may have been made
@@ -3068,6 +3211,89 @@ modules_disabled = {{ "invites_page" }}
         store.close()
         return key
 
+    def test_a_contact_invite_ends_with_the_inviter_and_the_newcomer_each_others_contacts(self):
+        prosody = ia.ProsodyBackend(self.config)
+        self.addCleanup(prosody.admin.close)
+        word = ia._random_id(6)
+        alices, bobs, daves = (f"{who}'s password {word}" for who in ("alice", "bob", "dave"))
+        prosody.create(self.HOST, "alice", alices)
+        prosody.create(self.HOST, "carol", "carol's password")
+        code, out, err = run_main("--db", self.db, "create", self.HOST, "--inviter", "ghost", "--accounts", "prosody",
+                                  "--prosody-config", self.config)
+        self.assertEqual((code, out, err), (1, "", f"error: ghost@{self.HOST} has no account: a contact invite is "
+                                                   "from an account (make it first)\n"))
+        key = self.cli("create", self.HOST, "alice's bookmark", "--inviter", "alice", "--accounts", "prosody",
+                       "--prosody-config", self.config).strip()
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
+        alice = XmppClient(self, self.c2s_port, f"alice@{self.HOST}", alices)  # online while bob signs up
+        person = Invitee(self, screenshot_dir(self, f"prosody-{self.version}-contact"))
+        bookmark = f"http://127.0.0.1:{port}/invites_api?key={key}&redirect=true"
+        person.page.goto(bookmark)
+        text = person.text()
+        self.assertIn(f"alice@{self.HOST} invited you to join {self.HOST}", text)
+        self.assertIn("I already have an XMPP account", text)
+        self.assertIn(f"alice@{self.HOST} will be asked to approve", text)
+        self.assertEqual(person.page.get_attribute(f'a[href^="xmpp:alice@{self.HOST}"]', "href"),
+                         f"xmpp:alice@{self.HOST}?roster")
+        person.look("invite")
+        person.page.click("a.button")  # "Create your account"
+        self.assertEqual(person.submit("bob", bobs), 200)
+        self.assertIn(f"alice@{self.HOST}, who invited you, is in your contacts", person.text())
+        person.look("done")
+        self.assertEqual(roster_of(self, self.c2s_port, f"bob@{self.HOST}", bobs), {f"alice@{self.HOST}": "both"})
+        self.assertEqual(alice.roster(), {f"bob@{self.HOST}": "both"})
+        self.assertIn({f"bob@{self.HOST}": "both"}, alice.pushes)  # (she was told while online)
+        token = person.page.url.split("t=", 1)[1].split("&", 1)[0]
+        shown = json.loads(self.cli("invites", "show", self.HOST, token, "--json"))
+        self.assertEqual((shown["inviter"], shown["accounts"][0]["contact"]), (f"alice@{self.HOST}", "made"))
+        # An inviter deleted since the key was made: the account is made all the same, the page says so.
+        self.cli("update", self.HOST, key.split("/")[0], "--inviter", "carol")
+        subprocess.run(["runuser", "-u", "prosody", "--", self.prosodyctl, "--config", self.config, "deluser",
+                        f"carol@{self.HOST}"], check=True, capture_output=True, timeout=60)
+        person.page.goto(bookmark)
+        person.page.click("a.button")
+        self.assertEqual(person.submit("dave", daves), 200)
+        self.assertIn(f"We could not add carol@{self.HOST}, who invited you, to your contacts", person.text())
+        self.assertEqual(roster_of(self, self.c2s_port, f"dave@{self.HOST}", daves), {})
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        self.assertIn(f"sign-up of dave@{self.HOST}: the contact with carol@{self.HOST} was not made", log)
+        for secret in (alices, bobs, daves, key.split("/")[1]):
+            self.assertNotIn(secret, log)
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)  # serve says so at start
+        self.assertEqual(wait_for_line(proc.stderr), f"warning: keys with --inviter carol for {self.HOST}: carol@"
+                                                     f"{self.HOST} has no account: a contact invite is from an account "
+                                                     "(make it first)\n")
+
+    def test_prosodys_own_contact_invite_befriends_at_registration(self):
+        prosody = ia.ProsodyBackend(self.config)
+        self.addCleanup(prosody.admin.close)
+        prosody.create(self.HOST, "alice", "alice's password")
+        key = self.cli("create", self.HOST, "--inviter", "alice", "--backend", "prosody", "--prosody-config",
+                       self.config).strip()
+        proc, port = self.start("--backend", "prosody", "--prosody-config", self.config)
+        status, headers, body = self.create(key, headers={"Accept": "application/json"})
+        self.assertEqual(status, 201, body)
+        invite = json.loads(body)
+        self.assertEqual(invite["inviter"], f"alice@{self.HOST}")
+        self.assertRegex(invite["uri"], rf"^xmpp:alice@{re.escape(self.HOST)}\?roster;preauth=[A-Za-z0-9_-]+;ibr=y$")
+        # A newcomer's app registers with the invite's token (XEP-0401, Prosody's own contact invite)...
+        client = Xmpp(self.c2s_port, self.HOST)
+        try:
+            self.assertEqual(client.register(invite["token"], "erin", "erin's password"), ("result", "result"))
+        finally:
+            client.close()
+        # ... and Prosody made them contacts.
+        self.assertEqual(roster_of(self, self.c2s_port, f"erin@{self.HOST}", "erin's password"),
+                         {f"alice@{self.HOST}": "both"})
+        self.assertEqual(roster_of(self, self.c2s_port, f"alice@{self.HOST}", "alice's password"),
+                         {f"erin@{self.HOST}": "both"})
+        # A username-bound invite cannot be a contact invite of Prosody's: refused, with the reason.
+        status, _, body = self.create(key, "&username=frank")
+        self.assertEqual(status, 400)
+        self.assertIn(b"contact invites cannot be bound to a username", body)
+
     def test_values_reach_prosody_as_quoted_lua_strings(self):
         admin = ia.ProsodyAdmin(os.path.join(self.dir, "prosody", "prosody.sock"))
         self.addCleanup(admin.close)
@@ -3134,7 +3360,7 @@ class ProsodyBackportsTest(ProsodyTest):
 
     # Debian 13's backports hold the same Prosody line as its own: nothing more to test there.
     wanted = debian_release() == "12" or bool(os.environ.get("INVITES_API_PROSODY_BACKPORTS"))
-    MODULES = '"admin_shell", "http", "invites", "saslauth", "register", "invites_register"'
+    MODULES = '"admin_shell", "http", "invites", "saslauth", "register", "invites_register", "roster"'
     # These check Prosody's own invite page.
     test_invites_minted_through_our_api_are_valid_in_prosody = None
     test_a_username_bound_invite_and_a_host_prosody_does_not_serve = None
@@ -3157,7 +3383,7 @@ class EjabberdTest(ServerProcessMixin, TempDirTestCase):
     page (serve --accounts ejabberd)."""
 
     HOST = "example.test"
-    MODULES = "{mod_admin_extra: {}, mod_private: {}}"
+    MODULES = "{mod_admin_extra: {}, mod_private: {}, mod_roster: {}}"
     HANDLERS = '{"/api": mod_http_api}'
     API_WHO = "{acl: loopback}"  # who api_permissions lets call the API
 
@@ -3249,6 +3475,50 @@ modules: {self.MODULES}
         for value in passwords + (secret, token):
             self.assertNotIn(value, log)
 
+    def test_a_contact_invite_ends_with_the_inviter_and_the_newcomer_each_others_contacts(self):
+        word = ia._random_id(6)
+        alices, bobs, daves = (f"{who}'s password {word}" for who in ("alice", "bob", "dave"))
+        for user, password in (("alice", alices), ("carol", "carol's password")):
+            subprocess.run([self.ejabberdctl, "register", user, self.HOST, password], check=True,
+                           capture_output=True, timeout=60)
+        code, out, err = run_main("--db", self.db, "create", self.HOST, "--inviter", "ghost", "--accounts",
+                                  "ejabberd", *self.via)
+        self.assertEqual((code, out, err), (1, "", f"error: ghost@{self.HOST} has no account: a contact invite is "
+                                                   "from an account (make it first)\n"))
+        code, out, err = run_main("--db", self.db, "create", self.HOST, "--inviter", "alice", "--accounts",
+                                  "ejabberd", *self.via)
+        self.assertEqual(code, 0, err)
+        key = out.strip()
+        proc, port = self.start("--accounts", "ejabberd", *self.via)
+        alice = XmppClient(self, self.c2s_port, f"alice@{self.HOST}", alices, plain=True)  # online meanwhile
+        person = Invitee(self, screenshot_dir(self, f"ejabberd-{self.version}-contact"))
+        bookmark = f"http://127.0.0.1:{port}/invites_api?key={key}&redirect=true"
+        person.page.goto(bookmark)
+        self.assertIn(f"alice@{self.HOST} invited you to join {self.HOST}", person.text())
+        self.assertIn("I already have an XMPP account", person.text())
+        person.page.click("a.button")  # "Create your account"
+        self.assertEqual(person.submit("bob", bobs), 200)
+        self.assertIn(f"alice@{self.HOST}, who invited you, is in your contacts", person.text())
+        self.assertEqual(roster_of(self, self.c2s_port, f"bob@{self.HOST}", bobs, plain=True),
+                         {f"alice@{self.HOST}": "both"})
+        self.assertEqual(alice.roster(), {f"bob@{self.HOST}": "both"})
+        self.assertIn({f"bob@{self.HOST}": "both"}, alice.pushes)  # (she was told while online)
+        # An inviter deleted since the key was made: the account is made all the same, the page says so.
+        self.assertEqual(run_main("--db", self.db, "update", self.HOST, key.split("/")[0], "--inviter", "carol")[0], 0)
+        subprocess.run([self.ejabberdctl, "unregister", "carol", self.HOST], check=True, capture_output=True,
+                       timeout=60)
+        person.page.goto(bookmark)
+        person.page.click("a.button")
+        self.assertEqual(person.submit("dave", daves), 200)
+        self.assertIn(f"We could not add carol@{self.HOST}, who invited you, to your contacts", person.text())
+        self.assertEqual(roster_of(self, self.c2s_port, f"dave@{self.HOST}", daves, plain=True), {})
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        self.assertIn(f"sign-up of dave@{self.HOST}: the contact with carol@{self.HOST} was not made", log)
+        for secret in (bobs, daves, key.split("/")[1]):
+            self.assertNotIn(secret, log)
+
     def test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started(self):
         store = ia.Store(self.db)
         key = ia.create_key(store, self.HOST)
@@ -3327,7 +3597,7 @@ modules: {self.MODULES}
 # The README's api_permissions: only the commands invites_api calls (ejabberd 23.01 and 26.07 alike).
 EJABBERD_COMMANDS = ("generate_invite, generate_invite_with_username, generate_reset_token, list_invites, "
                      "delete_invite_by_token, expire_invite_by_token, status, registered_vhosts, register, "
-                     "check_account, change_password, private_get, private_set")
+                     "check_account, change_password, private_get, private_set, add_rosteritem")
 
 
 def ejabberd_release():
@@ -3395,10 +3665,12 @@ class EjabberdApiAuthTest(EjabberdApiTest):
 
     API_WHO = '{user: "robot@example.test"}'
     test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
+    test_a_contact_invite_ends_with_the_inviter_and_the_newcomer_each_others_contacts = None
     test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
     test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown = None
 
     def test_credentials_from_a_file_and_a_clear_refusal_without(self):
+        hals = f"hal's password {ia._random_id(6)}"  # (no other test's argv has it)
         subprocess.run([self.ejabberdctl, "register", "robot", self.HOST, "the robot's password"], check=True,
                        capture_output=True, timeout=60)
         store = ia.Store(self.db)
@@ -3413,18 +3685,18 @@ class EjabberdApiAuthTest(EjabberdApiTest):
         secret = os.path.join(self.dir, "ejabberd-api-auth")
         with open(secret, "w") as f:
             f.write("robot@example.test:the robot's password\n")
-        with contextlib.closing(ArgvWatch("the robot's password", "a long password")) as watch:
+        with contextlib.closing(ArgvWatch("the robot's password", hals)) as watch:
             proc, port = self.start("--accounts", "ejabberd", "--ejabberd-api", self.api,
                                     "--ejabberd-api-auth-file", secret)
             self.assertNotIn("warning", self.banner)
             token = self.mint(key)
-            status, _ = self.post_form({"token": token, "user": "hal", "password": "a long password",
-                                        "password_confirm": "a long password"})
+            status, _ = self.post_form({"token": token, "user": "hal", "password": hals,
+                                        "password_confirm": hals})
             if status != 303:
                 proc.terminate()
                 self.fail(f"{status}: {proc.stderr.read()}")
         self.assertEqual(watch.seen, [])
-        self.assertTrue(self.login("hal", "a long password"))
+        self.assertTrue(self.login("hal", hals))
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         self.assertNotIn("robot's password", proc.stderr.read())
@@ -3441,6 +3713,17 @@ class Ejabberd26Test(EjabberdApiTest):
     test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
     test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
     test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown = None
+    test_a_contact_invite_ends_with_the_inviter_and_the_newcomer_each_others_contacts = None  # (EjabberdTest's)
+
+    def test_ejabberds_own_invites_cannot_be_contact_invites_and_say_what_can(self):
+        subprocess.run([self.ejabberdctl, "register", "alice", self.HOST, "a long password"], check=True,
+                       capture_output=True, timeout=60)
+        code, out, err = run_main("--db", self.db, "invites", "create", self.HOST, "--inviter", "alice",
+                                  "--backend", "ejabberd", "--ejabberd-api", self.api)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "error: the ejabberd backend cannot make contact invites (from alice): ejabberd's API "
+                              "has no contact invites; use the built-in store (--backend builtin) with --accounts "
+                              "ejabberd, whose sign-up makes the contact\n")
 
     tag = "long-" + os.urandom(6).hex()  # in this class's passwords alone: no other test's argv has it
 
@@ -3576,6 +3859,7 @@ class WithoutAModule:
     test_an_invitee_signs_up_in_chromium_and_logs_in_with_a_real_client = None
     test_an_ejabberdctl_that_outlives_the_timeout_is_killed_with_the_vm_it_started = None
     test_sign_up_reset_and_refusals_with_real_ejabberd_accounts = None
+    test_a_contact_invite_ends_with_the_inviter_and_the_newcomer_each_others_contacts = None
 
     def setUp(self):
         super().setUp()
