@@ -2376,7 +2376,8 @@ class EjabberdCtl:
 
     def call(self, command, **args):
         """Run one command, its arguments in the given order; return (exit status, output)."""
-        status, stdout, stderr = run_program([self.ejabberdctl, command, *args.values()],
+        argv = [";".join(v) if isinstance(v, list) else v for v in args.values()]  # (its lists)
+        status, stdout, stderr = run_program([self.ejabberdctl, command, *argv],
                                              "ejabberdctl", self.timeout)
         return status, (stdout + stderr).decode("utf-8", "replace")
 

@@ -1456,6 +1456,26 @@ class Invitee:
     def text(self):
         return self.page.inner_text("main")
 
+    def accessible(self, name):
+        """Check the page with axe-core (WCAG 2.1 A and AA, and best practices) at each size, light and
+        dark: the test fails on any violation, naming the rule and the element."""
+        try:
+            from axe_playwright_python.sync_playwright import Axe
+        except ImportError:
+            if os.environ.get("INVITES_API_REQUIRE_ALL") == "1":
+                raise AssertionError("axe-playwright-python is not installed (INVITES_API_REQUIRE_ALL=1)") from None
+            raise unittest.SkipTest("axe-playwright-python is not installed") from None
+        rules = {"runOnly": {"type": "tag", "values": ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]}}
+        for scheme in ("light", "dark"):
+            self.page.emulate_media(color_scheme=scheme)
+            for width, height in SIZES:
+                self.page.set_viewport_size({"width": width, "height": height})
+                found = Axe().run(self.page, options=rules).response["violations"]
+                self.test.assertEqual([(v["id"], [n["html"][:80] for n in v["nodes"]]) for v in found], [],
+                                      f"{name}, {scheme}, {width} px: axe-core found these")
+        self.page.emulate_media(color_scheme="light")
+        self.page.set_viewport_size({"width": SIZES[0][0], "height": SIZES[0][1]})
+
     def sign_up(self, bookmark, user, password, confirmation=None, name=None):
         """Open the bookmark (mints and redirects), press the invite page's main action, fill in the
         form and press its button; return the status of the answer to that press."""
@@ -1546,6 +1566,7 @@ def browser_journey(test, port, key, host, login, reset_cli, shots, passwords):
         test.assertEqual(navigation.value.status, 403)
         test.assertIn("can only be sent from its own page", person.text())
         person.look("cross-site")
+        person.accessible("the refused form's 403 page")
     test.assertFalse(login("mallory", "mallory's password"))
     # (Chromium notes each 4xx page it shows; nothing else may be said: no CSP violation, no script error)
     test.assertEqual([m for m in person.console if "the server responded with a status of 4" not in m], [])
@@ -2330,6 +2351,25 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
             return 0
         with open(self.runs) as f:
             return len(f.readlines())
+
+    def test_a_program_that_takes_an_inviter_mints_contact_invites_and_one_that_does_not_is_refused(self):
+        # It prints only its page's URL: the URI is XEP-0401's contact invite from the inviter.
+        program = write_program(self.dir, "mint", 'echo "https://example.com/i/$(head -c 18 /dev/urandom | base64 | '
+                                                  'tr "+/" "-_")"\necho "for $1" >> ' + self.runs + "\n")
+        key = self.key(inviter="alice")
+        proc, port = self.start("--backend", "command", "--backend-command", f"{program} {{inviter}}")
+        status, headers, body = self.create(key, headers={"Accept": "application/json"})
+        self.assertEqual(status, 201, body)
+        invite = json.loads(body)
+        self.assertEqual(invite["uri"], f"xmpp:alice@example.com?roster;preauth={invite['token']};ibr=y")
+        with open(self.runs) as f:
+            self.assertEqual(f.read(), "for alice\n")
+        proc.terminate()
+        proc.wait(10)
+        proc, port = self.start("--backend", "command", "--backend-command", program)  # (no {inviter})
+        status, headers, body = self.create(key)
+        self.assertEqual(status, 400)
+        self.assertIn(b"the command backend cannot make contact invites (from alice)", body)
 
     def test_ejabberd_stand_in_mints_and_every_invite_is_recorded(self):
         key = self.key()
@@ -3236,10 +3276,15 @@ modules_disabled = {{ "invites_page" }}
         self.assertEqual(person.page.get_attribute(f'a[href^="xmpp:alice@{self.HOST}"]', "href"),
                          f"xmpp:alice@{self.HOST}?roster")
         person.look("invite")
+        person.accessible("the contact invite's page")
         person.page.click("a.button")  # "Create your account"
+        person.accessible("the sign-up form")
+        self.assertEqual(person.submit("bob", bobs, "another long one"), 400)  # (refused: the form again)
+        person.accessible("the form with its reason")
         self.assertEqual(person.submit("bob", bobs), 200)
         self.assertIn(f"alice@{self.HOST}, who invited you, is in your contacts", person.text())
         person.look("done")
+        person.accessible("the done page")
         self.assertEqual(roster_of(self, self.c2s_port, f"bob@{self.HOST}", bobs), {f"alice@{self.HOST}": "both"})
         self.assertEqual(alice.roster(), {f"bob@{self.HOST}": "both"})
         self.assertIn({f"bob@{self.HOST}": "both"}, alice.pushes)  # (she was told while online)
@@ -3254,6 +3299,9 @@ modules_disabled = {{ "invites_page" }}
         person.page.click("a.button")
         self.assertEqual(person.submit("dave", daves), 200)
         self.assertIn(f"We could not add carol@{self.HOST}, who invited you, to your contacts", person.text())
+        person.accessible("the done page without the contact")
+        person.page.goto(f"http://127.0.0.1:{port}/invite?" + "Z" * 24)
+        person.accessible("an unknown invite's 404 page")
         self.assertEqual(roster_of(self, self.c2s_port, f"dave@{self.HOST}", daves), {})
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
@@ -3278,6 +3326,11 @@ modules_disabled = {{ "invites_page" }}
         invite = json.loads(body)
         self.assertEqual(invite["inviter"], f"alice@{self.HOST}")
         self.assertRegex(invite["uri"], rf"^xmpp:alice@{re.escape(self.HOST)}\?roster;preauth=[A-Za-z0-9_-]+;ibr=y$")
+        if not invite["url"].startswith(f"http://127.0.0.1:{self.http_port}/"):  # (no mod_invites_page: ours)
+            page = html.unescape(self.request("GET", f"/invite?{invite['token']}")[2].decode())
+            self.assertIn(f"alice@{self.HOST} invited you to join {self.HOST}", page)
+            self.assertIn("You are added to each other's contacts at once", page)
+            self.assertEqual(page.count(f'href="{invite["uri"]}"'), 2)  # for apps, and for an account
         # A newcomer's app registers with the invite's token (XEP-0401, Prosody's own contact invite)...
         client = Xmpp(self.c2s_port, self.HOST)
         try:
@@ -3695,7 +3748,8 @@ class EjabberdApiAuthTest(EjabberdApiTest):
             if status != 303:
                 proc.terminate()
                 self.fail(f"{status}: {proc.stderr.read()}")
-        self.assertEqual(watch.seen, [])
+        # (the test's own `ejabberdctl register robot` above may linger in a forked bash of ejabberdctl 26)
+        self.assertEqual([argv for argv in watch.seen if b" register robot " not in argv], [])
         self.assertTrue(self.login("hal", hals))
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
