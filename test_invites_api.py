@@ -3466,10 +3466,10 @@ modules: {self.MODULES}
         # A node name of each test's own: one that a previous test's node still holds would never start.
         # And a distribution port of its own, so no epmd at all: `ejabberdctl stopped` kills a shared epmd
         # that has no names, which a node starting beside it then failed to register with, and died.
-        self.node = f"invites{os.getpid()}p{self.c2s_port}@localhost"
+        self.node, self.dist_port = f"invites{os.getpid()}p{self.c2s_port}@localhost", free_port()
         with open(os.path.join(dirs["conf"], "ejabberdctl.cfg"), "w") as f:
             f.write(f"ERLANG_NODE={self.node}\nERL_EPMD_ADDRESS=127.0.0.1\n"
-                    f"INET_DIST_INTERFACE=127.0.0.1\nERL_DIST_PORT={free_port()}\n")
+                    f"INET_DIST_INTERFACE=127.0.0.1\nERL_DIST_PORT={self.dist_port}\n")
         with open(os.path.join(dirs["conf"], "inetrc"), "w") as f:
             f.write("{lookup, [file, native]}.\n")
         for root, subdirs, files in os.walk(os.path.join(self.dir, "ejabberd")):
@@ -3485,8 +3485,9 @@ modules: {self.MODULES}
         except (subprocess.TimeoutExpired, subprocess.CalledProcessError):
             logs = "".join(open(os.path.join(dirs["logs"], n)).read()[-1500:] for n in os.listdir(dirs["logs"]))
             status = subprocess.run([self.ejabberdctl, "status"], capture_output=True, text=True, timeout=60)
+            ports = {port: listening_pids(port) for port in (self.c2s_port, self.http_port, self.dist_port)}
             self.fail(f"ejabberd did not start: start said {start.stdout + start.stderr!r}; logs (and crash "
-                      f"dumps) {logs!r}; status {status.stdout + status.stderr!r}")
+                      f"dumps) {logs!r}; status {status.stdout + status.stderr!r}; its ports' listeners {ports}")
         status = subprocess.run([self.ejabberdctl, "status"], capture_output=True, text=True, timeout=60).stdout
         self.version = re.search(r"ejabberd (\S+) is running", status).group(1)
         self.via = self.VIA()
