@@ -2555,6 +2555,11 @@ def listening_pids(port):
                 fields = line.split()
                 if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                     inodes.add(f"socket:[{fields[9]}]")
+    return holders(inodes)
+
+
+def holders(inodes):
+    """Return the pids with an open descriptor on one of these sockets ("socket:[INODE]")."""
     pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
@@ -2568,12 +2573,7 @@ def listening_unix_pids(path):
     with open("/proc/net/unix") as f:
         inodes = {f"socket:[{fields[6]}]" for fields in map(str.split, list(f)[1:])
                   if len(fields) > 7 and fields[7] == path and fields[3] == "00010000"}
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
-                pids.add(int(pid))
-    return sorted(pids)
+    return holders(inodes)
 
 
 def thread_states(pid):
