@@ -1,7 +1,8 @@
 # invites_api: `make test` runs the suite (standard library only).
 PYTHON ?= python3
 
-.PHONY: test test-stress test-debian12 test-debian13 test-stress-debian13 check bench bench-compare clean
+.PHONY: test test-stress test-debian12 test-debian13 test-stress-debian13 check bench bench-compare \
+	bench-against clean
 
 test:
 	$(PYTHON) test_invites_api.py
@@ -39,6 +40,13 @@ bench-compare:
 	command -v prosody >/dev/null && dpkg -s lua-dbi-sqlite3 >/dev/null 2>&1 || \
 	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prosody prosody-modules lua-dbi-sqlite3 wrk)
 	$(PYTHON) bench/bench.py compare
+
+# Built-in creates/s of this checkout against another revision's invites_api.py (REV, default HEAD:
+# the last commit, so that a change not yet committed is measured against what it changes).
+REV ?= HEAD
+bench-against:
+	tmp=$$(mktemp -d) && git show $(REV):invites_api.py > $$tmp/invites_api.py && \
+	    $(PYTHON) bench/bench.py against $$tmp/invites_api.py; status=$$?; rm -rf $$tmp; exit $$status
 
 clean:
 	rm -rf __pycache__ bench/__pycache__

@@ -61,7 +61,8 @@ MAX_LIST_LIMIT = 1000
 # (a slow password hash would only slow every request down).
 SECRET_BYTES = 24
 # An invite token is a bearer credential for sign-up: 18 bytes, 24 URL-safe
-# characters, of which 14 bytes (112 bits) are random; see _new_token.
+# characters, of which 14 bytes (112 bits) are random; see _new_token. The
+# database keeps only its SHA-256 and its public id (see invite_id).
 TOKEN_BYTES = 18
 # Prosody's own default invite lifetime, and that of a password-reset invite.
 DEFAULT_INVITE_TTL = 7 * 86400
@@ -108,6 +109,7 @@ SHUTDOWN_GRACE = 15.0
 
 KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{12,64}\Z")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
+INVITE_ID_RE = re.compile(r"[A-Za-z0-9_-]{12}\Z")  # (shorter than any token: never taken for one)
 _LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _DURATION_RE = re.compile(r"([0-9]+)([smhdw])")  # (not \d: it takes any script's digits)
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -527,6 +529,51 @@ MIGRATIONS = [
         "ALTER TABLE invites ADD COLUMN inviter TEXT",
         "ALTER TABLE accounts ADD COLUMN contact TEXT",
     ),
+    (  # 10: our tokens only as hashes: an invite is found by its public id (see invite_id), then
+        # its token's hash is compared. Only an XMPP server's invite keeps its token, URI and URL,
+        # as that server does. (invite_id() and sha256() are Python's, for this migration; the
+        # old table's pages are zeroed as they are freed: see _migrate.)
+        """CREATE TABLE invites_10 (
+            id TEXT PRIMARY KEY,
+            token_hash BLOB,
+            server_token TEXT,
+            host TEXT NOT NULL,
+            type TEXT NOT NULL,
+            uri TEXT,
+            url TEXT,
+            key_id TEXT,
+            created_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            uses INTEGER NOT NULL DEFAULT 1,
+            uses_left INTEGER NOT NULL DEFAULT 1,
+            username TEXT,
+            note TEXT,
+            revoked_at INTEGER,
+            done_at INTEGER,
+            backend TEXT NOT NULL DEFAULT 'builtin',
+            account_mark TEXT,
+            inviter TEXT
+        )""",
+        """INSERT INTO invites_10 SELECT invite_id(token),
+            CASE WHEN uri != '' THEN sha256(token) END,
+            CASE WHEN backend != 'builtin' AND uri != '' THEN token END, host, type,
+            CASE WHEN backend != 'builtin' AND uri != '' THEN uri END,
+            CASE WHEN backend != 'builtin' THEN url END, key_id, created_at, expires_at, uses,
+            uses_left, username, note, revoked_at, done_at, backend, account_mark, inviter
+            FROM invites""",
+        "DROP TABLE invites",
+        "ALTER TABLE invites_10 RENAME TO invites",
+        "CREATE INDEX invites_by_key ON invites (key_id, created_at)",
+        "CREATE INDEX invites_by_host ON invites (host, created_at)",
+        "CREATE INDEX invites_by_expiry ON invites (expires_at)",
+        "CREATE INDEX invites_by_done ON invites (done_at) WHERE done_at IS NOT NULL",
+        # A slot held while a server mints (no token yet): purged if the server died meanwhile.
+        "CREATE INDEX invites_minting ON invites (created_at) WHERE token_hash IS NULL",
+        "ALTER TABLE accounts RENAME COLUMN token TO invite",
+        "UPDATE accounts SET invite = invite_id(invite)",
+        "DROP INDEX accounts_by_token",
+        "CREATE INDEX accounts_by_invite ON accounts (invite)",
+    ),
 ]
 
 _KEY_COLUMNS = ("id, host, name, secret_hash, created_at, last_used_at, invites_created, "
@@ -538,8 +585,9 @@ _KEY_OR_DECOY = (f"SELECT {_KEY_COLUMNS} FROM keys "
 # Settable with `create` and `update`.
 KEY_POLICY = ("expires_at", "max_invites", "rate_count", "rate_period", "max_ttl", "max_uses",
               "may_reset", "inviter")
-_INVITE_COLUMNS = ("token, host, type, uri, url, key_id, created_at, expires_at, uses, uses_left, "
-                   "username, note, revoked_at, done_at, backend, account_mark, inviter")
+_INVITE_COLUMNS = ("id, token_hash, server_token, host, type, uri, url, key_id, created_at, "
+                   "expires_at, uses, uses_left, username, note, revoked_at, done_at, backend, "
+                   "account_mark, inviter")
 _INVITE_COLUMN_NAMES = _INVITE_COLUMNS.split(", ")
 # What invite_status says, as SQL (each ? is the time).
 _INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires_at > ?",
@@ -547,7 +595,7 @@ _INVITE_STATUS_SQL = {"valid": "revoked_at IS NULL AND uses_left > 0 AND expires
                       "expired": "revoked_at IS NULL AND uses_left > 0 AND expires_at <= ?",
                       "revoked": "revoked_at IS NOT NULL"}
 _GIVE_BACK_USE = ("UPDATE invites SET uses_left = uses_left + 1, done_at = CASE WHEN revoked_at "
-                  "IS NULL THEN NULL ELSE done_at END WHERE token = ? AND uses_left < uses")
+                  "IS NULL THEN NULL ELSE done_at END WHERE id = ? AND uses_left < uses")
 _INSERT_INVITE = (f"INSERT INTO invites ({_INVITE_COLUMNS}) "
                   f"VALUES ({', '.join('?' * len(_INVITE_COLUMN_NAMES))})")
 
@@ -650,6 +698,9 @@ class Database:
             # kill -9 and power loss.
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous=FULL")
+            # What is deleted is overwritten with zeros, not left in free pages (an earlier
+            # schema's tokens, a deleted key's hash). Debian's SQLite does so unless told.
+            conn.execute("PRAGMA secure_delete=ON")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as e:
             raise self.problem(e, "cannot open database") from None
@@ -771,7 +822,11 @@ class Database:
                                  f"invites_api {__version__} knows ({len(MIGRATIONS)}); upgrade it")
             if version == len(MIGRATIONS):
                 return
-            need, free = self.size(), self.free()  # (the WAL may hold a copy of every page)
+            # (The WAL may hold two copies of every page, a rebuilt table's and its zeroed old
+            # one's, while the file grows by the new table before the WAL is emptied.)
+            need, free = 3 * self.size(), self.free()
+            conn.create_function("invite_id", 1, invite_id, deterministic=True)
+            conn.create_function("sha256", 1, hash_secret, deterministic=True)
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Read again under the lock: another process may have migrated.
@@ -785,11 +840,15 @@ class Database:
                 if conn.in_transaction:  # (SQLite may have rolled back itself: a full disk)
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
+            # The WAL still holds pages written before (with tokens, before schema 10): copy it
+            # into the file and empty it (unless another process still reads from it).
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as e:
             problem = self.problem(e, "cannot upgrade database")
             if "disk is full" in str(problem):
-                problem.args = (f"{problem}: upgrading it needs up to {_size(need)} free (the "
-                                f"database's size), {_size(free)} were; it is left as it was",)
+                problem.args = (f"{problem}: upgrading it needs up to {_size(need)} free (three "
+                                f"times the database's size), {_size(free)} were; it is left as "
+                                "it was",)
             raise problem from None
 
     def read(self, sql, args=()):
@@ -868,52 +927,63 @@ class Store(Database):
 
     # -- invites --------------------------------------------------------------
 
-    def insert_invite(self, conn, invite, key=None):
-        """Store a new invite within its key's quota and rate, in a write transaction."""
+    def charge_key(self, conn, key, at):
+        """Count a new invite against its key's quota and rate, in a write transaction."""
         # Raises Forbidden or TooManyRequests. The caller read the key in the same transaction, so
         # the quota and rate hold even when several servers share the database.
-        if key is not None:
-            if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
-                raise Forbidden("invite quota used up")
-            if key["rate_count"] is not None:
-                count, oldest = conn.execute(
-                    "SELECT count(*), min(created_at) FROM "
-                    "invites WHERE key_id = ? AND created_at > ?",
-                    (key["id"], invite["created_at"] - key["rate_period"])).fetchone()
-                if count >= key["rate_count"]:
-                    raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
-                                          f"{key['rate_period']} s reached",
-                                          oldest + key["rate_period"] - invite["created_at"])
-            conn.execute("UPDATE keys SET last_used_at = ?, invites_created "
-                         "= invites_created + 1 WHERE id = ?",
-                         (invite["created_at"], key["id"]))
-        conn.execute(_INSERT_INVITE, [invite[c] for c in _INVITE_COLUMN_NAMES])
+        if key["max_invites"] is not None and key["invites_created"] >= key["max_invites"]:
+            raise Forbidden("invite quota used up")
+        if key["rate_count"] is not None:
+            count, oldest = conn.execute(
+                "SELECT count(*), min(created_at) FROM "
+                "invites WHERE key_id = ? AND created_at > ?",
+                (key["id"], at - key["rate_period"])).fetchone()
+            if count >= key["rate_count"]:
+                raise TooManyRequests(f"rate limit of {key['rate_count']} invites per "
+                                      f"{key['rate_period']} s reached",
+                                      oldest + key["rate_period"] - at)
+        conn.execute("UPDATE keys SET last_used_at = ?, invites_created "
+                     "= invites_created + 1 WHERE id = ?", (at, key["id"]))
+
+    def insert_invite(self, conn, invite):
+        """Store a new invite row in a write transaction; return False if its id is taken."""
+        try:  # (not ON CONFLICT DO NOTHING: that costs every insert a lookup, 3 % of creates/s)
+            conn.execute(_INSERT_INVITE, [invite[c] for c in _INVITE_COLUMN_NAMES])
+        except sqlite3.IntegrityError as e:
+            if "invites.id" not in str(e):
+                raise
+            return False  # (only this statement was undone)
+        return True
 
     def finish_invite(self, held, invite):
-        """Record what the backend minted in the row insert_invite held (token held)."""
+        """Record what the backend minted in the row insert_invite held (id held)."""
+        values = [invite[c] for c in ("id", "token_hash", "server_token", "uri", "url",
+                                      "account_mark")]
         self.write(lambda conn: conn.execute(
-            "UPDATE invites SET token = ?, uri = ?, url = ?, account_mark = ? WHERE token = ?",
-            (invite["token"], invite["uri"], invite["url"], invite["account_mark"], held)))
+            "UPDATE invites SET id = ?, token_hash = ?, server_token = ?, uri = ?, url = ?, "
+            "account_mark = ? WHERE id = ?", values + [held]))
 
-    def drop_invite(self, token):
+    def drop_invite(self, invite_id):
         """Delete an invite record (a slot whose backend failed), giving its quota back."""
         def drop(conn):
-            key_id = conn.execute("SELECT key_id FROM invites WHERE token = ?", (token,)).fetchone()
-            conn.execute("DELETE FROM invites WHERE token = ?", (token,))
+            key_id = conn.execute("SELECT key_id FROM invites WHERE id = ?",
+                                  (invite_id,)).fetchone()
+            conn.execute("DELETE FROM invites WHERE id = ?", (invite_id,))
             if key_id and key_id[0]:
                 conn.execute("UPDATE keys SET invites_created = invites_created - 1 WHERE id = ?",
                              key_id)
         self.write(drop)
 
-    def invite(self, token):
-        """Return the invite row with this token, or None."""
-        rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?", (token,))
+    def invite(self, invite_id):
+        """Return the invite row with this id, or None."""
+        rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE id = ?", (invite_id,))
         return rows[0] if rows else None
 
     def invites(self, host, key_id=None, status=None, at=0, limit=1000, after=None):
         """Return (a page of a host's or key's invites, newest first; how many in all)."""
-        # Of one status at time at, or any (None); after: the token the page starts after.
-        where, args = "host = ? AND uri != ''", [host]
+        # Of one status at time at, or any (None); after: the id of the invite the page starts
+        # after. (Not the slots held while a server mints.)
+        where, args = "host = ? AND token_hash IS NOT NULL", [host]
         if key_id is not None:
             where, args = where + " AND key_id = ?", args + [key_id]
         if status is not None:
@@ -922,75 +992,76 @@ class Store(Database):
         total = self.read(f"SELECT count(*) FROM invites WHERE {where}", args)[0][0]
         if after is not None:  # (the newest-first order of the index, from just past that invite)
             where += (" AND (created_at, rowid) < "
-                      "(SELECT created_at, rowid FROM invites WHERE token = ?)")
+                      "(SELECT created_at, rowid FROM invites WHERE id = ?)")
             args.append(after)
         rows = self.read(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE {where} "
                          "ORDER BY created_at DESC, rowid DESC LIMIT ?", args + [limit])
         return rows, total
 
-    def revoke_invite(self, token, at):
+    def revoke_invite(self, invite_id, at):
         """Revoke an invite; return whether it was pending (not yet used up or revoked)."""
         def revoke(conn):
             return conn.execute("UPDATE invites SET revoked_at = ?, done_at = coalesce(done_at, ?) "
-                                "WHERE token = ? AND revoked_at IS NULL", (at, at, token)).rowcount
+                                "WHERE id = ? AND revoked_at IS NULL",
+                                (at, at, invite_id)).rowcount
         return self.write(revoke) > 0
 
-    def use_invite(self, token, at):
+    def use_invite(self, invite_id, at):
         """Take one use of a valid invite atomically; return the row, or None if none was left."""
         def use(conn):
             taken = conn.execute(
                 "UPDATE invites SET uses_left = uses_left - 1, "
                 "done_at = CASE WHEN uses_left = 1 THEN ? ELSE done_at END "
-                "WHERE token = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
-                (at, token, at)).rowcount
+                "WHERE id = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
+                (at, invite_id, at)).rowcount
             if taken:
-                return conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE token = ?",
-                                    (token,)).fetchone()
+                return conn.execute(f"SELECT {_INVITE_COLUMNS} FROM invites WHERE id = ?",
+                                    (invite_id,)).fetchone()
             return None
         return self.write(use)
 
-    def give_back_use(self, token):
+    def give_back_use(self, invite_id):
         """Undo one use_invite (the account it was for could not be made)."""
-        self.write(lambda conn: conn.execute(_GIVE_BACK_USE, (token,)))
+        self.write(lambda conn: conn.execute(_GIVE_BACK_USE, (invite_id,)))
 
-    def record_account(self, token, host, username, action, at):
+    def record_account(self, invite_id, host, username, action, at):
         """Record the account a use of an invite made (action "create") or reset ("reset")."""
         self.write(lambda conn: conn.execute(
-            "INSERT INTO accounts (token, host, username, "
+            "INSERT INTO accounts (invite, host, username, "
             "action, created_at) VALUES (?, ?, ?, ?, ?)",
-            (token, host, username, action, at)))
+            (invite_id, host, username, action, at)))
 
     def backend_hosts(self, backend):
         """Return the hosts with invites that a backend minted."""
         return [row[0] for row in self.read("SELECT DISTINCT host FROM invites WHERE backend = ?",
                                             (backend,))]
 
-    def confirm_account(self, token, username):
+    def confirm_account(self, invite_id, username):
         """Record that an account whose creation nobody could confirm was made after all."""
         self.write(lambda conn: conn.execute("UPDATE accounts SET action = 'create' "
-                                             "WHERE token = ? AND username = ? AND "
-                                             "action = 'unconfirmed'", (token, username)))
+                                             "WHERE invite = ? AND username = ? AND "
+                                             "action = 'unconfirmed'", (invite_id, username)))
 
-    def forget_account(self, token, username):
+    def forget_account(self, invite_id, username):
         """Drop an unconfirmed account that was never made and give back its use; return
         whether there was one."""
         def forget(conn):
-            if not conn.execute("DELETE FROM accounts WHERE token = ? AND username = ? AND "
-                                "action = 'unconfirmed'", (token, username)).rowcount:
+            if not conn.execute("DELETE FROM accounts WHERE invite = ? AND username = ? AND "
+                                "action = 'unconfirmed'", (invite_id, username)).rowcount:
                 return False
-            conn.execute(_GIVE_BACK_USE, (token,))
+            conn.execute(_GIVE_BACK_USE, (invite_id,))
             return True
         return self.write(forget)
 
-    def accounts(self, token):
+    def accounts(self, invite_id):
         """Return the accounts an invite made or reset, oldest first."""
         return self.read("SELECT username, host, action, created_at, contact FROM accounts "
-                         "WHERE token = ? ORDER BY created_at, rowid", (token,))
+                         "WHERE invite = ? ORDER BY created_at, rowid", (invite_id,))
 
-    def record_contact(self, token, username, outcome):
+    def record_contact(self, invite_id, username, outcome):
         """Record whether an account made by a contact invite became its inviter's contact."""
-        self.write(lambda conn: conn.execute("UPDATE accounts SET contact = ? WHERE token = ? AND "
-                                             "username = ?", (outcome, token, username)))
+        self.write(lambda conn: conn.execute("UPDATE accounts SET contact = ? WHERE invite = ? "
+                                             "AND username = ?", (outcome, invite_id, username)))
 
     def purge_invites(self, before, stale_slots_before):
         """Delete a batch of invites ended before a time, and stale slots; return how many."""
@@ -999,7 +1070,8 @@ class Store(Database):
             return conn.execute(
                 "DELETE FROM invites WHERE rowid IN (SELECT rowid FROM invites WHERE expires_at < "
                 "? LIMIT ?) OR rowid IN (SELECT rowid FROM invites WHERE done_at < ? LIMIT ?) OR "
-                "rowid IN (SELECT rowid FROM invites WHERE uri = '' AND created_at < ? LIMIT ?)",
+                "rowid IN (SELECT rowid FROM invites WHERE token_hash IS NULL AND created_at < ? "
+                "LIMIT ?)",
                 (before, PURGE_BATCH, before, PURGE_BATCH, stale_slots_before, PURGE_BATCH)
             ).rowcount
         return self.write(purge)
@@ -1118,7 +1190,8 @@ class Backend:
     """What mints invites, as the operations use it; this base is a server we cannot ask."""
 
     options = frozenset()  # the per-invite options it honours, with "reset" if it makes resets
-    used_here = False  # its invites are used here (our sign-up page, the redeem API)
+    used_here = False  # its invites are used here (our sign-up page, the redeem API), their
+    # tokens made here and kept only as hashes (a server's tokens are kept, as it keeps them)
     accounts = None  # who makes the accounts of built-in invites used here, if anyone
 
     def __init__(self, name):
@@ -1137,12 +1210,8 @@ class Backend:
         """Return why an option cannot be honoured, for its 400 (or "")."""
         return ""
 
-    def held_uri(self, invite):
-        """Return the URI an invite's row holds while it is minted ("": a place held)."""
-        return ""
-
     def mint(self, invite, roles=None, groups=None):
-        """Mint a held invite; return which of its token, uri and url differ from the row's."""
+        """Mint a held invite; return the server's token, uri and url (a dict), or {} for ours."""
         raise BackendError(f"{self.what} is not running here")
 
     def account_mark(self, host, username):
@@ -1214,10 +1283,6 @@ class Builtin(Backend):
             return " without --accounts, which can tell whether the account exists"
         return ": it is for the XMPP server"
 
-    def held_uri(self, invite):
-        jid = f"{invite['username']}@{invite['host']}" if invite["username"] else invite["host"]
-        return f"xmpp:{jid}?register;preauth={invite['token']}"
-
     def mint(self, invite, roles=None, groups=None):
         return {}  # the held row is the invite
 
@@ -1284,6 +1349,58 @@ def _new_token():
     seconds = int(now()) % 2**31  # the top bit clear: a token never starts with "-" (an option)
     raw = seconds.to_bytes(4, "big") + os.urandom(TOKEN_BYTES - 4)
     return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def invite_id(token):
+    """Return the public id of the invite a token opens: the token's first 5 characters, then
+    the first 7 of its SHA-256's (URL-safe base64): 12 characters."""
+    # The 5 are 30 bits of our token's time, so that new invites' ids still share index pages;
+    # the 7 (42 bits) come from the hash, which the database holds anyway. So an id shown in a
+    # list, a log or a stolen database tells nothing of the token's random part: all 112 bits
+    # stay secret (of a token of an earlier release, all random: 114 of its 144).
+    return _invite_id(token, hash_secret(token))
+
+
+def _invite_id(token, digest):
+    return token[:5] + base64.urlsafe_b64encode(digest[:6]).decode("ascii")[:7]
+
+
+def _token_fields(token):
+    """Return what an invite row keeps of a token: its public id and its hash."""
+    digest = hash_secret(token)
+    return {"token": token, "id": _invite_id(token, digest), "token_hash": digest}
+
+
+def opened(row, token=None):
+    """Return an invite row as a dict with the token it was opened with (None: by its id; a
+    server's invite: the server's own token) and, for ours, the URI built from that token."""
+    invite = dict(row)
+    invite["token"] = token = token or row["server_token"]
+    if row["uri"] is None and row["server_token"] is None and token:  # (ours: never stored)
+        jid = f"{row['username']}@{row['host']}" if row["username"] else row["host"]
+        invite["uri"] = f"xmpp:{jid}?register;preauth={token}"
+    return invite
+
+
+def invite_by_token(store, token):
+    """Return the invite a whole token opens (see opened), or None."""
+    # One index probe by the id the token gives, then its hash compared in constant time.
+    if not TOKEN_RE.match(token or ""):
+        return None
+    digest = hash_secret(token)
+    row = store.invite(_invite_id(token, digest))
+    if row is None or row["token_hash"] is None or not hmac.compare_digest(row["token_hash"],
+                                                                           digest):
+        return None
+    return opened(row, token)
+
+
+def invite_by_reference(store, reference):
+    """Return the invite an operator names by its public id or its whole token, or None."""
+    if INVITE_ID_RE.match(reference):
+        row = store.invite(reference)
+        return None if row is None or row["token_hash"] is None else opened(row)
+    return invite_by_token(store, reference)
 
 
 def hash_secret(secret):
@@ -1485,11 +1602,14 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
         key = authenticate(store, credentials, conn) if credentials is not None else None
         wanted = invite_options(options or {}, key, default_ttl, backend)
         invite = _new_invite(key["host"] if key is not None else host, key, backend, wanted)
-        store.insert_invite(conn, invite, key)
+        if key is not None:
+            store.charge_key(conn, key, invite["created_at"])
+        while not store.insert_invite(conn, invite):  # (its id is taken: 1 in 2**42 in 4 s)
+            invite.update(_token_fields(_new_token()))
         return invite, wanted
 
     invite, wanted = store.write(hold)
-    held = invite["token"]
+    held = invite["id"]
     try:
         if invite["type"] == "reset":
             invite["account_mark"] = backend.account_mark(invite["host"], invite["username"])
@@ -1497,22 +1617,26 @@ def create_invite(store, credentials=None, host=None, options=None, default_ttl=
     except BaseException:
         store.drop_invite(held)  # its place and quota back (its token was never shown)
         raise
+    if minted:  # (a server's token is kept as the server keeps it: it is asked by it)
+        invite.update(minted, **_token_fields(minted["token"]), server_token=minted["token"])
     if minted or invite["account_mark"] is not None:
-        invite.update(minted)
         store.finish_invite(held, invite)
-    return invite
+    return opened(invite, invite["token"])
 
 
 def _new_invite(host, key, backend, wanted):
-    """Return a new invite row for host, as it is held while the backend mints it."""
+    """Return a new invite row for host, as it is held while the backend mints it (ours: as
+    it stays, its token kept only as a hash; a server's: a place held, with no token yet)."""
     created_at = now()
-    invite = {"token": _new_token(), "host": host, "type": wanted["type"], "url": None,
-              "key_id": key["id"] if key is not None else None, "created_at": created_at,
-              "expires_at": created_at + wanted["ttl"], "uses": wanted["uses"],
-              "uses_left": wanted["uses"], "username": wanted["username"], "note": wanted["note"],
-              "revoked_at": None, "done_at": None, "backend": backend.name, "account_mark": None,
-              "inviter": wanted["inviter"]}
-    invite["uri"] = backend.held_uri(invite)
+    invite = {"host": host, "type": wanted["type"], "uri": None, "url": None,
+              "server_token": None, "key_id": key["id"] if key is not None else None,
+              "created_at": created_at, "expires_at": created_at + wanted["ttl"],
+              "uses": wanted["uses"], "uses_left": wanted["uses"], "username": wanted["username"],
+              "note": wanted["note"], "revoked_at": None, "done_at": None,
+              "backend": backend.name, "account_mark": None, "inviter": wanted["inviter"],
+              **_token_fields(_new_token())}
+    if not backend.used_here:
+        invite["token_hash"] = None  # (held)
     return invite
 
 
@@ -1540,14 +1664,16 @@ def invite_state(store, invite, backend=BUILTIN):
 
 def record_use(store, invite, account=None):
     """Record a use that the XMPP server saw of an invite it minted, with the account it made."""
-    if store.use_invite(invite["token"], now()) and account:
+    if store.use_invite(invite["id"], now()) and account:
         username, _, host = account.rpartition("@")
-        store.record_account(invite["token"], host, username, "create", now())
+        store.record_account(invite["id"], host, username, "create", now())
 
 
 def invite_info(invite, url=None, status=None, accounts=()):
     """Return an invite as a dict for JSON: no internals, ISO 8601 times, its accounts."""
-    return {"token": invite["token"], "host": invite["host"], "type": invite["type"],
+    # Its token, URI and URL: null for one of ours shown by its id (only their hash is kept).
+    return {"id": invite["id"], "token": invite["token"], "host": invite["host"],
+            "type": invite["type"],
             "uri": invite["uri"], "url": url, "status": status or invite_status(invite),
             "created_at": iso(invite["created_at"]), "expires_at": iso(invite["expires_at"]),
             "uses": invite["uses"], "uses_left": invite["uses_left"],
@@ -1562,12 +1688,13 @@ def inviter_jid(invite):
     return f"{invite['inviter']}@{invite['host']}" if invite["inviter"] else None
 
 
-def get_invite(store, token, host=None, key_id=None):
-    """Return an invite by token, within a host and/or a key's own; raise NotFound otherwise."""
-    invite = store.invite(token) if TOKEN_RE.match(token) else None
+def get_invite(store, reference, host=None, key_id=None, whole_token=False):
+    """Return an invite by its id or whole token (only the token if whole_token), within a host
+    and/or a key's own; raise NotFound otherwise."""
+    invite = (invite_by_token if whole_token else invite_by_reference)(store, reference)
     if (invite is None or (host is not None and invite["host"] != host)
             or (key_id is not None and invite["key_id"] != key_id)):
-        raise NotFound(f"invite {token[:40]!r} not found")
+        raise NotFound(f"invite {reference[:40]!r} not found")
     return invite
 
 
@@ -1599,19 +1726,25 @@ def inviter_warnings(backend, inviters):
     return warnings
 
 
-def show_invite(store, token, backend, host=None, key_id=None):
+def show_invite(store, reference, backend, host=None, key_id=None):
     """Return (one invite, its status as its server knows it), its unconfirmed accounts asked
     about first (see settle_accounts)."""
-    invite = get_invite(store, token, host, key_id)
-    accounts = minted_by(invite, backend).signs_up
+    invite = get_invite(store, reference, host, key_id)
+    status = invite_state(store, _settled(store, invite, minted_by(invite, backend).signs_up),
+                          backend)
+    return opened(store.invite(invite["id"]), invite["token"]), status
+
+
+def _settled(store, invite, accounts):
+    """Return the invite as it is once its unconfirmed accounts were asked about."""
     if accounts is not None and settle_accounts(store, accounts, invite):
-        invite = store.invite(token)
-    return invite, invite_state(store, invite, backend)
+        return opened(store.invite(invite["id"]), invite["token"])
+    return invite
 
 
 def find_invite(store, token, backend=BUILTIN):
-    """Return (an invite that our page shows, or None; its status)."""
-    invite = store.invite(token) if TOKEN_RE.match(token) else None
+    """Return (an invite that our page shows, or None; its status): by its whole token only."""
+    invite = invite_by_token(store, token)
     if invite is None or invite["url"] or not invite["uri"]:  # (one with a page of its own)
         return None, None
     return invite, invite_state(store, invite, backend)
@@ -1619,24 +1752,29 @@ def find_invite(store, token, backend=BUILTIN):
 
 def list_invites(store, host, key_id=None, status="valid", limit=DEFAULT_LIST_LIMIT, after=None):
     """Return (a page of a host's or key's invites, newest first; how many in all)."""
-    # status None: any; after: the token of the last invite of the previous page.
+    # status None: any; after: the id (or token) of the last invite of the previous page.
     if status is not None and status not in _INVITE_STATUS_SQL:
         raise BadRequest(f"status {status!r}: valid, used, expired, revoked or all")
-    if after is not None and (not TOKEN_RE.match(after) or store.invite(after) is None):
-        raise BadRequest(f"after {after[:40]!r}: not an invite token of this listing")
-    return store.invites(host, key_id, status, now(), limit, after)
+    if after is not None:
+        last = invite_by_reference(store, after)
+        if last is None:
+            raise BadRequest(f"after {after[:40]!r}: not an invite of this listing")
+        after = last["id"]
+    rows, total = store.invites(host, key_id, status, now(), limit, after)
+    return [opened(row) for row in rows], total
 
 
-def revoke_invite(store, token, host=None, key_id=None, backend=BUILTIN):
+def revoke_invite(store, reference, host=None, key_id=None, backend=BUILTIN):
     """Revoke an invite at once, in the server that minted it too; raise NotFound or BadRequest."""
-    invite = get_invite(store, token, host, key_id)
+    invite = get_invite(store, reference, host, key_id)
     minted_by(invite, backend).revoke(invite)
-    store.revoke_invite(token, now())
+    store.revoke_invite(invite["id"], now())
 
 
 def redeem_invite(store, token, host, username=None):
     """Use an invite once and return it; raise NotFound, Conflict (other username) or Gone."""
-    invite = get_invite(store, token, host)
+    # By its whole token, never its id: redeeming is the invitee's act, and ids are listed.
+    invite = get_invite(store, token, host, whole_token=True)
     if not minted_by(invite, BUILTIN).used_here:
         raise BadRequest("this invite was minted by the XMPP server: it is redeemed there")
     if invite["type"] == "reset":
@@ -1646,16 +1784,16 @@ def redeem_invite(store, token, host, username=None):
         username = None if username is None else parse_username(username)
     if username is not None and invite["username"] and username != invite["username"]:
         raise Conflict("this invite is for another username")
-    used = store.use_invite(token, now())
+    used = store.use_invite(invite["id"], now())
     if used is None:
-        raise Gone(f"this invite is {invite_status(store.invite(token))}")
-    return used
+        raise Gone(f"this invite is {invite_status(store.invite(invite['id']))}")
+    return opened(used, token)
 
 
 def check_invite(store, token):
     """Return the public facts about an invite, nothing secret."""
     # {valid, type, host, expires_at, username}; type: register (a new account) or reset.
-    invite = store.invite(token) if TOKEN_RE.match(token) else None
+    invite = invite_by_token(store, token)
     if (invite is None or not minted_by(invite, BUILTIN).used_here
             or invite_status(invite) != "valid"):
         return {"valid": False, "type": None, "host": None, "expires_at": None, "username": None}
@@ -1672,12 +1810,11 @@ def sign_up(store, backend, token, username, password, confirmation):
     # account is missing), BackendError, or OutcomeUnknown (the use is kept: nobody can tell
     # whether the account was made). Invariant: an invite never makes more accounts than its
     # uses, and every account it made is recorded; a failed contact never undoes an account.
-    invite = store.invite(token) if TOKEN_RE.match(token or "") else None
+    invite = invite_by_token(store, token)
     accounts = minted_by(invite, backend).signs_up if invite is not None else None
     if accounts is None:  # (not ours, or nobody here makes accounts)
         raise NotFound("we could not find this invite")
-    if settle_accounts(store, accounts, invite):  # (a use an unmade account held is back)
-        invite = store.invite(token)
+    invite = _settled(store, invite, accounts)  # (a use an unmade account held may be back)
     if invite_status(invite) != "valid":
         raise Gone(f"this invite is {invite_status(invite)}")
     with bad_request():
@@ -1687,28 +1824,31 @@ def sign_up(store, backend, token, username, password, confirmation):
     mark = accounts.mark(invite["host"], username) if reset else None
     if reset and mark is None:
         raise Conflict(f"there is no account {username}@{invite['host']}")
-    if reset and mark != invite["account_mark"]:  # the account was deleted and made again since
+    # (A reset of schema 7 names no mark: the account of its name, as it did then.)
+    if reset and invite["account_mark"] is not None and mark != invite["account_mark"]:
+        # the account was deleted and made again since
         raise Forbidden("this reset was made for an earlier account "
                         f"named {username}@{invite['host']}, so it cannot "
                         "set this one's password: ask for a new one")
-    used = store.use_invite(token, now())
+    used = store.use_invite(invite["id"], now())
     if used is None:
-        raise Gone(f"this invite is {invite_status(store.invite(token))}")
+        raise Gone(f"this invite is {invite_status(store.invite(invite['id']))}")
     try:
         (accounts.reset if reset else accounts.create)(invite["host"], username, password)
     except OutcomeUnknown:
         # A reset cannot be seen from outside, and a creation nobody can confirm keeps its use.
         if reset:
             raise
-        if not _made_after_all(store, accounts, token, invite["host"], username):
-            store.record_account(token, invite["host"], username, "unconfirmed", now())
+        if not _made_after_all(store, accounts, invite, username):
+            store.record_account(invite["id"], invite["host"], username, "unconfirmed", now())
             raise
     except BaseException:
-        store.give_back_use(token)
+        store.give_back_use(invite["id"])
         raise
-    store.record_account(token, invite["host"], username, "reset" if reset else "create", now())
-    return used, username, (befriend(store, accounts, invite, username)
-                            if invite["inviter"] and not reset else None)
+    store.record_account(invite["id"], invite["host"], username, "reset" if reset else "create",
+                         now())
+    return opened(used, token), username, (befriend(store, accounts, invite, username)
+                                           if invite["inviter"] and not reset else None)
 
 
 def befriend(store, accounts, invite, username):
@@ -1717,10 +1857,10 @@ def befriend(store, accounts, invite, username):
     try:
         accounts.befriend(invite["host"], username, invite["inviter"])
     except Error as e:
-        store.record_contact(invite["token"], username,
+        store.record_contact(invite["id"], username,
                              "unknown" if isinstance(e, OutcomeUnknown) else "failed")
         return str(e)
-    store.record_contact(invite["token"], username, "made")
+    store.record_contact(invite["id"], username, "made")
     return None
 
 
@@ -1731,29 +1871,30 @@ def settle_accounts(store, accounts, invite):
     # by then the server is serving again and has read the creation it was sent before it
     # stalled, so that creation cannot still come after.
     returned = False
-    for account in store.accounts(invite["token"]):
+    for account in store.accounts(invite["id"]):
         if account["action"] != "unconfirmed":
             continue
         try:
             if accounts.exists(account["host"], account["username"]):
-                store.confirm_account(invite["token"], account["username"])
+                store.confirm_account(invite["id"], account["username"])
             elif not accounts.exists(account["host"], account["username"]):
-                returned |= store.forget_account(invite["token"], account["username"])
+                returned |= store.forget_account(invite["id"], account["username"])
         except BackendError:
             pass  # still nobody can tell: it stays unconfirmed, its use kept
     return returned
 
 
-def _made_after_all(store, accounts, token, host, username):
+def _made_after_all(store, accounts, invite, username):
     """After a lost answer: True if the account exists, False if nobody can tell."""
     # If it surely does not exist (the program was killed), the use is given back and
     # BackendError raised; if nobody can tell, the use is kept.
+    host = invite["host"]
     try:
         made = accounts.exists(host, username)
     except BackendError:
         return False
     if not made and accounts.missing_is_final:
-        store.give_back_use(token)
+        store.give_back_use(invite["id"])
         raise BackendError(f"the server did not make {username}@{host} "
                            "in time; nothing was used") from None
     return made
@@ -2591,7 +2732,7 @@ class EjabberdBackend(ServerBackend):
         # revoked (they count towards mod_invites' cap until deleted).
         for host in store.backend_hosts(self.name):
             for token, row in self.invites(host, fresh=True).items():
-                ours = store.invite(token)
+                ours = invite_by_token(store, token)
                 if ours is None or ours["backend"] != self.name:
                     continue
                 if row["invitee"] and invite_status(ours) == "valid":
@@ -2745,9 +2886,12 @@ def make_backend(name, accounts=None, prosody_config=None, prosody_socket=None, 
 # ---------------------------------------------------------------------------
 
 def invite_url(invite, base, template=None):
-    """Return the URL of an invite's landing page: the template's, else {base}/invite?TOKEN."""
+    """Return the URL of an invite's landing page: the template's, else {base}/invite?TOKEN
+    (None for one of ours shown by its id: its token is not kept)."""
     if invite["url"]:
         return invite["url"]
+    if invite["token"] is None:
+        return None
     if template:
         from urllib.parse import quote
         return (template.replace("{host}", invite["host"]).replace("{token}", invite["token"])
@@ -3858,7 +4002,7 @@ class InvitePages:
         if invite is None or minted_by(invite, self.app.backend).signs_up is None:
             return self.respond_page(404, None)
         if "account" in params:  # (Post/Redirect/Get) only an account this invite made or reset
-            made = [a for a in self.app.store.accounts(invite["token"])
+            made = [a for a in self.app.store.accounts(invite["id"])
                     if a["username"] == params["account"] and a["action"] != "unconfirmed"]
             if not made:
                 return self.respond_page(404, None)
@@ -3892,7 +4036,7 @@ class InvitePages:
                 f"account={quote(username)}")
         self.respond(303, b"", [("Location", done)])
         if self.app.notify:  # after the answer: the inviter's news must not hold up the invitee
-            notify_use(self.app.notify, used["token"], username, used["host"], self.app.log_line)
+            notify_use(self.app.notify, used["id"], username, used["host"], self.app.log_line)
 
     def same_origin(self, host):
         """Return whether a form post comes from our own pages (the cross-site request defence)."""
@@ -4032,25 +4176,25 @@ class InviteRequests(InvitePages, StrictHTTP):
         if len(invites) == limit and total > limit:
             from urllib.parse import urlencode
             query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
-                               "after": invites[-1]["token"]})
+                               "after": invites[-1]["id"]})
             next_page = f'{self.public_base(key["host"])}/invites_api/invites?{query}'
             headers.append(("Link", f'<{next_page}>; rel="next"'))
         self.respond_json(200, [invite_info(i, self.invite_url(i),
                                             invite_state(store, i, self.app.backend),
-                                            store.accounts(i["token"])) for i in invites], headers)
+                                            store.accounts(i["id"])) for i in invites], headers)
 
-    def api_show(self, token):
-        """Show one of the key's invites: GET /invites_api/invites/TOKEN."""
+    def api_show(self, reference):
+        """Show one of the key's invites: GET /invites_api/invites/ID (or TOKEN)."""
         key = self.authenticate(self.params("key").get("key", ""))
-        invite, status = show_invite(self.app.store, token, self.app.backend, key["host"],
+        invite, status = show_invite(self.app.store, reference, self.app.backend, key["host"],
                                      key["id"])
         self.respond_json(200, invite_info(invite, self.invite_url(invite), status,
-                                           self.app.store.accounts(token)))
+                                           self.app.store.accounts(invite["id"])))
 
-    def api_revoke(self, token):
-        """Revoke one of the key's invites: DELETE /invites_api/invites/TOKEN."""
+    def api_revoke(self, reference):
+        """Revoke one of the key's invites: DELETE /invites_api/invites/ID (or TOKEN)."""
         key = self.authenticate(self.params("key").get("key", ""))
-        revoke_invite(self.app.store, token, key["host"], key["id"], self.app.backend)
+        revoke_invite(self.app.store, reference, key["host"], key["id"], self.app.backend)
         self.respond(204)
 
     def api_redeem(self, token):
@@ -4122,7 +4266,7 @@ class InviteRequests(InvitePages, StrictHTTP):
         if self.wants_json():
             return self.respond_json(error.status, {"error": message}, error.headers)
         if self.form is not None and isinstance(error, Gone):
-            invite = self.app.store.invite(self.form["invite"]["token"])
+            invite = self.app.store.invite(self.form["invite"]["id"])
             return self.respond_page(410, invite_status(invite))
         if self.form is not None and isinstance(error, (BadRequest, Conflict, BackendError)):
             reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)),
@@ -4433,12 +4577,12 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
 NOTIFY_TIMEOUT = 60  # a notification is not urgent; a program that hangs is still stopped
 
 
-def notify_use(argv, token, username, host, log):
+def notify_use(argv, invite_id, username, host, log):
     """Run the --notify-command in the background (never a shell); log a failure."""
-    # The username and the host are its last arguments; the invite's token is in
-    # $INVITES_API_TOKEN (not in its arguments, which anyone on the machine can read).
+    # The username and the host are its last arguments; the invite's public id is in
+    # $INVITES_API_INVITE (its token never leaves: the program may well log what it is given).
     def run():
-        env = dict(os.environ, INVITES_API_TOKEN=token, INVITES_API_USERNAME=username,
+        env = dict(os.environ, INVITES_API_INVITE=invite_id, INVITES_API_USERNAME=username,
                    INVITES_API_HOST=host)
         try:
             status = run_program([*argv, username, host], "--notify-command", NOTIFY_TIMEOUT,
@@ -4677,8 +4821,8 @@ def cmd_invites_list(args):
     if args.json:
         _print_json([invite_info(i, _cli_url(args, i), state) for i, state in zip(invites, states)])
     else:
-        rows = [("TOKEN", "EXPIRES", "USES", "STATUS", "KEY", "NOTE")]
-        rows += [(i["token"], iso(i["expires_at"])[:10], f"{i['uses_left']}/{i['uses']}", state,
+        rows = [("ID", "EXPIRES", "USES", "STATUS", "KEY", "NOTE")]
+        rows += [(i["id"], iso(i["expires_at"])[:10], f"{i['uses_left']}/{i['uses']}", state,
                   i["key_id"] or "(cli)", i["note"] or "") for i, state in zip(invites, states)]
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
         for row in rows:
@@ -4692,19 +4836,19 @@ def cmd_invites_list(args):
     if len(invites) < total or args.after:
         shown += f", {len(invites):,} shown"
     more = total > len(invites) and len(invites) == args.limit and invites
-    print(shown + (f"; next page: --after {invites[-1]['token']}" if more else ""), file=sys.stderr)
+    print(shown + (f"; next page: --after {invites[-1]['id']}" if more else ""), file=sys.stderr)
 
 
 def cmd_invites_show(args):
-    """invites show HOST TOKEN: print one invite."""
+    """invites show HOST ID: print one invite (by its id, or its whole token)."""
     store = open_store(args)
-    invite, status = show_invite(store, args.token, _backend(args, sys.stderr, asking=True),
+    invite, status = show_invite(store, args.invite, _backend(args, sys.stderr, asking=True),
                                  args.host)
-    if any(a["action"] == "unconfirmed" for a in store.accounts(args.token)) and not args.accounts:
+    accounts = store.accounts(invite["id"])
+    if any(a["action"] == "unconfirmed" for a in accounts) and not args.accounts:
         print("note: an account of this invite is unconfirmed: give --accounts to ask the server "
               "(its use comes back if it was never made)", file=sys.stderr)
-    info = invite_info(store.invite(args.token), _cli_url(args, invite), status,
-                       store.accounts(args.token))
+    info = invite_info(invite, _cli_url(args, invite), status, accounts)
     if args.json:
         return _print_json(info)
     info["accounts"] = ", ".join(f"{a['jid']} ({a['action']} {a['at']})" for a in info["accounts"])
@@ -4713,8 +4857,8 @@ def cmd_invites_show(args):
 
 
 def cmd_invites_revoke(args):
-    """invites revoke HOST TOKEN: revoke an invite."""
-    revoke_invite(open_store(args), args.token, host=args.host,
+    """invites revoke HOST ID: revoke an invite (by its id, or its whole token)."""
+    revoke_invite(open_store(args), args.invite, host=args.host,
                   backend=_backend(args, sys.stderr, asking=True))
 
 
@@ -5046,8 +5190,8 @@ def build_parser():
     sub.add_argument("--limit", type=_arg(parse_limit), default=DEFAULT_LIST_LIMIT, metavar="N",
                      help=f"show at most N (default {DEFAULT_LIST_LIMIT}); stderr says how many "
                           "there are and how to see the next page")
-    sub.add_argument("--after", metavar="TOKEN",
-                     help="the page after this invite (as the last page ended)")
+    sub.add_argument("--after", metavar="ID",
+                     help="the page after this invite (its id, as the last page ended)")
     sub.add_argument("--key", metavar="KEY_ID", help="only the invites this key made")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="a JSON array")
@@ -5055,7 +5199,7 @@ def build_parser():
 
     sub = command(actions, "show", cmd_invites_show, "show one invite", "invites show")
     host_arg(sub)
-    sub.add_argument("token", metavar="TOKEN")
+    sub.add_argument("invite", metavar="ID", help="its id (as listed), or its whole token")
     sub.add_argument("--public-url", metavar="URL", help=url_help)
     sub.add_argument("--json", action="store_true", help="print the invite as JSON")
     backend_args(sub)
@@ -5064,13 +5208,13 @@ def build_parser():
     sub = command(actions, "revoke", cmd_invites_revoke, "revoke an invite at once",
                   "invites revoke")
     host_arg(sub)
-    sub.add_argument("token", metavar="TOKEN")
+    sub.add_argument("invite", metavar="ID", help="its id (as listed), or its whole token")
     backend_args(sub)
 
     sub = command(actions, "redeem", cmd_invites_redeem,
                   "use an invite once; exit 1 if it is not valid", "invites redeem")
     host_arg(sub)
-    sub.add_argument("token", metavar="TOKEN")
+    sub.add_argument("token", metavar="TOKEN", help="its whole token (the invitee's)")
     sub.add_argument("--username", help="the username being registered (checked if the invite "
                                         "has one)")
     sub.add_argument("--public-url", metavar="URL", help=url_help)

@@ -5,8 +5,10 @@ is missing, and fail instead when INVITES_API_REQUIRE_ALL=1 (as CI sets it).
 """
 
 import ast
+import base64
 import atexit
 import contextlib
+import hashlib
 import html
 import http.client
 import io
@@ -200,7 +202,7 @@ class ApiTest(LiveServerTestCase):
         with mock.patch.object(ia, "now", return_value=1_700_000_000):
             status, headers, _ = self.create()
         token = self.token_of(headers["location"])
-        invite = self.store.invite(token)
+        invite = ia.invite_by_token(self.store, token)
         self.assertEqual(invite["host"], "example.com")
         self.assertEqual(invite["type"], "register")
         self.assertEqual(invite["uri"], f"xmpp:example.com?register;preauth={token}")
@@ -412,8 +414,8 @@ class ApiTest(LiveServerTestCase):
         tokens = {t for _, t in results}
         self.assertEqual(len(tokens), 200)
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            stored = {row[0] for row in conn.execute("SELECT token FROM invites")}
-        self.assertEqual(stored, tokens)
+            stored = {row[0] for row in conn.execute("SELECT id FROM invites")}
+        self.assertEqual(stored, {ia.invite_id(t) for t in tokens})
         self.assertEqual(self.store.key(self.key_id)["invites_created"], 200)
 
     def test_an_internal_error_is_500_logged_and_the_server_keeps_serving(self):
@@ -824,7 +826,7 @@ class ServerOptionsTest(LiveServerTestCase):
         with mock.patch.object(ia, "now", return_value=1_700_000_000):
             status, headers, _ = self.create()
         self.assertRegex(headers["location"], r"^https://example\.com:5281/invite\?[A-Za-z0-9_-]{24}$")
-        invite = self.store.invite(self.token_of(headers["location"]))
+        invite = ia.invite_by_token(self.store, self.token_of(headers["location"]))
         self.assertEqual(invite["expires_at"], 1_700_000_000 + 3600)
 
 
@@ -1108,7 +1110,7 @@ class KeyPolicyTest(LiveServerTestCase):
         self.assertEqual(data["expires_at"], ia.iso(T0 + 12 * 3600))
         # The key's default ttl is capped by its max-ttl.
         status, headers, _ = self.create_at(T0, key)
-        self.assertEqual(self.store.invite(self.token_of(headers["location"]))["expires_at"], T0 + 86400)
+        self.assertEqual(ia.invite_by_token(self.store, self.token_of(headers["location"]))["expires_at"], T0 + 86400)
 
     def test_options_over_the_limit_or_malformed_are_400_with_the_reason(self):
         key = self.policy_key(max_ttl=86400, max_uses=5)
@@ -1163,7 +1165,7 @@ class KeyPolicyTest(LiveServerTestCase):
         with ThreadPoolExecutor(50) as pool:
             statuses = sorted(pool.map(redeem, range(50)))
         self.assertEqual(statuses, [200] + [410] * 49)
-        self.assertEqual(self.store.invite(token)["uses_left"], 0)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 0)
 
     def test_redeem_checks_a_bound_username(self):
         key = self.policy_key()
@@ -1181,17 +1183,28 @@ class KeyPolicyTest(LiveServerTestCase):
         t3 = self.token_of(self.create(key=other)[1]["location"])
         self.request("POST", f"/invites_api/invites/{t2}/redeem", {"Authorization": f"Bearer {mine}"})
         auth = {"Authorization": f"Bearer {mine}"}
+        id1, id2, id3 = (ia.invite_id(t) for t in (t1, t2, t3))
         status, _, body = self.request("GET", "/invites_api/invites", auth)
-        self.assertEqual((status, [i["token"] for i in json.loads(body)]), (200, [t1]))
+        self.assertEqual((status, [(i["id"], i["token"], i["uri"], i["url"]) for i in json.loads(body)]),
+                         (200, [(id1, None, None, None)]))  # (its token is not kept)
         status, _, body = self.request("GET", "/invites_api/invites?all=true", auth)
-        listed = {i["token"]: i["status"] for i in json.loads(body)}
-        self.assertEqual(listed, {t1: "valid", t2: "used"})
-        status, _, body = self.request("GET", f"/invites_api/invites/{t1}", auth)
-        self.assertEqual((status, json.loads(body)["key_id"]), (200, self.key_id))
-        self.assertEqual(self.request("GET", f"/invites_api/invites/{t3}", auth)[0], 404)
-        self.assertEqual(self.request("DELETE", f"/invites_api/invites/{t3}", auth)[0], 404)
-        self.assertEqual(self.store.invite(t3)["revoked_at"], None)
-        status, _, body = self.request("DELETE", f"/invites_api/invites/{t1}", auth)
+        listed = {i["id"]: i["status"] for i in json.loads(body)}
+        self.assertEqual(listed, {id1: "valid", id2: "used"})
+        for reference in (t1, id1):  # its whole token or its id
+            status, _, body = self.request("GET", f"/invites_api/invites/{reference}", auth)
+            self.assertEqual((status, json.loads(body)["key_id"], json.loads(body)["id"]), (200, self.key_id, id1))
+        self.assertEqual(json.loads(self.request("GET", f"/invites_api/invites/{t1}", auth)[2])["token"], t1)
+        self.assertIsNone(json.loads(self.request("GET", f"/invites_api/invites/{id1}", auth)[2])["token"])
+        for reference in (t3, id3):
+            self.assertEqual(self.request("GET", f"/invites_api/invites/{reference}", auth)[0], 404)
+            self.assertEqual(self.request("DELETE", f"/invites_api/invites/{reference}", auth)[0], 404)
+        # An id opens nothing for the invitee: no page, no check, no sign-up, no redeeming.
+        self.assertEqual(self.request("GET", f"/invite?{id1}")[0], 404)
+        self.assertEqual(self.request("GET", f"/invite/{id1}")[0], 404)
+        self.assertFalse(json.loads(self.request("GET", f"/invite/{id1}.json")[2])["valid"])
+        self.assertEqual(self.request("POST", f"/invites_api/invites/{id1}/redeem", auth)[0], 404)
+        self.assertEqual(ia.invite_by_token(self.store, t3)["revoked_at"], None)
+        status, _, body = self.request("DELETE", f"/invites_api/invites/{id1}", auth)
         self.assertEqual((status, body), (204, b""))
         self.assertEqual(self.request("GET", f"/invite?{t1}")[0], 410)
         self.assertEqual(json.loads(self.request("GET", f"/invites_api/invites/{t1}", auth)[2])["status"], "revoked")
@@ -1337,7 +1350,7 @@ class QrTest(TempDirTestCase):
             matrix = matrix[:len(matrix[0])]  # the last line's lower half is padding
             path = os.path.join(self.dir, "terminal.png")
             write_png(path, matrix, quiet=0)
-            expected = url if flag == "--qr" else ia.Store(db).invite(url.rsplit("?", 1)[1])["uri"]
+            expected = url if flag == "--qr" else ia.invite_by_token(ia.Store(db), url.rsplit("?", 1)[1])["uri"]
             self.assertEqual(zbar(path), [expected])
 
 
@@ -1602,6 +1615,13 @@ class ForeignSite:
         self.server.server_close()
 
 
+def cmdline(pid):
+    """Return a process's argv as /proc shows it (NUL-separated), or b"" if it is gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
+    return b""
+
+
 class ArgvWatch:
     """Reads every process's /proc/PID/cmdline, over and over while a test runs, for secrets."""
 
@@ -1614,11 +1634,7 @@ class ArgvWatch:
     def watch(self):
         while not self.stopped.wait(0.01):
             for name in os.listdir("/proc"):
-                try:
-                    with open(f"/proc/{name}/cmdline", "rb") as f:
-                        argv = f.read()
-                except OSError:
-                    continue
+                argv = cmdline(name)
                 self.seen += [argv.replace(b"\0", b" ") for x in self.secrets if x in argv]
             self.samples += 1
 
@@ -1746,8 +1762,8 @@ class ServerProcessTest(ServerProcessMixin, TempDirTestCase):
         proc.terminate()
         proc.wait(10)
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
-            stored = {row[0] for row in conn.execute("SELECT token FROM invites")}
-        missing = set(acknowledged) - stored
+            stored = {row[0] for row in conn.execute("SELECT id FROM invites")}
+        missing = {ia.invite_id(t) for t in acknowledged} - stored
         self.assertEqual(missing, set(), f"{len(missing)} of {len(acknowledged)} acknowledged invites lost")
 
     def test_server_log_never_contains_the_secret(self):
@@ -1816,9 +1832,9 @@ class PurgeTest(TempDirTestCase):
             ia.redeem_invite(store, used_recently, "example.com")
         with mock.patch.object(ia, "now", return_value=T0 + 32 * day):
             self.assertEqual(ia.purge_invites(store, grace=30 * day), 3)
-        left = {row["token"] for row in store.read("SELECT token FROM invites")}
-        self.assertEqual(left, {fresh, used_recently})
-        self.assertNotIn(expired_long_ago, left)
+        left = {row["id"] for row in store.read("SELECT id FROM invites")}
+        self.assertEqual(left, {ia.invite_id(fresh), ia.invite_id(used_recently)})
+        self.assertNotIn(ia.invite_id(expired_long_ago), left)
         self.assertEqual(store.key(key.split("/")[0])["invites_created"], 5)  # quotas still count them
 
 
@@ -1840,11 +1856,12 @@ class ListingTest(LiveServerTestCase):
 
     def test_five_thousand_invites_each_reachable_by_paging_the_cli_and_the_api(self):
         ia.update_key(self.store, "example.com", self.key_id, max_invites=None)
-        tokens = [ia.create_invite(self.store, self.key)["token"] for _ in range(5003)]
-        for token in tokens[:7]:
-            ia.revoke_invite(self.store, token)
-        for token in tokens[7:10]:
-            ia.redeem_invite(self.store, token, "example.com")
+        created = [ia.create_invite(self.store, self.key) for _ in range(5003)]
+        tokens = [invite["id"] for invite in created]  # (a listing shows ids)
+        for invite in created[:7]:
+            ia.revoke_invite(self.store, invite["id"])
+        for invite in created[7:10]:
+            ia.redeem_invite(self.store, invite["token"], "example.com")
         ia.create_invite(self.store, host="example.com")  # the operator's: in the CLI's listing, not the key's
         newest_first = tokens[::-1]
         valid = [t for t in newest_first if t not in tokens[:10]]
@@ -1854,7 +1871,7 @@ class ListingTest(LiveServerTestCase):
             code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--json", "--limit", "1000",
                                       "--key", self.key_id, *after)
             self.assertEqual(code, 0, err)
-            page = [i["token"] for i in json.loads(out)]
+            page = [i["id"] for i in json.loads(out)]
             seen += page
             notes.append(err)
             if "next page" not in err:
@@ -1866,7 +1883,7 @@ class ListingTest(LiveServerTestCase):
         self.assertEqual(notes[-1], "example.com: 4,993 valid invites, 993 shown\n")
         for status, expected in (("revoked", tokens[:7][::-1]), ("used", tokens[7:10][::-1])):
             code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--status", status, "--json")
-            self.assertEqual([i["token"] for i in json.loads(out)], expected)
+            self.assertEqual([i["id"] for i in json.loads(out)], expected)
         code, out, err = run_main("--db", self.db, "invites", "list", "example.com", "--all")
         self.assertEqual(err, "example.com: 5,004 invites, 50 shown; next page: --after "
                               f"{out.splitlines()[-1].split()[0]}\n")
@@ -1878,7 +1895,7 @@ class ListingTest(LiveServerTestCase):
             status, headers, body = self.request("GET", path)
             self.assertEqual(status, 200, body)
             self.assertEqual(headers["x-total-count"], "5003")
-            seen += [i["token"] for i in json.loads(body)]
+            seen += [i["id"] for i in json.loads(body)]
             link = re.fullmatch(r'<http://127\.0\.0\.1:\d+(/invites_api/invites\?[^>]+)>; rel="next"',
                                 headers.get("link", ""))
             path = link and link.group(1) + f"&key={self.key}"
@@ -1886,7 +1903,7 @@ class ListingTest(LiveServerTestCase):
         status, headers, body = self.request("GET", f"/invites_api/invites?key={self.key}")
         self.assertEqual((len(json.loads(body)), headers["x-total-count"]), (50, "4993"))
         for query, words in (("limit=0", b"expected a whole number"), ("limit=1001", b"at most 1,000"),
-                             ("status=gone", b"status 'gone'"), ("after=nope", b"not an invite token")):
+                             ("status=gone", b"status 'gone'"), ("after=nope", b"not an invite of this listing")):
             status, _, body = self.request("GET", f"/invites_api/invites?key={self.key}&{query}")
             self.assertEqual(status, 400, query)
             self.assertIn(words, body)
@@ -1924,7 +1941,7 @@ esac
         self.notified, self.program = os.path.join(tmp, "notified"), program
         self.app_options = {"backend": ia.Builtin(ia.Accounts([program, "{action}", "{username}", "{host}"],
                                                               timeout=1.5)),
-                            "notify": [write_program(tmp, "notify", f'echo "$INVITES_API_TOKEN $@" >> '
+                            "notify": [write_program(tmp, "notify", f'echo "$INVITES_API_INVITE $@" >> '
                                                                     f'{self.notified}\n')]}
         super().setUp()
 
@@ -1970,7 +1987,7 @@ esac
         status, page = self.sign_up(token, "broken")
         self.assertEqual(status, 502)
         self.assertIn("backend on fire", self.log.getvalue())
-        self.assertEqual(self.store.invite(token)["uses_left"], 3)  # both uses given back
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 3)  # both uses given back
         status, page = self.sign_up(token, "dora", "pass word with spaces")
         self.assertEqual(status, 200, page)
         self.assertIn(b"Your account dora@example.com is ready", page)
@@ -1980,9 +1997,9 @@ esac
         self.assertFalse([c for c in calls if not c.startswith("stdin:") and "pass" in c])
         self.assertNotIn("pass word", self.log.getvalue())
         self.assertNotIn(self.PASSWORD, self.log.getvalue())
-        self.assertEqual([a["username"] for a in self.store.accounts(token)], ["dora"])
+        self.assertEqual([a["username"] for a in self.store.accounts(ia.invite_id(token))], ["dora"])
         # The inviter hears of it: --notify-command gets the username and the host as arguments, the
-        # token in its environment.
+        # invite's id in its environment (never its token).
         self.assertEqual(self.sign_up(token, "emil")[0], 200)
 
         def notified():
@@ -1990,7 +2007,8 @@ esac
                 lines = f.read().splitlines()
             return len(lines) == 2 and lines
         lines = wait_until(notified, "both uses are notified (after the answer)")
-        self.assertEqual(sorted(lines), [f"{token} dora example.com", f"{token} emil example.com"])
+        invite_id = ia.invite_id(token)
+        self.assertEqual(sorted(lines), [f"{invite_id} dora example.com", f"{invite_id} emil example.com"])
         listed = json.loads(self.request("GET", f"/invites_api/invites?key={self.key}")[2])
         self.assertEqual([a["jid"] for a in listed[0]["accounts"]], ["dora@example.com", "emil@example.com"])
         # The page of a built-in invite leads to the sign-up form, when this server makes accounts.
@@ -2029,7 +2047,7 @@ esac
         self.assertIn(b"the two passwords are not the same", page)
         self.assertNotIn("secret", self.log.getvalue())
         self.assertEqual(self.calls_made(), [])  # nothing reached the program
-        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 1)
 
     def test_a_program_that_outlives_the_timeout_is_killed_with_its_children_and_the_outcome_asked(self):
         ia.update_key(self.store, "example.com", self.key_id, max_uses=5)
@@ -2041,7 +2059,7 @@ esac
         self.assertEqual(status, 502, page)
         self.assertLess(time.monotonic() - started, 10)
         self.assertIn(b"could not do it just now", page)
-        self.assertEqual(self.store.invite(token)["uses_left"], 5)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 5)
         # Made before it hung: the account exists, so it is recorded and the invitee sees it made.
         status, page = self.sign_up(token, "slowmade")
         self.assertEqual(status, 200, page)
@@ -2050,19 +2068,19 @@ esac
         status, page = self.sign_up(token, "unknowable")
         self.assertEqual(status, 502, page)
         self.assertIn(b"cannot tell whether it was done", page)
-        self.assertEqual(self.store.invite(token)["uses_left"], 3)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 3)
         # Recorded as unconfirmed, its use kept, until the server can tell; then, as made.
-        self.assertEqual([(a["username"], a["action"]) for a in self.store.accounts(token)],
+        self.assertEqual([(a["username"], a["action"]) for a in self.store.accounts(ia.invite_id(token))],
                          [("slowmade", "create"), ("unknowable", "unconfirmed")])
         self.assertEqual(self.sign_up(token, "taken")[0], 409)  # (exists says unknowable is not knowable)
-        self.assertEqual(self.store.accounts(token)[1]["action"], "unconfirmed")
+        self.assertEqual(self.store.accounts(ia.invite_id(token))[1]["action"], "unconfirmed")
         time.sleep(max(0, started + 3 - time.monotonic()))  # past when the killed child would have written
         with open(self.made) as f:
             self.assertEqual(f.read().split(), ["slowmade"])
         open(self.made + ".knowable", "w").close()  # the server can tell again: it was made after all
         self.assertEqual(self.sign_up(token, "taken")[0], 409)
-        self.assertEqual(self.store.accounts(token)[1]["action"], "create")
-        self.assertEqual(self.store.invite(token)["uses_left"], 3)
+        self.assertEqual(self.store.accounts(ia.invite_id(token))[1]["action"], "create")
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 3)
         self.assertNotIn(self.PASSWORD, self.log.getvalue())
         self.assertNotIn("create", self.log.getvalue())  # no argv in any error text
 
@@ -2121,9 +2139,9 @@ esac
         # ... and so does the next sign-up on the other invite, which then makes its account.
         status, page = self.sign_up(second, "dora")
         self.assertEqual(status, 200, page)
-        self.assertEqual([(a["username"], a["action"]) for a in self.store.accounts(second)], [("dora", "create")])
+        self.assertEqual([(a["username"], a["action"]) for a in self.store.accounts(ia.invite_id(second))], [("dora", "create")])
         self.assertEqual(self.sign_up(first, "emil")[0], 200)
-        self.assertEqual(self.store.invite(first)["uses_left"], 0)
+        self.assertEqual(ia.invite_by_token(self.store, first)["uses_left"], 0)
         # Asked once after each timeout, once while nobody could tell, and twice where "not made" was believed.
         self.assertEqual([c for c in self.calls_made() if c.startswith("exists unknowable")],
                          ["exists unknowable example.com"] * (2 + 1 + 2 + 2))
@@ -2150,7 +2168,7 @@ esac
         self.assertEqual(status, 403, page)
         self.assertIn(b"made for an earlier account named alice@example.com", page)
         self.assertNotIn("reset alice example.com", self.calls_made())
-        self.assertEqual(self.store.invite(reset)["uses_left"], 1)
+        self.assertEqual(ia.invite_by_token(self.store, reset)["uses_left"], 1)
 
     def test_the_cross_site_defence_passes_browsers_own_forms_and_refuses_others(self):
         token = self.token_of(self.create()[1]["location"])
@@ -2183,7 +2201,7 @@ esac
         status, page = self.sign_up(token, "alice")  # even a valid token, from this address, this minute
         self.assertEqual(status, 429)
         self.assertIn(b"<h1>Too many attempts</h1>", page)
-        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 1)
 
     def test_a_notify_program_that_hangs_is_killed_with_its_children_and_no_token_is_logged(self):
         tmp = tempfile.mkdtemp()
@@ -2213,7 +2231,7 @@ esac
                              (400, True), answer)
         self.assertEqual(self.request("POST", "/register", {"Content-Type": "application/json"}, good)[0], 415)
         self.assertFalse(os.path.exists(self.calls))  # the account program never ran
-        self.assertEqual(self.store.invite(token)["uses_left"], 1)
+        self.assertEqual(ia.invite_by_token(self.store, token)["uses_left"], 1)
 
 
 class LayoutTest(unittest.TestCase):
@@ -2382,7 +2400,7 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
         data = json.loads(body)
         self.assertRegex(headers["location"], r"^https://example\.com/invites/[A-Za-z0-9_-]{24}$")
         self.assertEqual(data["uri"], f"xmpp:example.com?register;preauth={data['token']}")
-        invite = ia.Store(self.db).invite(data["token"])
+        invite = ia.invite_by_token(ia.Store(self.db), data["token"])
         self.assertEqual((invite["host"], invite["key_id"], invite["backend"], invite["url"]),
                          ("example.com", key.split("/")[0], "ejabberd", headers["location"]))
         listed = json.loads(run_main("--db", self.db, "list", "example.com", "--json")[1])
@@ -2967,12 +2985,12 @@ modules_disabled = {{ "invites_page" }}
         client.close()
         self.assertEqual(self.show(invite["token"])["status"], "used")
         self.assertEqual(api("GET", f"/invites_api/invites/{invite['token']}?key={key}", 200)["status"], "used")
-        self.assertEqual(ia.Store(self.db).invite(invite["token"])["uses_left"], 0)
+        self.assertEqual(ia.invite_by_token(ia.Store(self.db), invite["token"])["uses_left"], 0)
         # A password reset: a day by default, the new password works and the old one no longer does.
         url = self.cli("invites", "create", self.HOST, "--reset", "rita", "--backend", "prosody",
                        "--prosody-config", self.config).strip()
         self.assert_valid_at_prosody(url, username="rita")
-        reset = ia.Store(self.db).invite(url.rsplit("?", 1)[1])
+        reset = ia.invite_by_token(ia.Store(self.db), url.rsplit("?", 1)[1])
         self.assertEqual((reset["type"], reset["expires_at"] - reset["created_at"]), ("reset", 86400))
         client = Xmpp(self.c2s_port, self.HOST)
         self.assertEqual(client.register(reset["token"], "rita", "a new password"), ("result", "result"))
@@ -3188,7 +3206,7 @@ modules_disabled = {{ "invites_page" }}
             self.fail(f"a stopped Prosody answered {status}: {seen}; serve said {proc.stderr.read()[-2000:]!r}")
         self.assertIn("cannot tell whether it was done", page)
         self.assertNotIn("taken", page)
-        self.assertEqual(ia.Store(self.db).invite(token)["uses_left"], 0)  # kept: it may have been made
+        self.assertEqual(ia.invite_by_token(ia.Store(self.db), token)["uses_left"], 0)  # kept: it may have been made
 
         def logs_in():
             client = Xmpp(self.c2s_port, self.HOST)
@@ -3211,7 +3229,7 @@ modules_disabled = {{ "invites_page" }}
                                        "password_confirm": "a long password"})
         self.assertEqual(status, 502)
         self.assertIn("could not do it just now", page)
-        self.assertEqual(ia.Store(self.db).invite(token)["uses_left"], 1)
+        self.assertEqual(ia.invite_by_token(ia.Store(self.db), token)["uses_left"], 1)
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
         log = proc.stderr.read()
@@ -3247,6 +3265,80 @@ modules_disabled = {{ "invites_page" }}
             client.close()
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
+
+    def test_a_stolen_database_opens_nothing_and_every_link_handed_out_still_works(self):
+        # Issue 31, as an attacker who copied the database file (and its WAL) from a running server.
+        key = self.make_key_for(self.HOST)
+        self.cli("update", self.HOST, key.split("/")[0], "--max-uses", "3")
+        proc, port = self.start("--accounts", "prosody", "--prosody-config", self.config)
+        origin = f"http://127.0.0.1:{port}"
+
+        def login(user, password):
+            client = Xmpp(self.c2s_port, self.HOST)
+            try:
+                return client.login(user, password)
+            finally:
+                client.close()
+
+        def api(query):
+            status, _, body = self.request("GET", f"/invites_api?key={key}{query}", {"Accept": "application/json"})
+            self.assertEqual(status, 201, body)
+            return json.loads(body)
+        # Handed out: what the API answered, a page the bookmark led to, what the command line printed.
+        person = Invitee(self, screenshot_dir(self, f"prosody-{self.version}-stolen"))
+        self.assertEqual(person.sign_up(f"{origin}/invites_api?key={key}&redirect=true", "alice", "alice's first one"),
+                         200)
+        alice_url = person.page.url.split("&account=")[0]  # (the done page: /register?t=TOKEN)
+        self.assertTrue(login("alice", "alice's first one"))
+        minted = [api(""), api("&uses=3"), api("&username=bob"), api("&type=reset&username=alice")]
+        reset_url = self.cli("invites", "create", self.HOST, "--reset", "alice", "--accounts", "prosody",
+                             "--prosody-config", self.config, "--public-url", origin).strip()
+        handed_out = [alice_url, reset_url] + [i[field] for i in minted for field in ("token", "uri", "url")]
+        tokens = [alice_url.rsplit("=", 1)[1], reset_url.rsplit("?", 1)[1]] + [i["token"] for i in minted]
+        # The copy, taken while serve runs.
+        stolen = os.path.join(self.dir, "stolen")
+        os.mkdir(stolen)
+        for suffix in ("", "-wal"):
+            if os.path.exists(self.db + suffix):
+                shutil.copy(self.db + suffix, os.path.join(stolen, "invites.db" + suffix))
+        data = database_bytes(os.path.join(stolen, "invites.db"))
+        self.assertGreater(len(data), 8192)
+        for secret in handed_out + [t[-16:] for t in tokens]:  # (not assertNotIn: it would print the file)
+            self.assertFalse(secret.encode() in data, f"{secret} is in the stolen database")
+        # Everything the copy holds that could pass for a token (an invite's id above all) opens nothing.
+        with contextlib.closing(sqlite3.connect(os.path.join(stolen, "invites.db"))) as conn:
+            values = {value for table in ("keys", "invites", "accounts", "meta")
+                      for row in conn.execute(f"SELECT * FROM {table}") for value in row
+                      if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{12,128}", value)}
+            ids = {row[0] for row in conn.execute("SELECT id FROM invites")}
+        self.assertEqual(ids, {ia.invite_id(t) for t in tokens})
+        self.assertGreaterEqual(len(values), len(ids))
+        for value in values:
+            self.assertEqual(self.request("GET", f"/invite?{value}")[0], 404, value)
+            self.assertEqual(self.request("GET", f"/register?t={value}")[0], 404, value)
+            self.assertFalse(json.loads(self.request("GET", f"/invite/{value}.json")[2])["valid"], value)
+        for invite_id in sorted(ids)[:3]:  # (sign-ups are 10 a minute from one address)
+            form = {"token": invite_id, "user": "mallory", "password": "mallory's password",
+                    "password_confirm": "mallory's password"}
+            self.assertEqual(self.post_form(form)[0], 404)
+        self.assertFalse(login("mallory", "mallory's password"))
+        # Every link handed out still works, in the browser: bob's invite, then alice's reset.
+        self.assertEqual(person.sign_up(minted[2]["url"], None, "bob's password"), 200)
+        self.assertIn(f"Your account bob@{self.HOST} is ready", person.text())
+        self.assertTrue(login("bob", "bob's password"))
+        person.page.goto(reset_url)
+        person.page.click("a.button")  # "Set a new password"
+        self.assertEqual(person.submit(None, "alice's new one"), 200)
+        self.assertIn("Your new password is set", person.text())
+        self.assertTrue(login("alice", "alice's new one"))
+        self.assertFalse(login("alice", "alice's first one"))
+        for invite in minted[:2]:  # (and the others still open their pages)
+            self.assertEqual(self.request("GET", invite["url"].split(origin, 1)[1])[0], 200)
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        log = proc.stderr.read()
+        for token in tokens:
+            self.assertNotIn(token, log)
 
     def make_key_for(self, host):
         store = ia.Store(self.db)
@@ -3591,8 +3683,8 @@ modules: {self.MODULES}
         self.assertIn("cannot tell whether it was done", page)  # (check_account timed out as well)
         time.sleep(max(0, started + 5 - time.monotonic()))  # well past when the VM would have registered it
         self.assertFalse(self.login("late", "Tr0ub4dor-and-3"))
-        lingering = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
-                     and b"Tr0ub4dor" in open(f"/proc/{p}/cmdline", "rb").read()]
+        # (a process may end between the listing and the reading: cmdline() says b"" then)
+        lingering = [p for p in os.listdir("/proc") if p.isdigit() and b"Tr0ub4dor" in cmdline(p)]
         self.assertEqual(lingering, [])
         proc.terminate()
         self.assertEqual(proc.wait(10), 0)
@@ -3679,11 +3771,6 @@ class EjabberdApiTest(EjabberdTest):
         with self.assertRaises(ia.Conflict):
             accounts.create(self.HOST, "fay", "a long password")
         self.assertTrue(accounts.exists(self.HOST, "fay"))
-        def cmdline(pid):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
-                return f.read()
-            return b""
-
         def runs_the_node(pid):  # (an ejabberdctl's own VM names the node too, but not as its -name/-sname)
             argv = cmdline(pid).split(b"\0")
             return b"beam" in argv[0] and any(a in (b"-name", b"-sname") and v == self.node.encode()
@@ -3882,8 +3969,8 @@ class Ejabberd26Test(EjabberdApiTest):
         self.assertIn("ejabberd refused: num_invites_exceeded", str(raised.exception))
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 3)  # nothing recorded, quota back
         ia.purge_invites(store, backend=backend)  # records the three uses, deletes them from ejabberd
-        self.assertEqual([ia.invite_status(store.invite(i["token"])) for i in used], ["used"] * 3)
-        self.assertEqual([a["username"] for i in used for a in store.accounts(i["token"])], ["cap0", "cap1", "cap2"])
+        self.assertEqual([ia.invite_status(ia.invite_by_token(store, i["token"])) for i in used], ["used"] * 3)
+        self.assertEqual([a["username"] for i in used for a in store.accounts(ia.invite_id(i["token"]))], ["cap0", "cap1", "cap2"])
         self.assertEqual(ia.create_invite(store, key, backend=backend)["backend"], "ejabberd")
 
 
@@ -4718,7 +4805,7 @@ class DurabilityTest(TempDirTestCase):
         invite = ia.create_invite(store, key)
         events.append("answered")
         self.assertEqual(events, ["commit", "answered"])
-        self.assertIsNotNone(store.invite(invite["token"]))
+        self.assertIsNotNone(ia.invite_by_token(store, invite["token"]))
 
     def test_a_failing_write_in_a_batch_leaves_the_others_committed(self):
         store = ia.Store(self.db)
@@ -4752,7 +4839,7 @@ class DurabilityTest(TempDirTestCase):
         self.assertIn("ZeroDivisionError", results)
         self.assertEqual(store.key(key.split("/")[0])["name"], "")  # the failed write left nothing behind
         for token in tokens:
-            self.assertIsNotNone(store.invite(token))
+            self.assertIsNotNone(ia.invite_by_token(store, token))
         self.assertEqual(store.read("SELECT count(*) FROM invites")[0][0], 2)
 
 
@@ -4981,12 +5068,24 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
         self.assertRegex(url, r"^https://example\.com/invite\?[A-Za-z0-9_-]{24}\n$")
         token = url.strip().rsplit("?", 1)[1]
         code, out, _ = self.cli("invites", "list", "example.com")
-        self.assertEqual(out.splitlines()[0].split(), ["TOKEN", "EXPIRES", "USES", "STATUS", "KEY", "NOTE"])
-        self.assertIn(token, out)
+        self.assertEqual(out.splitlines()[0].split(), ["ID", "EXPIRES", "USES", "STATUS", "KEY", "NOTE"])
+        # A list shows the invite's public id, never its token (the database has only its hash).
+        invite_id = out.splitlines()[1].split()[0]
+        self.assertEqual(invite_id, ia.invite_id(token))
+        self.assertNotIn(token, out)
         self.assertIn("2/2", out)
         self.assertIn("choir", out)
+        # Shown by its whole token, its URL is rebuilt; by its id, there is no token to build it from.
         code, out, _ = self.cli("invites", "show", "example.com", token, "--json")
         self.assertEqual(json.loads(out)["url"], url.strip().replace("https://example.com", "http://127.0.0.1:5282"))
+        code, out, _ = self.cli("invites", "show", "example.com", invite_id, "--json")
+        self.assertEqual((json.loads(out)["id"], json.loads(out)["token"], json.loads(out)["uri"],
+                          json.loads(out)["url"], json.loads(out)["note"]), (invite_id, None, None, None, "choir"))
+        code, out, _ = self.cli("invites", "show", "example.com", invite_id)
+        self.assertIn(f"id: {invite_id}\ntoken: \n", out)
+        self.assertNotIn(token, out)
+        # Redeeming is the invitee's act: by the whole token only (an id is listed for anyone to see).
+        self.assertEqual(self.cli("invites", "redeem", "example.com", invite_id)[:2], (1, ""))
         self.assertEqual(self.cli("invites", "redeem", "example.com", token), (0, "", ""))
         code, out, _ = self.cli("invites", "redeem", "example.com", token, "--json")
         self.assertEqual(json.loads(out)["uses_left"], 0)
@@ -4994,7 +5093,7 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
         self.assertEqual(self.cli("invites", "list", "example.com")[1].count("\n"), 1)  # only the header
         self.assertEqual(self.cli("invites", "list", "example.com", "--all")[1].count("\n"), 2)
         token2 = self.cli("invites", "create", "example.com")[1].strip().rsplit("?", 1)[1]
-        self.assertEqual(self.cli("invites", "revoke", "example.com", token2), (0, "", ""))
+        self.assertEqual(self.cli("invites", "revoke", "example.com", ia.invite_id(token2)), (0, "", ""))
         self.assertEqual(self.cli("invites", "redeem", "example.com", token2)[2], "error: this invite is revoked\n")
         self.assertEqual(self.cli("invites", "revoke", "other.example", token2)[0], 1)
         self.assertEqual(self.cli("invites", "show", "example.com", "nosuchtoken")[0], 1)
@@ -5007,8 +5106,8 @@ class CliPolicyAndInvitesTest(TempDirTestCase):
         dropped = ia.create_invite(store, drop)["token"]
         self.assertEqual(self.cli("delete", "example.com", keep.split("/")[0])[0], 0)
         self.assertEqual(self.cli("delete", "example.com", drop.split("/")[0], "--revoke-invites")[0], 0)
-        self.assertEqual(ia.invite_status(store.invite(kept)), "valid")
-        self.assertEqual(ia.invite_status(store.invite(dropped)), "revoked")
+        self.assertEqual(ia.invite_status(ia.invite_by_token(store, kept)), "valid")
+        self.assertEqual(ia.invite_status(ia.invite_by_token(store, dropped)), "revoked")
 
 
 class CliDatabaseErrorsTest(TempDirTestCase):
@@ -5070,6 +5169,207 @@ class CliDatabaseErrorsTest(TempDirTestCase):
         code, _, err = run_main("--db", self.db, "list", "example.com")
         self.assert_clean_error(self.db, code, err)
         self.assertIn("newer", err)
+
+
+# What each schema version wrote of an invite (the columns it had), and of the account a use made.
+_V1_INVITE = ("token", "host", "type", "uri", "url", "key_id", "created_at", "expires_at", "uses_left")
+_V2_INVITE = _V1_INVITE + ("uses", "username", "note", "revoked_at", "done_at")
+_V3_INVITE = _V2_INVITE + ("backend",)
+_V8_INVITE = _V3_INVITE + ("account_mark",)
+
+
+def old_schema_database(path, version, program_dir, killed):
+    """Make a database of an earlier schema version, holding invites as that version's code wrote them
+    (tokens in plain text: the column, the stored URI, the accounts), and 200 more; return (its connection,
+    open if killed, the links handed out: {token: (what it is, the status and uses left it must keep)}).
+    killed: its last writes stay in the WAL, as a server killed with -9 leaves them; else they are in the
+    file, as a clean stop leaves them."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    for statements in ia.MIGRATIONS[:version]:
+        for statement in statements:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO keys (id, host, secret_hash, created_at) VALUES ('oldkey', 'example.com', x'00', 0)")
+    columns = _V8_INVITE if version >= 8 else _V3_INVITE if version >= 3 else _V2_INVITE if version >= 2 else _V1_INVITE
+    now, links = int(time.time()), {}
+
+    def invite(kind, status, uses_left, uses=1, expires=86400, username=None, revoked=None, backend="builtin",
+               url=None, mark=None, token=None):
+        token = token or ia._random_id(18)  # (before schema 10, ours were all random)
+        jid = f"{username}@example.com" if username else "example.com"
+        row = {"token": token, "host": "example.com", "type": "reset" if kind == "reset" else "register",
+               "uri": f"xmpp:{jid}?register;preauth={token}", "url": url, "key_id": "oldkey",
+               "created_at": now - 60, "expires_at": now + expires, "uses_left": uses_left, "uses": uses,
+               "username": username, "note": f"{kind} note", "revoked_at": revoked, "done_at": revoked,
+               "backend": backend, "account_mark": mark}
+        conn.execute(f"INSERT INTO invites ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     [row[c] for c in columns])
+        links[token] = (kind, status, uses_left)
+        return token
+
+    invite("register", "valid", 1)
+    invite("used", "used", 0)
+    invite("expired", "expired", 1, expires=-10)
+    if version >= 2:
+        shared = invite("shared", "valid", 2, uses=3)
+        invite("bound", "valid", 1, username="erin")
+        invite("revoked", "revoked", 1, revoked=now - 30)
+        if version >= 6:
+            conn.execute("INSERT INTO accounts (token, host, username, action, created_at) "
+                         "VALUES (?, 'example.com', 'carol', 'create', ?)", (shared, now - 50))
+    if version >= 3:  # a server's invite (Prosody's): its token is the server's, kept as it keeps it
+        token = ia._random_id(18)
+        invite("server", "unknown", 1, backend="prosody", url=f"https://example.com/invites_page?{token}", token=token)
+    if version >= 7:  # (schema 7's resets named no account: any alice; from 8, alice as she was then)
+        invite("reset", "valid", 1, username="alice", mark="mark-alice" if version >= 8 else None)
+    for n in range(200):  # (so that the old table spans many pages)
+        invite(f"more{n}", "valid", 1)
+    with open(os.path.join(program_dir, "accounts"), "a") as f:
+        f.write("alice an old password\ncarol carol's password\n")
+    if not killed:
+        conn.close()
+    return conn, links
+
+
+def account_program(directory):
+    """Write an accounts program (--accounts command) that keeps "NAME PASSWORD" lines in a file;
+    return (its argv, the file)."""
+    accounts = os.path.join(directory, "accounts")
+    program = write_program(directory, "accounts-program", f"""read password
+f='{accounts}'
+touch "$f"
+case "$1" in
+  create) grep -q "^$2 " "$f" && exit 3; echo "$2 $password" >> "$f";;
+  reset) grep -q "^$2 " "$f" || exit 3; grep -v "^$2 " "$f" > "$f.new"; echo "$2 $password" >> "$f.new"; mv "$f.new" "$f";;
+  exists) grep -q "^$2 " "$f" || exit 3;;
+  mark) grep -q "^$2 " "$f" || exit 3; echo "mark-$2";;
+  *) exit 1;;
+esac
+""")
+    return [program, "{action}", "{username}", "{host}"], accounts
+
+
+def database_bytes(path):
+    """Return the bytes of a database file and its WAL, as whoever copies them reads them."""
+    data = b""
+    for name in (path, path + "-wal"):
+        if os.path.exists(name):
+            with open(name, "rb") as f:
+                data += f.read()
+    return data
+
+
+class TokensAtRestTest(Requests, TempDirTestCase):
+    """Only hashes of our tokens are stored, and an upgrade hashes those an earlier version stored, every
+    link handed out still working (issue 31)."""
+
+    def serve(self, store, program):
+        """Serve store in a thread, making accounts through program; set self.port."""
+        app = ia.App(store, log=io.StringIO(), backend=ia.Builtin(ia.Accounts(program)))
+        server = ia.make_server(app, "127.0.0.1", 0)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        self.addCleanup(lambda: (server.shutdown(), thread.join(5), server.server_close()))
+        self.port = server.server_address[1]
+
+    def assert_nothing_plain(self, path, links, what):
+        """Fail if the file or its WAL holds any of our links' tokens (any 16 characters of one) or URIs."""
+        data = database_bytes(path)
+        self.assertGreater(len(data), 4096)
+        for token, (kind, _, _) in links.items():
+            if kind == "server":
+                continue  # (the XMPP server's own: kept, as it keeps it)
+            for piece in (token, token[-16:], f"preauth={token}"):  # (not assertNotIn: it would print the file)
+                self.assertFalse(piece.encode() in data, f"{what}: the {kind} invite's token is in the file")
+
+    def test_an_id_tells_nothing_of_its_tokens_random_part_and_a_taken_one_makes_a_new_token(self):
+        store = ia.Store(self.db)
+        self.addCleanup(store.close)
+        key = ia.create_key(store, "example.com")
+        with mock.patch.object(ia, "now", return_value=T0):
+            made = [ia.create_invite(store, key) for _ in range(20)]
+        # The first 5 characters: the time alone (the same for all made in a second, so that new ids share
+        # index pages); the other 7: of the hash, which the database holds anyway.
+        self.assertEqual({i["id"][:5] for i in made}, {made[0]["token"][:5]})
+        for invite in made:
+            digest = base64.urlsafe_b64encode(hashlib.sha256(invite["token"].encode()).digest()).decode()
+            self.assertEqual(invite["id"], invite["token"][:5] + digest[:7])
+            self.assertEqual(store.invite(invite["id"])["token_hash"], hashlib.sha256(invite["token"].encode()).digest())
+        # A token whose id another invite has (1 in 2**42 within 4 s) is made again, in the same write.
+        fresh = ia._new_token()
+        with mock.patch.object(ia, "_new_token", side_effect=[made[0]["token"], fresh]):
+            again = ia.create_invite(store, key)
+        self.assertEqual(again["token"], fresh)
+        self.assertEqual(store.key(key.split("/")[0])["invites_created"], 21)
+        self.assertEqual({ia.invite_by_token(store, t)["id"] for t in (made[0]["token"], fresh)},
+                         {made[0]["id"], ia.invite_id(fresh)})
+        # A token that gives an invite's id but not its hash opens nothing.
+        forged = made[0]["id"][:5] + "A" * 19
+        with mock.patch.object(ia, "invite_id", return_value=made[0]["id"]):
+            self.assertIsNone(ia.invite_by_token(store, forged))
+
+    def test_an_upgrade_from_each_earlier_schema_hashes_every_token_and_every_link_still_works(self):
+        for version in range(1, len(ia.MIGRATIONS)):
+            with self.subTest(schema=version):
+                folder = os.path.join(self.dir, f"v{version}")
+                os.mkdir(folder)
+                path = os.path.join(folder, "invites.db")
+                program, accounts = account_program(folder)
+                old, links = old_schema_database(path, version, folder, killed=version % 2 == 0)
+                before = database_bytes(path)
+                token = next(t for t, (kind, _, _) in links.items() if kind == "register")
+                self.assertIn(token.encode(), before)  # (the check below can fail)
+                store = ia.Store(path)  # the upgrade, with the old WAL still there
+                self.addCleanup(store.close)
+                self.assertEqual(store.read("PRAGMA user_version")[0][0], len(ia.MIGRATIONS))
+                self.assert_nothing_plain(path, links, f"schema {version}, just upgraded")
+                old.close()
+                # Counts and statuses as they were; each invite listed by its id.
+                listed = {i["id"]: i for i in ia.list_invites(store, "example.com", status=None, limit=1000)[0]}
+                self.assertEqual(len(listed), len(links))
+                for token, (kind, status, uses_left) in links.items():
+                    invite = listed[ia.invite_id(token)]
+                    self.assertEqual((invite["uses_left"], ia.invite_state(store, invite)), (uses_left, status), kind)
+                    self.assertEqual(invite["note"] if version >= 2 else None, f"{kind} note" if version >= 2 else None)
+                if version >= 6:  # the account an earlier use made is still the invite's
+                    shared = next(t for t, (kind, _, _) in links.items() if kind == "shared")
+                    self.assertEqual([a["username"] for a in store.accounts(ia.invite_id(shared))], ["carol"])
+                # Every link handed out opens its page, and signs up (or resets) through the form.
+                self.serve(store, program)
+                for token, (kind, status, _) in links.items():
+                    if kind == "server":  # (its page is the server's: its token, URI and URL are kept)
+                        server = ia.invite_by_reference(store, ia.invite_id(token))
+                        self.assertEqual((server["token"], server["url"], server["uri"]),
+                                         (token, f"https://example.com/invites_page?{token}",
+                                          f"xmpp:example.com?register;preauth={token}"))
+                        continue
+                    code, _, page = self.request("GET", f"/invite?{token}")
+                    self.assertEqual(code, 200 if status == "valid" else 410, (kind, page[:300]))
+                    if status != "valid" or kind.startswith("more"):
+                        continue
+                    if kind == "reset":
+                        form = {"token": token, "password": "a new password", "password_confirm": "a new password"}
+                    else:
+                        user = "erin" if kind == "bound" else f"new{kind}"
+                        form = {"token": token, "user": user, "password": f"{user}'s password",
+                                "password_confirm": f"{user}'s password"}
+                    self.assertEqual(self.post_form(form, follow=True)[0], 200, kind)
+                with open(accounts) as f:
+                    made = f.read().splitlines()
+                self.assertIn("newregister newregister's password", made)
+                if version >= 2:
+                    self.assertIn("newshared newshared's password", made)
+                    self.assertIn("erin erin's password", made)
+                if version >= 7:
+                    self.assertIn("alice a new password", made)
+                    self.assertNotIn("alice an old password", made)
+                self.assert_nothing_plain(path, links, f"schema {version}, after the sign-ups")
+                # And after a checkpoint and VACUUM (they rewrite the file from its live pages).
+                store.read("PRAGMA wal_checkpoint(TRUNCATE)")
+                store.read("VACUUM")
+                self.assert_nothing_plain(path, links, f"schema {version}, after VACUUM")
 
 
 def mount_tmpfs(test, path, size):
@@ -5164,8 +5464,8 @@ class DatabaseFileTest(TempDirTestCase):
 
     def test_an_upgrade_on_a_full_disk_says_so_and_leaves_the_file_as_it_was(self):
         disk = os.path.join(self.dir, "disk")
-        mount_tmpfs(self, disk, "800k")
-        schema_1_database(self.db, 2700)  # about 480 KB
+        mount_tmpfs(self, disk, "2400k")
+        schema_1_database(self.db, 2700)  # about 480 KB (its upgrade rebuilds the table of invites)
         path = shutil.copy(self.db, disk)
         with open(path, "rb") as f:
             before = f.read()
@@ -5176,7 +5476,7 @@ class DatabaseFileTest(TempDirTestCase):
         code, out, err = run_main("--db", path, "list", "example.com")
         self.assertEqual((code, out), (1, ""))
         self.assertRegex(err, rf"^error: cannot upgrade database {re.escape(repr(path))}: the disk is full \(free some "
-                              rf"space in {re.escape(disk)}\): upgrading it needs up to 48[0-9] KB free \(the "
+                              rf"space in {re.escape(disk)}\): upgrading it needs up to 1\.4[0-9] MB free \(three times the "
                               r"database's size\), [0-9.]+ KB were; it is left as it was\n\Z")
         self.assertNotIn("rollback", err)
         with open(path, "rb") as f:

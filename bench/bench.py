@@ -6,6 +6,10 @@ bench.py run      throughput and latency at 1/8/64 connections, growth after
 bench.py compare  the same load against Debian's Prosody 0.12 with
                   mod_invites_api (SQLite storage, then file storage), in
                   alternating rounds, as ratios
+bench.py against FILE
+                  built-in creates/s of this invites_api.py against another
+                  copy of it (an earlier revision: make bench-against REV=...),
+                  in alternating rounds, as a ratio
 
 Load comes from wrk when installed (1 thread, keep-alive, one invite per
 request), else from a small standard-library load generator. Every figure is
@@ -132,14 +136,18 @@ def count_requests(url, total, connections=8):
 class OurServer:
     """invites_api serve on a free port with a throwaway database."""
 
-    def __init__(self, directory, db=None, module_dir=None, extra=()):
+    def __init__(self, directory, db=None, module_dir=None, extra=(), script=SCRIPT, cli=False):
         self.db = db or os.path.join(directory, "bench.db")
-        store = ia.Store(self.db)
-        self.key = ia.create_key(store, "example.com", "bench")
-        store.close()
+        if script == SCRIPT and not cli:
+            store = ia.Store(self.db)
+            self.key = ia.create_key(store, "example.com", "bench")
+            store.close()
+        else:  # (cli: its database and key made by its own command line, as another version's are)
+            self.key = subprocess.run([SERVER_PYTHON, script, "--db", self.db, "create", "example.com"],
+                                      capture_output=True, text=True, check=True).stdout.strip()
         self.port = free_port()
         # module_dir: run it as `python3 -m invites_api` from compiled bytecode there, not as a script.
-        argv, env = [SERVER_PYTHON, SCRIPT], None
+        argv, env = [SERVER_PYTHON, script], None
         if module_dir:  # (run from there: -m looks in the working directory first)
             argv, env = [SERVER_PYTHON, "-m", "invites_api"], dict(os.environ, PYTHONPATH=module_dir)
         self.proc = subprocess.Popen(argv + ["--db", self.db, "serve", "--quiet", "--port", str(self.port), *extra],
@@ -196,8 +204,10 @@ def seed_invites(db, count):
     for i in range(count):
         created = now - count + i  # tokens as invites_api makes them: 4 bytes of time, 14 random
         token = base64.urlsafe_b64encode((created % 2**31).to_bytes(4, "big") + os.urandom(14)).decode()
-        batch.append((token, "example.com", "register", f"xmpp:example.com?register;preauth={token}", None,
-                      None, created, now + 7 * 86400, 1, 1, None, None, None, None, "builtin", None))
+        row = dict.fromkeys(ia._INVITE_COLUMN_NAMES)  # (only its id and hash are kept)
+        row.update(id=ia.invite_id(token), token_hash=ia.hash_secret(token), host="example.com", type="register",
+                   created_at=created, expires_at=now + 7 * 86400, uses=1, uses_left=1, backend="builtin")
+        batch.append([row[c] for c in ia._INVITE_COLUMN_NAMES])
         if len(batch) == 50_000:
             conn.executemany(f"INSERT INTO invites ({ia._INVITE_COLUMNS}) VALUES ({','.join('?' * len(ia._INVITE_COLUMN_NAMES))})", batch)
             batch = []
@@ -553,6 +563,37 @@ def run_compare(args):
             f"3 alternating rounds of 10 runs, median; {python}; -m runs from compiled bytecode")
 
 
+def run_against(args):
+    """Built-in creates/s of this invites_api.py and of another copy, alternating rounds."""
+    rounds = args.rounds
+    print(f"# this invites_api.py vs {args.file}: {os.cpu_count()} cores, {rounds} alternating rounds of "
+          f"{DURATION:g} s at 8 connections, one invite per request (built-in store)\n")
+    print("| measure | result | how |")
+    print("| --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as directory:
+        # (Both set up alike, by their own command lines: only the code differs.)
+        servers = {"this": OurServer(directory, db=os.path.join(directory, "this.db"), cli=True),
+                   "that": OurServer(directory, db=os.path.join(directory, "that.db"), script=args.file)}
+        results = {name: [] for name in servers}
+        tool = "wrk"
+        for number in range(rounds):
+            order = list(servers.items()) if number % 2 == 0 else list(servers.items())[::-1]
+            for name, server in order:
+                rate, p50, p99, errors, tool = load(server.url, 8, DURATION)
+                results[name].append((rate, p99, errors))
+        for server in servers.values():
+            server.stop()
+    for name, label in (("this", "this invites_api.py"), ("that", args.file)):
+        rates = [r for r, _, _ in results[name]]
+        errors = sum(e for _, _, e in results[name])
+        row(label, f"{statistics.median(rates):,.0f} creates/s median (rounds: "
+                   f"{', '.join(f'{r:,.0f}' for r in rates)}), p99 "
+                   f"{statistics.median(p for _, p, _ in results[name]):.2f} ms"
+            + (f"; {errors} non-2xx" if errors else ""), f"{tool} -t1 -c8 -d{DURATION:g}s")
+    ratio = statistics.median(a[0] / b[0] for a, b in zip(results["this"], results["that"]))
+    row("ratio, this / that", f"**{ratio:.3f}x**", "median of the per-round ratios")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -561,8 +602,11 @@ def main():
     run.add_argument("--requests", type=int, default=100_000, help="requests before the RSS reading")
     run.add_argument("--pipelined", type=int, default=20_000, help="requests for the pipelining measure")
     sub.add_parser("compare")
+    against = sub.add_parser("against")
+    against.add_argument("file", help="another invites_api.py (e.g. an earlier revision's)")
+    against.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    run_bench(args) if args.what == "run" else run_compare(args)
+    {"run": run_bench, "compare": run_compare, "against": run_against}[args.what](args)
 
 
 if __name__ == "__main__":
