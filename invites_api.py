@@ -727,8 +727,8 @@ class Database:
         if info.st_uid != me and not os.access(self.path, os.W_OK):
             return (f"database {self.path!r} belongs to {_user(info.st_uid)} (mode "
                     f"{info.st_mode & 0o777:o}) and this user ({_user(me)}) may not write it: "
-                    "run as its owner (e.g. sudo -u OWNER), or see the README's \"Which "
-                    "database\" to share it")
+                    "run as its owner (e.g. sudo -u OWNER), or see \"Which database\" in "
+                    "docs/database.md to share it")
         if not os.access(self.path, os.W_OK):
             return (f"database {self.path!r} is read-only (mode {info.st_mode & 0o777:o}): "
                     f"chmod u+w {self.path}")
@@ -2410,7 +2410,7 @@ class ProsodyBackend(ServerBackend):
         except Error as e:
             return ("prosody backend: cannot reach Prosody's admin shell through its socket "
                     f"({e}): is Prosody running with mod_admin_shell, and may this user open "
-                    "the socket? (run as prosody, or in its group: see the README)")
+                    "the socket? (run as prosody, or in its group: see docs/backends.md)")
 
     def check_hosts(self, hosts):
         served = self.lua("hosts").split() if hosts else []

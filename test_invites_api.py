@@ -782,10 +782,9 @@ class ProbingTest(LiveServerTestCase):
         self.assertNotIn(self.dir.encode(), body)
         self.assertIn(self.db, self.log.getvalue())
 
-    def test_the_readme_says_the_headers_the_pages_send(self):
-        with open(os.path.join(HERE, "README.md")) as f:
-            claims = re.findall(r"`(Referrer-Policy|X-Content-Type-Options|Cache-Control|Content-Security-Policy): "
-                                r"([^`]+)`", f.read())
+    def test_the_documentation_says_the_headers_the_pages_send(self):
+        claims = re.findall(r"`(Referrer-Policy|X-Content-Type-Options|Cache-Control|Content-Security-Policy): "
+                            r"([^`]+)`", "\n".join(documentation().values()))
         self.assertGreaterEqual(len({name for name, _ in claims}), 4, claims)
         token = self.token_of(self.create()[1]["location"])
         for path in (f"/invite?{token}", "/invite?" + "Z" * 24, "/"):
@@ -5515,8 +5514,8 @@ class DatabaseFileTest(TempDirTestCase):
         os.chmod(disk, 0o755)
         done = as_nobody("--db", path, "list", "example.com")
         self.assertEqual(done.stderr, f"error: database {path!r} belongs to root (mode 600) and this user (nobody) "
-                                      "may not write it: run as its owner (e.g. sudo -u OWNER), or see the README's "
-                                      "\"Which database\" to share it\n")
+                                      "may not write it: run as its owner (e.g. sudo -u OWNER), or see \"Which database\" "
+                                      "in docs/database.md to share it\n")
         # Its own file, made read-only.
         shutil.chown(path, "nobody")
         os.chmod(path, 0o400)
@@ -5592,7 +5591,7 @@ class CliEdgeTest(TempDirTestCase):
         self.assertEqual((result.returncode, result.stdout), (1, ""))
         self.assertEqual(result.stderr, f"error: database {self.db!r} belongs to root (mode 600) and this user "
                                         "(nobody) may not write it: run as its owner (e.g. sudo -u OWNER), or see "
-                                        "the README's \"Which database\" to share it\n")
+                                        "\"Which database\" in docs/database.md to share it\n")
 
     def test_a_qr_code_of_a_loopback_address_is_warned_of(self):
         code, out, err = self.cli("invites", "create", "example.com", "--qr")
@@ -5603,8 +5602,19 @@ class CliEdgeTest(TempDirTestCase):
         self.assertEqual((code, err), (0, ""))
 
 
-def undocumented_options(parser, readme):
-    """Return (command, option) for each long option of every command that the README never names."""
+def documentation():
+    """Return {path: text} of the README and of every page of docs/."""
+    paths = ["README.md"] + sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(HERE, "docs"))
+                                   if name.endswith(".md"))
+    texts = {}
+    for path in paths:
+        with open(os.path.join(HERE, path)) as f:
+            texts[path] = f.read()
+    return texts
+
+
+def command_options(parser):
+    """Return (command, option) for each long option of every command (and of the program: command "")."""
     import argparse
     found = set()
 
@@ -5613,24 +5623,88 @@ def undocumented_options(parser, readme):
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     walk(sub, path + (name,))
-            for option in action.option_strings:
-                if option.startswith("--") and not re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", readme):
-                    found.add((" ".join(path), option))
+            found.update((" ".join(path), option) for option in action.option_strings
+                         if option.startswith("--") and option != "--help")
     walk(parser, ())
     return sorted(found)
 
 
-class ReadmeTest(unittest.TestCase):
-    """The README names every option of every command (a new one fails this until it is documented)."""
+def option_definitions(texts, command, option):
+    """Return where an option is defined, as (path, row): a table row of its own (its first cell starts with a
+    code span, and one of its code spans starts with the option), else its command's synopsis row (a first cell
+    starting with a code span that starts with the command and names the option). A row that merely uses an
+    option (a first cell like "built-in + `--accounts prosody`") defines nothing."""
+    named = re.compile(rf"(?<![\w-]){re.escape(option)}(?![\w-])")
+    own, synopsis = [], []
+    for path, text in texts.items():
+        for row in (line for line in text.splitlines() if line.startswith("| `")):
+            spans = re.findall(r"`([^`]+)`", row.split("|")[1])
+            if any(named.match(span) for span in spans):
+                own.append((path, row))
+            elif command and any(span.startswith(command + " ") and named.search(span) for span in spans):
+                synopsis.append((path, row))
+    return own or synopsis
 
-    def test_every_option_is_in_the_readme(self):
-        with open(os.path.join(HERE, "README.md")) as f:
-            readme = f.read()
-        self.assertEqual(undocumented_options(ia.build_parser(), readme), [])
+
+def json_places(texts, marker):
+    """Return the places (a table row, else a paragraph) of the documentation that hold marker."""
+    places = []
+    for path, text in texts.items():
+        for block in re.split(r"\n\s*\n", text):
+            rows = [line for line in block.splitlines() if line.startswith("| ")]
+            places += [(path, unit) for unit in (rows or [block]) if marker in unit]
+    return places
+
+
+class ReadmeTest(TempDirTestCase):
+    """The README and docs/ document every option of every command, and every field of every JSON answer, each
+    in exactly one place (a new one fails this until it is documented; a second place fails it too)."""
+
+    def undocumented(self, texts, parser=None):
+        return [(command, option, [path for path, _ in found])
+                for command, option in command_options(parser or ia.build_parser())
+                for found in [option_definitions(texts, command, option)] if len(found) != 1]
+
+    def test_every_option_is_defined_in_exactly_one_place(self):
+        texts = documentation()
+        self.assertEqual(self.undocumented(texts), [])
+        # The check itself: a new option is caught, and so is an option defined a second time.
         parser = ia.build_parser()
         serve = next(a for a in parser._actions if a.choices and "serve" in a.choices).choices["serve"]
         serve.add_argument("--a-new-option")
-        self.assertEqual(undocumented_options(parser, readme), [("serve", "--a-new-option")])
+        self.assertEqual(self.undocumented(texts, parser), [("serve", "--a-new-option", [])])
+        twice = dict(texts, **{"docs/deploying.md": texts["docs/deploying.md"] + "\n| `--port N` | again |\n"})
+        self.assertEqual(self.undocumented(twice), [("serve", "--port", ["docs/cli.md", "docs/deploying.md"])])
+
+    def test_the_readme_is_a_first_page(self):
+        readme = documentation()["README.md"]
+        self.assertLessEqual(len(readme.splitlines()), 250)
+        self.assertLess(readme.index("invites_api.py serve"), readme.index("make test"))
+        for page in sorted(name for name in os.listdir(os.path.join(HERE, "docs")) if name.endswith(".md")):
+            self.assertIn(f"](docs/{page})", readme)  # (every page is linked from the first one)
+
+    def test_every_json_field_is_documented_in_exactly_one_place(self):
+        store = ia.Store(self.db)
+        self.addCleanup(store.close)
+        key = ia.create_key(store, "example.com", inviter="alice")
+        invite = ia.create_invite(store, key)
+        ia.sign_up(store, ia.Builtin(ia.Accounts(["true"])), invite["token"], "bob", "a long password",
+                   "a long password")
+        account = store.accounts(invite["id"])[0]
+        answers = {  # what each answer's fields are, by the words that introduce them in the documentation
+            "An invite in JSON:": ia.invite_info(invite, "https://example.com/invite", accounts=[account]),
+            "`list HOST [--json]`": ia.list_keys(store, "example.com")[0],
+            "`GET /invite/TOKEN.json`": ia.check_invite(store, invite["token"]),
+            "`GET /health`": {"status": "error", "reason": "..."},
+        }
+        fields = {marker: set(answer) for marker, answer in answers.items()}
+        fields["An invite in JSON:"] |= set(ia.invite_info(invite, None, accounts=[account])["accounts"][0])
+        texts = documentation()
+        for marker, names in fields.items():
+            places = json_places(texts, marker)
+            self.assertEqual(len(places), 1, f"{marker}: {[path for path, _ in places]}")
+            for name in names:
+                self.assertRegex(places[0][1], rf"[`{{,\s\"]{name}[`}},\"]", f"{marker} does not name {name}")
 
 
 class CronStyleTest(TempDirTestCase):
