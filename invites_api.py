@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 
 
 # ---------------------------------------------------------------------------
-# Constants
+# Constants: every limit and default, named once
 # ---------------------------------------------------------------------------
 
 # Next to Prosody's own 5280/5281, without taking either: this often runs on
@@ -130,7 +130,7 @@ def iso(ts):
 
 
 # ---------------------------------------------------------------------------
-# Errors
+# Errors: every failure a user can meet, each with its HTTP status
 # ---------------------------------------------------------------------------
 
 class Error(Exception):
@@ -199,6 +199,10 @@ class StoreError(Unavailable):
     def __init__(self, message, public=None):
         super().__init__(message)
         self.public = public or "the database is unavailable; try again shortly"
+
+
+class OutcomeUnknown(BackendError):
+    """The XMPP server may or may not have done what it was asked (a timeout, a lost connection)."""
 
 
 # Another process holds the write lock past the busy timeout (SQLite's "database is locked").
@@ -399,26 +403,6 @@ def saslprep_problem(text):
     return None
 
 
-def parse_fields(text, allowed, what):
-    """Return a query string's or form's fields as a dict; raise BadRequest."""
-    # Refused: names not allowed, repeats, more than 20, text not UTF-8 once decoded.
-    from urllib.parse import parse_qsl
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=20, errors="strict")
-    except UnicodeDecodeError:
-        raise BadRequest(f"the {what}s are not valid UTF-8") from None
-    except ValueError:
-        raise BadRequest(f"too many {what}s") from None
-    fields = {}
-    for name, value in pairs:
-        if name not in allowed:
-            raise BadRequest(f"unknown {what} {name[:40]!r}")
-        if name in fields:
-            raise BadRequest(f"{what} {name!r} given more than once")
-        fields[name] = value
-    return fields
-
-
 def parse_note(text):
     """Return an invite's note (one line, at most 200 characters); raise ValueError."""
     return _one_line(text, "note", 200)
@@ -434,16 +418,6 @@ def parse_seconds(text):
         raise ValueError(f"invalid number of seconds {text!r}: "
                          "must be more than 0 and at most a day")
     return seconds
-
-
-def parse_bool(name, value):
-    """Return True/False for true/1/yes or false/0/no; raise BadRequest otherwise."""
-    lowered = value.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise BadRequest(f"{name}={value!r}: expected true or false")
 
 
 # ---------------------------------------------------------------------------
@@ -634,8 +608,9 @@ def default_db_path():
         os.path.expanduser("~"), ".local", "share", "invites_api", "invites.db")
 
 
-class Database:
-    """The sqlite3 file: one connection per thread, the schema's migrations, durable commits."""
+class Store:
+    """The sqlite3 file and the only code that reads or writes it (SQL in one place): one
+    connection per thread, the schema's migrations, durable commits; keys, invites, accounts."""
 
     def __init__(self, path, create_dir=False, busy_timeout=BUSY_TIMEOUT):
         self.path = os.path.abspath(path)
@@ -872,9 +847,7 @@ class Database:
         """Finish the queued writes and stop the committing thread."""
         self.committer.stop()
 
-
-class Store(Database):
-    """The only code that reads or writes keys, invites and accounts (SQL in one place)."""
+    # -- keys ----------------------------------------------------------------
 
     def insert_key(self, key):
         """Store a new key (a dict with the keys table's columns)."""
@@ -1080,12 +1053,12 @@ class Store(Database):
 class _Pending:
     """One write waiting for its commit: `done` is held until the COMMIT holding it returned."""
 
-    __slots__ = ("fn", "done", "result", "error")
+    __slots__ = ("fn", "committed", "result", "error")
 
     def __init__(self, fn):
         self.fn = fn
-        self.done = threading.Lock()  # cheaper than an Event; released once, by the committer
-        self.done.acquire()
+        self.committed = threading.Lock()  # cheaper than an Event; released once, by the committer
+        self.committed.acquire()
         self.result = self.error = None
 
 
@@ -1117,7 +1090,7 @@ class GroupCommitter:
             self._commit(self.store.connect(), [pending])
         else:
             self.queue.put(pending)
-            if not pending.done.acquire(timeout=-1 if timeout is None else timeout):
+            if not pending.committed.acquire(timeout=-1 if timeout is None else timeout):
                 raise self.store.error(f"database {self.store.path!r} did "
                                        f"not answer within {timeout:g} s")
         if pending.error is not None:
@@ -1145,7 +1118,7 @@ class GroupCommitter:
                 except StoreError as e:  # cannot open the file: every write of the batch fails
                     for pending in batch:
                         pending.error = e
-                        pending.done.release()
+                        pending.committed.release()
                 else:
                     self._commit(conn, batch)
             if stopping:
@@ -1179,11 +1152,12 @@ class GroupCommitter:
                 pending.error = pending.error or error
         finally:
             for pending in batch:
-                pending.done.release()
+                pending.committed.release()
 
 
 # ---------------------------------------------------------------------------
-# Minting: the interface of whatever mints invites (the built-in store or an XMPP server)
+# Roles: what mints invites (Backend: the built-in store or an XMPP server), what makes
+# the accounts of ours (AccountMaker)
 # ---------------------------------------------------------------------------
 
 class Backend:
@@ -1198,21 +1172,21 @@ class Backend:
         self.name = name
 
     @property
-    def signs_up(self):
+    def sign_up_accounts(self):
         """Who makes its invites' accounts on our sign-up page (None: nobody)."""
         return self.accounts if self.used_here else None
 
     @property
-    def what(self):
+    def display_name(self):
         return f"the {self.name} backend"
 
-    def why_not(self, option):
+    def refusal_reason(self, option):
         """Return why an option cannot be honoured, for its 400 (or "")."""
         return ""
 
     def mint(self, invite, roles=None, groups=None):
         """Mint a held invite; return the server's token, uri and url (a dict), or {} for ours."""
-        raise BackendError(f"{self.what} is not running here")
+        raise BackendError(f"{self.display_name} is not running here")
 
     def account_mark(self, host, username):
         """Return what names the account username@host for a reset (None: there is none); raise."""
@@ -1263,12 +1237,51 @@ class Backend:
                 connection.close()
 
 
+class AccountMaker:
+    """What makes the accounts of built-in invites on our sign-up page (--accounts): a program
+    of yours (Accounts), Prosody (ProsodyBackend) or ejabberd (EjabberdBackend)."""
+
+    # After an answer that never came: if "there is no such account" is final (nothing sent can
+    # still make it later), the use is given back at once; else it waits for the server to say.
+    missing_is_final = False
+
+    def create(self, host, username, password):
+        """Create username@host; raise Conflict (taken), BadRequest, BackendError or
+        OutcomeUnknown (nobody can tell whether it was made)."""
+        raise NotImplementedError
+
+    def reset(self, host, username, password):
+        """Set username@host's password; raise Conflict if there is no such account."""
+        raise NotImplementedError
+
+    def exists(self, host, username):
+        """Return whether username@host exists; raise BackendError if the server cannot tell."""
+        raise NotImplementedError
+
+    def mark(self, host, username, new=None):
+        """Return what tells username@host from a later account of its name (None: there is
+        none), setting it to new if it has none yet."""
+        raise NotImplementedError
+
+    def befriend(self, host, username, inviter):
+        """Make username and inviter each other's contacts; raise Conflict if inviter is gone."""
+        raise NotImplementedError
+
+    def check_accounts(self, hosts):
+        """Return warnings about what making accounts for these hosts lacks (serve's start)."""
+        return []
+
+    def describe_accounts(self):
+        """Return who makes the accounts, for serve's start-up line."""
+        raise NotImplementedError
+
+
 class Builtin(Backend):
     """This tool's own store: its invites become accounts here, through an Accounts if given."""
 
     name = "builtin"
     used_here = True
-    what = "the built-in store"
+    display_name = "the built-in store"
 
     def __init__(self, accounts=None):
         self.accounts = accounts
@@ -1278,7 +1291,7 @@ class Builtin(Backend):
         return frozenset({"ttl", "uses", "username", "inviter"}
                          | ({"reset"} if self.accounts else set()))
 
-    def why_not(self, option):
+    def refusal_reason(self, option):
         if option == "reset":
             return " without --accounts, which can tell whether the account exists"
         return ": it is for the XMPP server"
@@ -1505,6 +1518,58 @@ def refuse_if_guessing(limiter, client, presented):
         raise TooManyRequests("too many failed authentications from your address", wait)
 
 
+def address_key(address):
+    """Return what per-address limits count: the IPv4 address, or the /64 of an IPv6 address."""
+    if ":" not in address:
+        return address
+    import ipaddress
+    try:
+        return str(ipaddress.IPv6Network((address.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return address
+
+
+class RateLimiter:
+    """Counts events per client address (IPv6: per /64) in one-minute windows, in memory."""
+
+    def __init__(self, per_minute, clock=time.monotonic):
+        self.per_minute, self.clock = per_minute, clock  # (tests fix the clock mid-minute)
+        self._window = None
+        self._counts = {}
+        self._noted = set()
+        self._lock = threading.Lock()
+
+    def hit(self, address, subject=None):
+        """Count one event (of an address, with subject); return 0 if allowed, else the seconds
+        until the next window."""
+        clock, name = self.clock(), (address_key(address), subject)
+        with self._lock:
+            window = int(clock // 60)
+            if window != self._window:  # a new minute: forget the old one (bounded memory)
+                self._window, self._counts, self._noted = window, {}, set()
+            count = self._counts[name] = self._counts.get(name, 0) + 1
+        return 0 if count <= self.per_minute else 60 - clock % 60
+
+    def first_time_over(self, address):
+        """Return True the first time in this minute that it is asked about an address."""
+        address = address_key(address)
+        with self._lock:
+            if address in self._noted:
+                return False
+            self._noted.add(address)
+            return True
+
+    def over(self, address, subject=None, limit=None):
+        """Return 0 if the address (with subject) is within its limit (per_minute unless given)
+        this minute, else seconds to wait."""
+        clock, name = self.clock(), (address_key(address), subject)
+        with self._lock:
+            if (int(clock // 60) != self._window
+                    or self._counts.get(name, 0) < (limit or self.per_minute)):
+                return 0
+        return 60 - clock % 60
+
+
 def parse_limit(text, what="limit"):
     """Return a listing's page size: 1 to MAX_LIST_LIMIT; raise ValueError."""
     count = parse_count(text, what)
@@ -1558,7 +1623,8 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
         for name, value in options.items():
             wanted[name] = _invite_option(name, value)
             if value is not None and name not in ("note", "type") and name not in backend.options:
-                raise ValueError(f"{backend.what} cannot honour {name!r}{backend.why_not(name)}")
+                raise ValueError(f"{backend.display_name} cannot honour "
+                                 f"{name!r}{backend.refusal_reason(name)}")
         if key is not None and (wanted["ttl"] or 0) > key["max_ttl"]:
             raise ValueError(f"ttl {options['ttl']!r} is over this key's limit of "
                              f"{format_duration(key['max_ttl'])} (an operator can raise it: "
@@ -1571,8 +1637,8 @@ def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BU
             _check_reset(wanted, key, backend)
         wanted["inviter"] = inviter if wanted["type"] == "register" else None  # (not a reset's)
         if wanted["inviter"] and "inviter" not in backend.options:
-            raise ValueError(f"{backend.what} cannot make contact invites (from "
-                             f"{inviter}){backend.why_not('inviter')}")
+            raise ValueError(f"{backend.display_name} cannot make contact invites (from "
+                             f"{inviter}){backend.refusal_reason('inviter')}")
     if wanted["ttl"] is None:  # a reset is short-lived: a day
         ttl = RESET_INVITE_TTL if wanted["type"] == "reset" else default_ttl
         wanted["ttl"] = min(ttl, key["max_ttl"]) if key is not None else ttl
@@ -1588,8 +1654,8 @@ def _check_reset(wanted, key, backend):
         raise ValueError("a password-reset invite needs the username (and is for one use, with no "
                          "roles or groups)")
     if "reset" not in backend.options:
-        raise ValueError(f"{backend.what} cannot make password-reset "
-                         f"invites{backend.why_not('reset')}")
+        raise ValueError(f"{backend.display_name} cannot make password-reset "
+                         f"invites{backend.refusal_reason('reset')}")
 
 
 def create_invite(store, credentials=None, host=None, options=None, default_ttl=DEFAULT_INVITE_TTL,
@@ -1716,8 +1782,8 @@ def inviter_warnings(backend, inviters):
     for host, inviter in inviters:
         try:
             if "inviter" not in backend.options:
-                raise BadRequest(f"{backend.what} cannot make contact invites"
-                                 f"{backend.why_not('inviter')}")
+                raise BadRequest(f"{backend.display_name} cannot make contact invites"
+                                 f"{backend.refusal_reason('inviter')}")
             check_inviter(backend, host, inviter)
         except BadRequest as e:
             warnings.append(f"keys with --inviter {inviter} for {host}: {e}")
@@ -1730,8 +1796,8 @@ def show_invite(store, reference, backend, host=None, key_id=None):
     """Return (one invite, its status as its server knows it), its unconfirmed accounts asked
     about first (see settle_accounts)."""
     invite = get_invite(store, reference, host, key_id)
-    status = invite_state(store, _settled(store, invite, minted_by(invite, backend).signs_up),
-                          backend)
+    accounts = minted_by(invite, backend).sign_up_accounts
+    status = invite_state(store, _settled(store, invite, accounts), backend)
     return opened(store.invite(invite["id"]), invite["token"]), status
 
 
@@ -1802,18 +1868,14 @@ def check_invite(store, token):
             "username": invite["username"]}
 
 
-def sign_up(store, backend, token, username, password, confirmation):
-    """Use a built-in invite to make its account (or set a password), and of a contact invite
-    make the newcomer and the inviter contacts; return (invite, username, why the contact
-    could not be made or None)."""
-    # Raises NotFound, Gone, Forbidden, BadRequest, Conflict (the name is taken, or a reset's
-    # account is missing), BackendError, or OutcomeUnknown (the use is kept: nobody can tell
-    # whether the account was made). Invariant: an invite never makes more accounts than its
-    # uses, and every account it made is recorded; a failed contact never undoes an account.
-    invite = invite_by_token(store, token)
-    accounts = minted_by(invite, backend).signs_up if invite is not None else None
-    if accounts is None:  # (not ours, or nobody here makes accounts)
-        raise NotFound("we could not find this invite")
+def sign_up(store, accounts, invite, username, password, confirmation):
+    """Use a built-in invite (as invite_by_token found it) to make its account through accounts
+    (an AccountMaker), or set a password, and of a contact invite make the newcomer and the
+    inviter contacts; return (invite, username, why the contact could not be made or None)."""
+    # Raises Gone, Forbidden, BadRequest, Conflict (the name is taken, or a reset's account is
+    # missing), BackendError, or OutcomeUnknown (the use is kept: nobody can tell whether the
+    # account was made). Invariant: an invite never makes more accounts than its uses, and
+    # every account it made is recorded; a failed contact never undoes an account.
     invite = _settled(store, invite, accounts)  # (a use an unmade account held may be back)
     if invite_status(invite) != "valid":
         raise Gone(f"this invite is {invite_status(invite)}")
@@ -1847,8 +1909,8 @@ def sign_up(store, backend, token, username, password, confirmation):
         raise
     store.record_account(invite["id"], invite["host"], username, "reset" if reset else "create",
                          now())
-    return opened(used, token), username, (befriend(store, accounts, invite, username)
-                                           if invite["inviter"] and not reset else None)
+    return opened(used, invite["token"]), username, (
+        befriend(store, accounts, invite, username) if invite["inviter"] and not reset else None)
 
 
 def befriend(store, accounts, invite, username):
@@ -1913,7 +1975,619 @@ def purge_invites(store, grace=DEFAULT_PURGE_GRACE, backend=BUILTIN):
 
 
 # ---------------------------------------------------------------------------
-# Backends: an XMPP server mints the invite, through its own command line
+# HTTP routes and pages: what each request means, read here and answered through the operations
+# ---------------------------------------------------------------------------
+
+# The whole URL space: (path pattern, {method: handler method}, cross-origin?, a page people read?).
+# Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages.
+ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page)
+               for pattern, methods, cors, page in (
+    (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True, False),
+    (r"/invites_api/invites/?", {"GET": "api_list"}, True, False),
+    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"},
+     True, False),
+    (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True, False),
+    (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
+    (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
+    (r"/register", {"GET": "signup_page", "POST": "signup"}, False, True),
+    (r"/", {"GET": "home", "HEAD": "home"}, False, True),
+    (r"/health", {"GET": "health", "HEAD": "health"}, False, False),
+    (r"/metrics", {"GET": "metrics"}, False, False),
+))
+CORS_HEADERS = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
+    ("Access-Control-Max-Age", "7200"),
+)
+
+
+def page_headers(nonce, form=False):
+    """Return an HTML page's security headers (form: it posts a form to us)."""
+    form_action = "'self'" if form else "'none'"
+    return (
+        ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
+                                    f"script-src 'nonce-{nonce}'; img-src data:; base-uri 'none'; "
+                                    f"form-action {form_action}; frame-ancestors 'none'"),
+        # The token is in the URL: no other site sees it in a Referer. (Not no-referrer: under that
+        # policy browsers send "Origin: null" with our own forms, which then look cross-site.)
+        ("Referrer-Policy", "same-origin"),
+        ("Cache-Control", "no-store"),
+    )
+
+
+def parse_fields(text, allowed, what):
+    """Return a query string's or form's fields as a dict; raise BadRequest."""
+    # Refused: names not allowed, repeats, more than 20, text not UTF-8 once decoded.
+    from urllib.parse import parse_qsl
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=20, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest(f"the {what}s are not valid UTF-8") from None
+    except ValueError:
+        raise BadRequest(f"too many {what}s") from None
+    fields = {}
+    for name, value in pairs:
+        if name not in allowed:
+            raise BadRequest(f"unknown {what} {name[:40]!r}")
+        if name in fields:
+            raise BadRequest(f"{what} {name!r} given more than once")
+        fields[name] = value
+    return fields
+
+
+def parse_bool(name, value):
+    """Return True/False for true/1/yes or false/0/no; raise BadRequest otherwise."""
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise BadRequest(f"{name}={value!r}: expected true or false")
+
+
+def form_fields(headers, body, allowed):
+    """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not "
+                                   f"{ctype!r}")
+    try:
+        text = body.decode("ascii")
+    except UnicodeError:
+        raise BadRequest("the form is not valid: a form body is percent-encoded ASCII") from None
+    return parse_fields(text, allowed, "form field")
+
+
+def json_fields(headers, body):
+    """Return a request body's JSON object of plain values ({} for none); raise BadRequest."""
+    if not body:
+        return {}
+    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
+    import json
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        raise BadRequest("request body must be a JSON object of strings, numbers and booleans")
+    return data
+
+
+def with_json(params, values):
+    """Return a query's parameters with a JSON body's values (unknown names are left to the
+    operation); raise BadRequest for a name given in both, a key not a string, a null redirect."""
+    for name, value in values.items():
+        if name in params:
+            raise BadRequest(f"option {name!r} given in both the query and the body")
+        if name == "key" and not isinstance(value, str):
+            raise BadRequest("key must be a string: KEY_ID/SECRET")
+        if name == "redirect" and value is None:
+            raise BadRequest("redirect cannot be null: true or false, or leave it out")
+        params[name] = (str(value).lower() if name == "redirect" and isinstance(value, bool)
+                        else value)
+    return params
+
+
+def invite_url(invite, base, template=None):
+    """Return the URL of an invite's landing page: the template's, else {base}/invite?TOKEN
+    (None for one of ours shown by its id: its token is not kept)."""
+    if invite["url"]:
+        return invite["url"]
+    if invite["token"] is None:
+        return None
+    if template:
+        from urllib.parse import quote
+        return (template.replace("{host}", invite["host"]).replace("{token}", invite["token"])
+                .replace("{uri}", quote(invite["uri"], safe="")))
+    return f"{base}/invite?{invite['token']}"
+
+
+def iri_to_uri(text):
+    """Return text with non-ASCII and controls percent-encoded as UTF-8 (RFC 3987, 3.1)."""
+    from urllib.parse import quote
+    return quote(text, safe="".join(map(chr, range(0x20, 0x7f))))
+
+
+class Metrics:
+    """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests = {}  # status -> count
+        self.invites = {}  # (host, backend) -> count
+        self.auth_failures = self.rate_limited = self.backend_failures = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+
+    def request(self, status, seconds):
+        """Count one answered request and its duration."""
+        with self._lock:
+            self.requests[status] = self.requests.get(status, 0) + 1
+            if status == 429:
+                self.rate_limited += 1
+            elif status == 502:
+                self.backend_failures += 1
+            self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+
+    def count(self, what, key=None):
+        """Count an invite created (key: (host, backend)) or an auth failure."""
+        with self._lock:
+            if what == "invite":
+                self.invites[key] = self.invites.get(key, 0) + 1
+            else:
+                self.auth_failures += 1
+
+    def render(self, connections, database_bytes):
+        """Return the OpenMetrics text exposition."""
+        def family(name, kind, help, samples):
+            lines.append(f"# TYPE {name} {kind}")
+            lines.append(f"# HELP {name} {help}")
+            lines.extend(samples)
+
+        def labels(**pairs):
+            return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
+        lines = []
+        with self._lock:
+            family("invites_api_invites_created", "counter", "Invites created.",
+                   [f"invites_api_invites_created_total{labels(host=h, backend=b)} {n}"
+                    for (h, b), n in sorted(self.invites.items())])
+            family("invites_api_requests", "counter", "HTTP requests answered, by status.",
+                   [f"invites_api_requests_total{labels(status=s)} {n}"
+                    for s, n in sorted(self.requests.items())])
+            family("invites_api_auth_failures", "counter",
+                   "Requests with a wrong, unknown or malformed key.",
+                   [f"invites_api_auth_failures_total {self.auth_failures}"])
+            family("invites_api_rate_limited", "counter", "Requests answered 429.",
+                   [f"invites_api_rate_limited_total {self.rate_limited}"])
+            family("invites_api_backend_failures", "counter", "Backend programs that failed (502).",
+                   [f"invites_api_backend_failures_total {self.backend_failures}"])
+            cumulative, samples = 0, []
+            for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else bound
+                samples.append(f'invites_api_request_duration_seconds_bucket{{le="{le}"}} '
+                               f"{cumulative}")
+            samples += [f"invites_api_request_duration_seconds_count {cumulative}",
+                        f"invites_api_request_duration_seconds_sum {self.latency_sum:.6f}"]
+            family("invites_api_request_duration_seconds", "histogram",
+                   "Time from request line to response.", samples)
+        family("invites_api_open_connections", "gauge", "Client connections open now.",
+               [f"invites_api_open_connections {connections}"])
+        family("invites_api_database_size_bytes", "gauge", "Database file and WAL size.",
+               [f"invites_api_database_size_bytes {database_bytes}"])
+        return "\n".join(lines) + "\n# EOF\n"
+
+
+class App:
+    """What the request handler needs: the store and the serve options."""
+
+    def __init__(self, store, public_url=None, invite_url_template=None,
+                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
+                 backend=BUILTIN, site_name=None, apps=None, trust_proxy=None,
+                 metrics_token=None,
+                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, notify=None):
+        self.store = store
+        self.notify = notify  # an argv run after each use of an invite on our page
+        self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
+        # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
+        self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
+        self.metrics_token = metrics_token
+        self.metrics = Metrics()
+        self.auth_limiter = RateLimiter(auth_failures_per_minute)
+        self.backend = backend  # who mints invites, and who makes the accounts of built-in ones
+        self.site_name = site_name  # None: the invite's host
+        self.apps = DEFAULT_APPS if apps is None else apps
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.invite_url_template = invite_url_template
+        self.invite_ttl = invite_ttl
+        self.log = log  # a text stream for the access log, or None for quiet
+        self.check_limiter = RateLimiter(checks_per_minute)
+        self._problems = {}  # cause -> [when last logged, times since]
+        self._lock = threading.Lock()
+
+    def log_line(self, text):
+        """Write one timestamped line to the log (if there is one)."""
+        if self.log is not None:
+            self.log.write(f"{iso(now())} {text}\n")
+            self.log.flush()
+
+    def log_problem(self, text, cause):
+        """Log a failure that may recur on every request once per cause and minute."""
+        # (The database is read-only, a backend is down.) The line says how often it happened.
+        clock = time.monotonic()
+        with self._lock:
+            seen = self._problems.get(cause)
+            if seen is not None and clock - seen[0] < 60:
+                seen[1] += 1
+                return
+            if len(self._problems) > 100:
+                self._problems.clear()
+            self._problems[cause] = [clock, 0]
+        if seen is not None and seen[1]:
+            text += f" (and {seen[1]} more times since it was last logged)"
+        self.log_line(text)
+
+    def count_auth_failure(self, client, presented):
+        """Count a failed authentication; log once when an address passes a limit this minute."""
+        self.metrics.count("auth_failure")
+        limiter = self.auth_limiter
+        limiter.hit(client, guessed(presented))
+        limiter.hit(client, "all")
+        try:
+            refuse_if_guessing(limiter, client, presented)
+        except TooManyRequests:
+            if limiter.first_time_over(client):
+                self.log_line(f"{client.translate(_UNPRINTABLE)} passed the failed "
+                              f"authentications allowed this minute ({limiter.per_minute} with "
+                              f"one key id, {AUTH_FAILURES_PER_ADDRESS * limiter.per_minute} in "
+                              "all); refusing it with 429 until the minute ends")
+
+
+class InviteRequests:
+    """The application's request handler: a route reads a request, calls one operation, answers;
+    the invitee's pages among them. (make_server makes it an HTTP handler with StrictHTTP.)"""
+
+    def setup(self):
+        self.app = self.server.app  # (read by every route: an attribute, not a property)
+        super().setup()
+
+    @property
+    def trust_proxy(self):
+        return self.app.trust_proxy
+
+    def dispatch(self):
+        """Route the request to its operation: the one boundary that turns errors into answers."""
+        path, _, self.query = self.path.partition("?")
+        self.form = None  # the sign-up form's fields, shown again with an error
+        self.presented = ""  # the key it presented, once read (failures are counted by its id)
+        try:
+            for pattern, methods, cors, self.page in ROUTES:
+                match = pattern.match(path)
+                if match:
+                    break
+            else:  # (a person's browser gets a page; the path is not echoed)
+                self.page = "text/html" in (self.headers.get("Accept") or "")
+                raise NotFound("no such page here")
+            allowed = tuple(methods) + (("OPTIONS",) if cors else ())
+            if cors:
+                self.response_headers += [("Access-Control-Allow-Methods", ", ".join(allowed)),
+                                          *CORS_HEADERS]
+            if self.command == "OPTIONS" and cors:
+                return self.respond(204)
+            if self.command not in methods:
+                raise MethodNotAllowed(self.command, allowed)
+            getattr(self, methods[self.command])(match.groupdict().get("token"))
+        except Error as e:
+            if isinstance(e, BadCredentials):
+                self.app.count_auth_failure(self.client, self.presented)
+            elif isinstance(e, (StoreError, BackendError)):
+                self.app.log_problem(f"{type(e).__name__} on {self.command} "
+                                     f"{self.redacted_path()}: {e}", cause=str(e))
+            self.respond_error(e)
+        except Exception:
+            import traceback
+            self.close_connection = True
+            self.log_message("internal error on %s %s:\n%s", self.command, self.redacted_path(),
+                             traceback.format_exc().rstrip())
+            self.respond(500, "internal error\n")
+
+    # -- routes -----------------------------------------------------------------------------
+
+    def home(self, _):
+        """What a person who opens the server's own address sees: GET /."""
+        self.params()
+        self.respond_html(200, lambda nonce: render_page(
+            "Invites", "<h1>This server makes account invites</h1><p>Invites "
+                       "come as links; open the link you were given. If you have "
+                       "none, ask the person who runs this server for one.</p>",
+            self.app.site_name or "Invites", nonce))
+
+    def health(self, _):
+        """Say whether the database answers a read and a write: GET /health."""
+        self.params()
+        try:
+            self.app.store.health()
+        except StoreError as e:
+            return self.respond_json(503, {"status": "error", "reason": e.public},
+                                     [("Retry-After", "5")])
+        self.respond_json(200, {"status": "ok"})
+
+    def metrics(self, _):
+        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token)."""
+        self.params()
+        if self.app.metrics_token is not None:
+            given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
+            if not hmac.compare_digest(given.encode(), self.app.metrics_token.encode()):
+                raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
+        text = self.app.metrics.render(self.server.open_connections, self.app.store.size())
+        self.respond(200, text, content_type="application/openmetrics-text; "
+                                             "version=1.0.0; charset=utf-8")
+
+    def api_create(self, _):
+        """Create an invite: GET or POST /invites_api."""
+        params = self.options("key", "redirect", *INVITE_OPTIONS)
+        redirect = parse_bool("redirect", str(params.pop("redirect", "")))
+        credentials = self.credentials(params.pop("key", ""))
+        invite = create_invite(self.app.store, credentials, options=params,
+                               default_ttl=self.app.invite_ttl, backend=self.app.backend)
+        self.app.metrics.count("invite", (invite["host"], invite["backend"]))
+        url = self.invite_url(invite)
+        status = 303 if redirect else 201
+        if self.wants_json():
+            return self.respond_json(status, invite_info(invite, url), [("Location", url)])
+        self.respond(status, b"", [("Location", url)])
+
+    def api_list(self, _):
+        """List the key's invites a page at a time: GET /invites_api/invites."""
+        # X-Total-Count says how many there are; a Link rel="next" gives the next page.
+        params = self.params("key", "all", "status", "limit", "after")
+        key = self.authenticate(params.get("key", ""))
+        status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
+        with bad_request():
+            limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
+        store = self.app.store
+        invites, total = list_invites(store, key["host"], key["id"],
+                                      None if status == "all" else status, limit,
+                                      params.get("after"))
+        headers = [("X-Total-Count", str(total))]
+        if len(invites) == limit and total > limit:
+            from urllib.parse import urlencode
+            query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
+                               "after": invites[-1]["id"]})
+            next_page = f'{self.public_base(key["host"])}/invites_api/invites?{query}'
+            headers.append(("Link", f'<{next_page}>; rel="next"'))
+        self.respond_json(200, [invite_info(i, self.invite_url(i),
+                                            invite_state(store, i, self.app.backend),
+                                            store.accounts(i["id"])) for i in invites], headers)
+
+    def api_show(self, reference):
+        """Show one of the key's invites: GET /invites_api/invites/ID (or TOKEN)."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        invite, status = show_invite(self.app.store, reference, self.app.backend, key["host"],
+                                     key["id"])
+        self.respond_json(200, invite_info(invite, self.invite_url(invite), status,
+                                           self.app.store.accounts(invite["id"])))
+
+    def api_revoke(self, reference):
+        """Revoke one of the key's invites: DELETE /invites_api/invites/ID (or TOKEN)."""
+        key = self.authenticate(self.params("key").get("key", ""))
+        revoke_invite(self.app.store, reference, key["host"], key["id"], self.app.backend)
+        self.respond(204)
+
+    def api_redeem(self, token):
+        """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
+        params = self.options("key", "username")
+        key = self.authenticate(params.pop("key", ""))
+        username = params.pop("username", None)
+        if params:
+            raise BadRequest(f"unknown option {sorted(params)[0]!r}")
+        if username is not None and not isinstance(username, str):
+            raise BadRequest("username must be a string")
+        invite = redeem_invite(self.app.store, token, key["host"], username)
+        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
+
+    def invite_check(self, token):
+        """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
+        self.params()
+        wait = self.app.check_limiter.hit(self.client)
+        if wait:
+            raise TooManyRequests("too many invite checks from your address", wait)
+        self.respond_json(200, check_invite(self.app.store, token))
+
+    # -- the invitee's pages: an invite's page, the sign-up form, its result -------------
+
+    def invite_page(self, token):
+        """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
+        invite, status = find_invite(self.app.store, self.query if token is None else token,
+                                     self.app.backend)
+        if status != "valid":  # unknown: 404; used, revoked, expired: 410
+            return self.respond_page(404 if invite is None else 410, status, invite)
+        base = self.public_base(invite["host"])
+        minter = minted_by(invite, self.app.backend)
+        signup = f"{base}/register?t={invite['token']}" if minter.sign_up_accounts else None
+        self.respond_html(200, lambda nonce: render_invite_page(
+            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps,
+            nonce, signup, in_apps=not minter.used_here),
+            headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
+
+    def signup_page(self, _):
+        """The sign-up form of a built-in invite: GET /register?t=TOKEN[&account=]."""
+        params = self.params("t", "account")
+        invite, status = find_invite(self.app.store, params.get("t", ""))
+        if invite is None or minted_by(invite, self.app.backend).sign_up_accounts is None:
+            return self.respond_page(404, None)
+        if "account" in params:  # (Post/Redirect/Get) only an account this invite made or reset
+            made = [a for a in self.app.store.accounts(invite["id"])
+                    if a["username"] == params["account"] and a["action"] != "unconfirmed"]
+            if not made:
+                return self.respond_page(404, None)
+            return self.respond_page(200, invite=invite, username=params["account"],
+                                     done=made[0]["contact"] or True)
+        if status != "valid":
+            return self.respond_page(410, status)
+        self.respond_page(200, invite=invite)
+
+    def signup(self, _):
+        """Use a built-in invite to make its account: POST /register, then 303 to the done page."""
+        wait = self.app.signup_limiter.hit(self.client)  # (unknown tokens count too: no guessing)
+        if wait:
+            raise TooManyRequests("too many sign-up attempts from your address; try again in a "
+                                  "minute", wait)
+        fields = self.form_body("token", "user", "password", "password_confirm")
+        invite = invite_by_token(self.app.store, fields.get("token", ""))  # (read once)
+        accounts = invite and minted_by(invite, self.app.backend).sign_up_accounts
+        if not accounts:  # (not ours, or nobody here makes accounts)
+            return self.respond_page(404, None)
+        if not self.same_origin(invite["host"]):
+            raise Forbidden("this form can only be sent from its own page")
+        self.form = {"invite": invite, "username": fields.get("user", "")}
+        used, username, unfriended = sign_up(self.app.store, accounts, invite,
+                                             fields.get("user", ""), fields.get("password", ""),
+                                             fields.get("password_confirm", ""))
+        if unfriended:  # (the account is made and kept: its page says to add the inviter by hand)
+            self.app.log_line(f"sign-up of {username}@{used['host']}: the contact with "
+                              f"{inviter_jid(used)} was not made: {unfriended}")
+        from urllib.parse import quote
+        done = (f"{self.public_base(invite['host'])}/register?t={used['token']}&"
+                f"account={quote(username)}")
+        self.respond(303, b"", [("Location", done)])
+        if self.app.notify:  # after the answer: the inviter's news must not hold up the invitee
+            notify_use(self.app.notify, used["id"], username, used["host"], self.app.log_line)
+
+    def same_origin(self, host):
+        """Return whether a form post comes from our own pages (the cross-site request defence)."""
+        # An Origin that names a site must be ours, scheme included, whatever else is claimed;
+        # then Sec-Fetch-Site, which every current browser sends, must be same-origin ("Origin:
+        # null" with it: our page under a proxy's no-referrer). Without it, "null" is refused;
+        # with neither header, it is no browser's.
+        site, origin = self.headers.get("Sec-Fetch-Site"), self.headers.get("Origin")
+        ours = (self.public_base(host), f"{self.scheme}://{self.authority}")
+        if origin not in (None, "null", *ours):
+            return False
+        return site == "same-origin" if site is not None else origin != "null"
+
+    def respond_page(self, status, unavailable=None, invite=None, username="", error=None,
+                     done=False):
+        """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
+        site_name, apps = self.site_name(invite), self.app.apps
+        if done:  # (True, or a contact invite's outcome: made, failed, unknown)
+            return self.respond_html(status, lambda nonce: render_signup_done(
+                invite, username, site_name, apps, nonce, contact=done))
+        if invite is not None and unavailable is None:
+            return self.respond_html(status, lambda nonce: render_signup_page(
+                invite, "/register", site_name, nonce, username, error), form=True)
+        self.respond_html(status,
+                          lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
+
+    def site_name(self, invite=None):
+        return self.app.site_name or (invite["host"] if invite is not None else "Invite")
+
+    # -- reading requests -------------------------------------------------------------------
+
+    def params(self, *allowed):
+        """Return the query string as a dict; raise BadRequest if bad (see parse_fields)."""
+        return parse_fields(self.query, allowed, "parameter")
+
+    def form_body(self, *allowed):
+        return form_fields(self.headers, self.body, allowed)
+
+    def options(self, *allowed):
+        """Return the query string's parameters with a JSON body's values (see with_json)."""
+        return with_json(self.params(*allowed), json_fields(self.headers, self.body))
+
+    def credentials(self, query_key):
+        """Return the key this request presents, unless its address is refused for guessing."""
+        try:
+            self.presented = presented_key(self.headers.get_all("Authorization") or [], query_key)
+        finally:  # (a malformed Authorization too: refused if its address guessed too often)
+            refuse_if_guessing(self.app.auth_limiter, self.client, self.presented)
+        return self.presented
+
+    def authenticate(self, query_key):
+        """Return the key row of this request's credentials (Authorization wins over ?key=)."""
+        return authenticate(self.app.store, self.credentials(query_key))
+
+    def wants_json(self):
+        accept = (self.headers.get("Accept") or "") if self.headers is not None else ""
+        return "application/json" in accept.lower()
+
+    def public_base(self, host):
+        """Return the scheme and authority invite URLs start with."""
+        if self.app.public_url:
+            return self.app.public_url.replace("{host}", host)
+        address, port = self.server.server_address[:2]
+        authority = self.authority or (f"[{address}]:{port}" if ":" in address
+                                       else f"{address}:{port}")
+        return f"{self.scheme}://{authority}"
+
+    def invite_url(self, invite):
+        return invite_url(invite, self.public_base(invite["host"]), self.app.invite_url_template)
+
+    # -- answering --------------------------------------------------------------------------
+
+    def respond_error(self, error):
+        """Answer an Error: JSON if asked for, the sign-up form again, a page, or plain text."""
+        message = error.public if isinstance(error, StoreError) else str(error)  # (no file path)
+        if self.wants_json():
+            return self.respond_json(error.status, {"error": message}, error.headers)
+        if self.form is not None and isinstance(error, Gone):
+            invite = self.app.store.invite(self.form["invite"]["id"])
+            return self.respond_page(410, invite_status(invite))
+        if self.form is not None and isinstance(error, (BadRequest, Conflict, BackendError)):
+            reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)),
+                          str(error))
+            return self.respond_page(error.status, error=reason, **self.form)
+        if self.page:  # a person reads it
+            site_name = self.app.site_name or "Invite"
+            return self.respond_html(error.status, lambda nonce: render_error_page(
+                error.status, message, site_name, nonce), headers=error.headers)
+        self.respond(error.status, f"{message}\n", error.headers)
+
+    def respond_json(self, status, data, headers=()):
+        import json
+        self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
+
+    def respond_html(self, status, render, form=False, headers=()):
+        """Answer with the page render(nonce) makes, under its security headers."""
+        nonce = _random_id(12)
+        self.respond(status, render(nonce), tuple(headers) + page_headers(nonce, form),
+                     content_type="text/html; charset=utf-8")
+
+    # -- logging ----------------------------------------------------------------------------
+
+    def redacted_path(self):
+        """Return the request target fit for a log: key- or token-like parts redacted."""
+        if not self.path:
+            return "-"
+        from urllib.parse import unquote_plus
+        return redact(unquote_plus(self.path[:400], errors="replace")).translate(_UNPRINTABLE)
+
+    def answered(self, code, seconds):
+        self.app.metrics.request(code, seconds)
+        if self.app.log is not None:
+            self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
+                             (self.command or "-")[:20].translate(_UNPRINTABLE),
+                             self.redacted_path(),
+                             code, seconds * 1000)
+
+    def log_line(self, text):
+        self.app.log_line(text)
+
+
+# What a person sees on the sign-up form when the server failed (the reason goes to the log).
+_FORM_ERRORS = (
+    (OutcomeUnknown, "The server did not answer in time, so we cannot tell "
+                     "whether it was done. Try logging in with this name and "
+                     "password; if that does not work, ask for a new invite."),
+    (BackendError, "The server could not do it just now. Please try again later."),
+)
+
+
+# ---------------------------------------------------------------------------
+# Backends: Prosody, ejabberd or a program of yours mints invites and makes accounts
 # ---------------------------------------------------------------------------
 
 _URL_RE = re.compile(r"https?://\S+")
@@ -1930,10 +2604,6 @@ def redact(text):
 # What a program may print that we keep (the rest is read and dropped): enough for an invite URL
 # or an error message, bounded against a program that prints without end.
 PROGRAM_OUTPUT_LIMIT = 64 * 1024
-
-
-class OutcomeUnknown(BackendError):
-    """The XMPP server may or may not have done what it was asked (a timeout, a lost connection)."""
 
 
 def run_program(argv, what, timeout, stdin=b"", env=None):
@@ -2044,8 +2714,11 @@ class ServerBackend(Backend):
             raise BadRequest(f"invalid host {host!r}")
         output = self.fetch(host, invite["expires_at"] - invite["created_at"], invite["uses"],
                             username, invite["type"], roles, groups, invite["inviter"])
-        urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
-        uri, url = (uris[-1] if uris else None), (urls[-1] if urls else None)
+        if isinstance(output, dict):  # (a server's answer as data: Prosody's)
+            uri, url = output.get("uri") or None, output.get("url") or None
+        else:  # a program's text: its last URL and xmpp: URI
+            urls, uris = _URL_RE.findall(output), _URI_RE.findall(output)
+            uri, url = (uris[-1] if uris else None), (urls[-1] if urls else None)
         if not uri and not url:
             self.fail("printed no invite URL or xmpp: URI")
         token = _PREAUTH_RE.search(uri or "") or re.search(r"[?/]([A-Za-z0-9_-]{16,})$", url or "")
@@ -2057,7 +2730,8 @@ class ServerBackend(Backend):
         return {"token": token or invite["token"], "uri": uri or "", "url": url}
 
     def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
-        """Return the server's answer for one invite, holding its URL or xmpp: URI."""
+        """Return the server's answer for one invite: text holding its URL or xmpp: URI, or
+        {"url": ..., "uri": ...}."""
         raise NotImplementedError
 
     def fail(self, reason, output=b""):
@@ -2084,8 +2758,8 @@ class CommandBackend(ServerBackend):
                                  if any(f"{{{o}}}" in a for a in argv))
 
     def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
-        argv = fill(self.template, host=host, ttl=ttl, uses=uses, username=username or "",
-                    inviter=inviter or "")
+        argv = fill_placeholders(self.template, host=host, ttl=ttl, uses=uses,
+                                 username=username or "", inviter=inviter or "")
         with self.slot():
             try:
                 status, stdout, stderr = run_program(argv, "the command backend", self.timeout)
@@ -2233,44 +2907,48 @@ class ProsodyAdmin:
 
 # Prosody's own mod_invites and usermanager, run in its admin shell (">" is a line of Lua): every
 # value goes in as a Lua literal (lua_string, a number or nil), never as text pasted into code.
-_PROSODY_INVITES = ('if not prosody.hosts[{host}] then error({host} .. " is not a '
-                    'host of this Prosody") end local m = '
+# Each returns its answer as JSON (Prosody's util.json), read as such by ProsodyBackend.lua.
+_PROSODY_INVITES = ('local J = require"util.json".encode if not prosody.hosts[{host}] then '
+                    'error({host} .. " is not a host of this Prosody") end local m = '
                     'require"core.modulemanager".get_module({host}, "invites") if '
                     'not m then error("mod_invites is not loaded on " .. {host}) end ')
 # (usermanager on a host Prosody does not serve fails with "attempt to index a nil value")
-_PROSODY_USERS = ('local um = require"core.usermanager" if not prosody.hosts[{host}] then return '
-                  'true, "nohost" end ')
+# An account's answer: {{"outcome": "done", "taken", "missing", "refused" (with "reason") or
+# "nohost"}}.
+_PROSODY_USERS = ('local J = require"util.json".encode local um = require"core.usermanager" '
+                  'if not prosody.hosts[{host}] then return true, J({{outcome = "nohost"}}) end ')
+_PROSODY_DONE = 'return true, J({{outcome = "done"}})'
+_PROSODY_REFUSED = ('if not ok then return true, J({{outcome = "refused", reason = tostring(e)}}) '
+                    'end ')
+_PROSODY_INVITE = 'return true, J({{url = i.landing_page, uri = i.uri}})'
 _PROSODY_LUA = {
     "register": _PROSODY_INVITES + (
-        'local i = assert(m.create_account({username}, {extra}, {ttl})) '
-        'return true, (i.landing_page or "") .. " " .. i.uri'),
+        'local i = assert(m.create_account({username}, {extra}, {ttl})) ' + _PROSODY_INVITE),
     "reset": _PROSODY_INVITES + (
-        'local i = assert(m.create_account_reset({username}, {ttl})) '
-        'return true, (i.landing_page or "") .. " " .. i.uri'),
+        'local i = assert(m.create_account_reset({username}, {ttl})) ' + _PROSODY_INVITE),
     # (registration allowed: a contact-only invite fails on Prosody 0.12.0 to 0.12.4)
     "contact": _PROSODY_INVITES + (
         'if not require"core.usermanager".user_exists({inviter}, {host}) then error({inviter} '
         '.. "@" .. {host} .. " has no account: a contact invite needs its inviter") end '
-        'local i = assert(m.create_contact({inviter}, true, {extra}, {ttl})) '
-        'return true, (i.landing_page or "") .. " " .. i.uri'),
+        'local i = assert(m.create_contact({inviter}, true, {extra}, {ttl})) ' + _PROSODY_INVITE),
     "status": _PROSODY_INVITES + (
-        'local i, e = m.get_account_invite_info({token}) return true, i and "valid" or e'),
-    "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, "deleted"',
+        'local i, e = m.get_account_invite_info({token}) return true, J(i and "valid" or e)'),
+    "delete": _PROSODY_INVITES + 'm.delete_account_invite({token}) return true, J(true)',
     "create_user": _PROSODY_USERS + (
-        'if um.user_exists({username}, {host}) then return true, "taken" end '
-        'local ok, e = um.create_user({username}, {password}, {host}) '
-        'if not ok then return true, "refused " .. tostring(e) end return true, "done"'),
+        'if um.user_exists({username}, {host}) then return true, J({{outcome = "taken"}}) end '
+        'local ok, e = um.create_user({username}, {password}, {host}) ' + _PROSODY_REFUSED
+        + _PROSODY_DONE),
     "set_password": _PROSODY_USERS + (
-        'if not um.user_exists({username}, {host}) then return true, "missing" end '
-        'local ok, e = um.set_password({username}, {password}, {host}, nil) '
-        'if not ok then return true, "refused " .. tostring(e) end return true, "done"'),
+        'if not um.user_exists({username}, {host}) then return true, J({{outcome = "missing"}}) '
+        'end local ok, e = um.set_password({username}, {password}, {host}, nil) '
+        + _PROSODY_REFUSED + _PROSODY_DONE),
     "user_exists": _PROSODY_USERS + (
-        'return true, um.user_exists({username}, {host}) and "done" or "missing"'),
+        'return true, J({{outcome = um.user_exists({username}, {host}) and "done" or "missing"}})'),
     # Each other's contacts (subscription both) and a roster push to each: Prosody 13's mod_roster
     # subscribe_both (its shell's roster:subscribe_both), else (0.12) what its
     # mod_invites_register does at a contact invite's registration.
     "befriend": _PROSODY_USERS + (
-        'if not um.user_exists({inviter}, {host}) then return true, "missing" end '
+        'if not um.user_exists({inviter}, {host}) then return true, J({{outcome = "missing"}}) end '
         'local rm, a, b = require"core.rostermanager", {username} .. "@" .. {host}, '
         '{inviter} .. "@" .. {host} '
         'local r = require"core.modulemanager".get_module({host}, "roster") '
@@ -2281,18 +2959,18 @@ _PROSODY_LUA = {
         'rm.subscribed(p[2], {host}, p[3]) '
         'rm.process_inbound_subscription_approval(p[1], {host}, p[4]) end end '
         'rm.roster_push({inviter}, {host}, a) rm.roster_push({username}, {host}, b) '
-        'return true, "done"'),
+        + _PROSODY_DONE),
     # In the account's own storage, which Prosody deletes with the account.
     "account_mark": _PROSODY_USERS + (
-        'if not um.user_exists({username}, {host}) then return true, "missing" end '
-        'local s = require"core.storagemanager".open({host}, "invites_api") '
+        'if not um.user_exists({username}, {host}) then return true, J({{outcome = "missing"}}) '
+        'end local s = require"core.storagemanager".open({host}, "invites_api") '
         'local d = s:get({username}) or {{}} '
         'if not d.mark and {new} then d.mark = {new} assert(s:set({username}, d)) end '
-        'return true, "mark " .. (d.mark or "none")'),
+        'return true, J({{outcome = "done", mark = d.mark}})'),
     "hosts": ('local s = {{}} for n in pairs(prosody.hosts) do s[#s + 1] = n end '
-              'return true, table.concat(s, " ")'),
+              'return true, require"util.json".encode(s)'),
     "modules": ('local s = {{}} for n in pairs(require"core.modulemanager".get_modules({host})) do '
-                's[#s + 1] = n end return true, table.concat(s, " ")'),
+                's[#s + 1] = n end return true, require"util.json".encode(s)'),
 }
 
 
@@ -2305,7 +2983,7 @@ def _lua_literal(value):
     return "nil" if value is None else str(value) if isinstance(value, int) else lua_string(value)
 
 
-class ProsodyBackend(ServerBackend):
+class ProsodyBackend(ServerBackend, AccountMaker):
     """Prosody 0.12+ through its admin socket: mod_invites mints, usermanager makes accounts."""
 
     name = "prosody"
@@ -2324,21 +3002,26 @@ class ProsodyBackend(ServerBackend):
         return frozenset({"username", "ttl", "reset", "inviter"}
                          | ({"roles", "groups"} if newer else set()))
 
-    def why_not(self, option):
+    def refusal_reason(self, option):
         return (f" on Prosody {self.version or '(version unknown)'}: roles and groups need "
                 "Prosody 13")
 
     def lua(self, name, **values):
-        """Run one of _PROSODY_LUA with values as Lua literals; return the text after "OK: "."""
+        """Run one of _PROSODY_LUA with values as Lua literals; return its answer (JSON's)."""
+        import json
         code = _PROSODY_LUA[name].format(**{k: _lua_literal(v) for k, v in values.items()})
-        return self.admin.run(">" + code).partition("OK: ")[2].strip()
+        text = self.admin.run(">" + code).partition("OK: ")[2].strip()
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise BackendError(f"Prosody gave an answer we do not know: {text[:100]!r}") from None
 
     def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
         if inviter and username:
             raise BadRequest("Prosody's contact invites cannot be bound to a username "
                              f"(this one is from {inviter}@{host})")
         try:
-            if groups and "invites_groups" not in self.lua("modules", host=host).split():
+            if groups and "invites_groups" not in self.lua("modules", host=host):
                 raise BadRequest(f"groups need mod_invites_groups on {host} (Prosody 13)")
             extra = {"roles": roles, "groups": groups} if roles or groups else None
             if inviter:  # Prosody's own contact invite: it makes the contact at registration
@@ -2383,25 +3066,27 @@ class ProsodyBackend(ServerBackend):
     def mark(self, host, username, new=None):
         """Return the account's mark (new: one to give it if it has none), or None if none."""
         answer = self.lua("account_mark", host=host, username=username, new=new)
-        if answer.startswith("mark "):
-            return answer[5:]
+        if isinstance(answer, dict) and answer.get("outcome") == "done":
+            return str(answer.get("mark") or "none")
         return self.answer(None, "missing", None, answer=answer, host=host)
 
     def answer(self, name, word, meaning, answer=None, **values):
-        """Run one of _PROSODY_LUA: True for "done", what word means (raised if an Error)."""
+        """Run one of _PROSODY_LUA: True for the outcome "done", what word means (raised if an
+        Error)."""
         answer = self.lua(name, **values) if answer is None else answer
-        if answer.startswith("refused "):
-            reason = answer[8:][:200]
+        outcome = answer.get("outcome") if isinstance(answer, dict) else None
+        if outcome == "refused":
+            reason = str(answer.get("reason"))[:200]
             if "assword" in reason or "SASLprep" in reason:  # the server's check of the password
                 raise BadRequest(f"the server refused the password: {reason}")
             raise BackendError(f"Prosody could not do it: {reason}")
-        if answer == "nohost":
+        if outcome == "nohost":
             raise BackendError(f"{values['host']} is not a host of this Prosody")
-        if answer not in ("done", word):
-            raise BackendError(f"Prosody gave an answer we do not know: {answer[:100]!r}")
-        if isinstance(meaning, Exception) and answer == word:
+        if outcome not in ("done", word):
+            raise BackendError(f"Prosody gave an answer we do not know: {str(answer)[:100]!r}")
+        if isinstance(meaning, Exception) and outcome == word:
             raise meaning
-        return True if answer == "done" else meaning
+        return True if outcome == "done" else meaning
 
     def check(self):
         try:
@@ -2413,11 +3098,11 @@ class ProsodyBackend(ServerBackend):
                     "the socket? (run as prosody, or in its group: see docs/backends.md)")
 
     def check_hosts(self, hosts):
-        served = self.lua("hosts").split() if hosts else []
+        served = self.lua("hosts") if hosts else []
         warnings = [f"prosody backend: {host} is not a host of this Prosody: invites for it cannot "
                     "be made" for host in hosts if host not in served]
         for host in [h for h in hosts if h in served]:  # what the invitee's journey needs
-            loaded = set(self.lua("modules", host=host).split())
+            loaded = set(self.lua("modules", host=host))
             missing = [m for m in ("invites", "invites_register", "invites_page")
                        if m not in loaded]
             if missing:
@@ -2433,7 +3118,7 @@ class ProsodyBackend(ServerBackend):
         problem = self.version is None and self.check()
         if problem:
             return [f"--accounts prosody: {problem}"]
-        served = self.lua("hosts").split()
+        served = self.lua("hosts")
         return [f"--accounts prosody: {host} is not a host of this Prosody: sign-ups for it will "
                 "fail" for host in hosts if host not in served]
 
@@ -2445,7 +3130,7 @@ class ProsodyBackend(ServerBackend):
         return "prosody"
 
 
-class Accounts:
+class Accounts(AccountMaker):
     """Makes the accounts of built-in invites by running a program (--accounts command)."""
 
     # Its argv may hold {action} (create, reset, exists, mark or befriend), {username}, {host} and
@@ -2488,15 +3173,13 @@ class Accounts:
             raise BackendError("the accounts program printed no mark for the account")
         return output.strip()[:200] if status == 0 else None
 
-    def check_accounts(self, hosts):
-        return []
-
     def describe_accounts(self):
         return "command"
 
     def run(self, action, host, username, password, inviter=""):
         """Run the program for one action; return its exit status (0 or 3, else raise), output."""
-        argv = fill(self.template, action=action, username=username, host=host, inviter=inviter)
+        argv = fill_placeholders(self.template, action=action, username=username, host=host,
+                                 inviter=inviter)
         env = dict(os.environ, INVITES_API_INVITER=inviter) if inviter else None
         status, stdout, stderr = run_program(argv, "the accounts program", self.timeout,
                                              password.encode("utf-8") + b"\n", env)
@@ -2506,21 +3189,36 @@ class Accounts:
         return status, stdout.decode("utf-8", "replace")
 
 
+# A list_invites row's fields, as the API's JSON names them (ejabberdctl prints them in this
+# order, a tab between them, a row a line).
+_EJABBERD_INVITE_FIELDS = ("token", "valid", "created_at", "expires", "type", "inviter", "invitee",
+                           "account_name", "token_uri", "landing_page")
+
+
 class EjabberdCtl:
     """ejabberd's commands through ejabberdctl: an Erlang VM per call, arguments in its argv."""
 
     # (visible to local users while it runs, passwords included: the API is better)
-    what = "ejabberdctl"
+    display_name = "ejabberdctl"
 
     def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
         self.ejabberdctl, self.timeout = ejabberdctl, timeout
 
     def call(self, command, **args):
-        """Run one command, its arguments in the given order; return (exit status, output)."""
+        """Run one command, its arguments in the given order; return (exit status, its answer:
+        text, or for a listing what the API's JSON holds: list_invites' rows as dicts,
+        registered_vhosts' names)."""
         argv = [";".join(v) if isinstance(v, list) else v for v in args.values()]  # (its lists)
         status, stdout, stderr = run_program([self.ejabberdctl, command, *argv],
                                              "ejabberdctl", self.timeout)
-        return status, (stdout + stderr).decode("utf-8", "replace")
+        text = (stdout + stderr).decode("utf-8", "replace")
+        if status == 0 and command == "list_invites":  # (read here, once: the rest sees JSON's)
+            rows = (line.split("\t") for line in text.splitlines())
+            return status, [dict(zip(_EJABBERD_INVITE_FIELDS, row)) for row in rows
+                            if len(row) == len(_EJABBERD_INVITE_FIELDS)]
+        if status == 0 and command == "registered_vhosts":
+            return status, text.split()
+        return status, text
 
     def check(self):
         """Return why ejabberd cannot be used (it does not answer), or None."""
@@ -2531,23 +3229,19 @@ class EjabberdCtl:
 
     def hosts(self):
         """Return the hosts ejabberd serves."""
-        return self.call("registered_vhosts")[1].split()
+        code, names = self.call("registered_vhosts")
+        return names if code == 0 and isinstance(names, list) else []
 
     def describe(self):
         return f"through ejabberdctl {self.ejabberdctl} (an Erlang VM per call)"
-
-
-# A list_invites row's fields, in ejabberdctl's order (the API's JSON names them).
-_EJABBERD_INVITE_FIELDS = ("token", "valid", "created_at", "expires", "type", "inviter", "invitee",
-                           "account_name", "token_uri", "landing_page")
 
 
 class EjabberdApi(EjabberdCtl):
     """ejabberd's commands through its HTTP API (mod_http_api), on persistent connections."""
 
     # POST URL/COMMAND with the arguments as JSON, optionally with basic auth ("user@host:password")
-    # or an OAuth token. Answers read as ejabberdctl's: (0, or the failure's status, and its text).
-    what = "ejabberd's API"
+    # or an OAuth token. Answers: (0, or the failure's status; the JSON value, a failure's text).
+    display_name = "ejabberd's API"
 
     def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
         from urllib.parse import urlsplit
@@ -2585,16 +3279,12 @@ class EjabberdApi(EjabberdCtl):
             value = json.loads(body or b"null")
         except ValueError:
             value = body.decode("utf-8", "replace")
-        if isinstance(value, dict) and response.status != 200:
-            value = value.get("message", value)
-        if isinstance(value, list):  # list_invites: a row a line, as ejabberdctl prints them
-            value = "\n".join("\t".join(str(row.get(f, "")) for f in _EJABBERD_INVITE_FIELDS)
-                              if isinstance(row, dict) else str(row) for row in value)
-        elif isinstance(value, dict):
-            value = "\t".join(map(str, value.values()))
-        if response.status == 200:
-            return (value if isinstance(value, int) and command != "status" else 0), str(value)
-        return response.status, str(value)
+        if response.status != 200:
+            return response.status, str(value.get("message", value) if isinstance(value, dict)
+                                        else value)
+        if isinstance(value, int) and command != "status":  # (a command's result code)
+            return value, str(value)
+        return 0, value if isinstance(value, (list, dict)) else str(value)
 
     def close(self):
         """Close the idle connections."""
@@ -2647,7 +3337,7 @@ def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl",
     return EjabberdApi(api, timeout, auth)
 
 
-class EjabberdBackend(ServerBackend):
+class EjabberdBackend(ServerBackend, AccountMaker):
     """ejabberd through an EjabberdCtl or EjabberdApi: mod_invites (26.01+) mints, and accounts."""
 
     # Invites: generate_invite (and generate_invite_with_username, generate_reset_token of 26.07),
@@ -2666,7 +3356,7 @@ class EjabberdBackend(ServerBackend):
         self._listed = {}  # host: (when, its invites): a listing asks once a page, not an invite
         self._release = None
 
-    def why_not(self, option):
+    def refusal_reason(self, option):
         return {"ttl": ": ejabberd gives every invite its own lifetime (mod_invites' "
                        "token_expire_seconds)",
                 "uses": ": ejabberd's invites are for one account each",
@@ -2683,9 +3373,10 @@ class EjabberdBackend(ServerBackend):
                 code, output = self.ejabberd.call(command, **args)
             except BackendError as e:
                 self.fail(str(e))
-        if "Virtual host not known" in output or "nknown host" in output:
+        text = output if isinstance(output, str) else ""  # (a listing, or JSON's object)
+        if "Virtual host not known" in text or "nknown host" in text:
             raise BackendError(f"{args.get('host')} is not a host of this ejabberd")
-        if "num_invites_exceeded" in output:
+        if "num_invites_exceeded" in text:
             raise Unavailable("ejabberd refused: num_invites_exceeded (mod_invites keeps at most "
                               "1,000 invites of one inviter that are open or used; used ones go "
                               "with our purge)")
@@ -2695,18 +3386,19 @@ class EjabberdBackend(ServerBackend):
 
     def fetch(self, host, ttl, uses, username, kind, roles, groups, inviter):
         if kind == "reset":
-            return self.call("generate_reset_token", username=username, host=host)
-        if username:
-            return self.call("generate_invite_with_username", username=username, host=host)
-        return self.call("generate_invite", host=host)
+            answer = self.call("generate_reset_token", username=username, host=host)
+        elif username:
+            answer = self.call("generate_invite_with_username", username=username, host=host)
+        else:
+            answer = self.call("generate_invite", host=host)
+        return _answer_text(answer)  # (its URL or URI, for mint)
 
     def invites(self, host, fresh=False):
         """Return ejabberd's invites of host, {token: row}, at most 1 s old unless fresh."""
         when, listed = self._listed.get(host, (0, None))
         if fresh or listed is None or time.monotonic() - when > 1:
-            rows = (dict(zip(_EJABBERD_INVITE_FIELDS, line.split("\t")))
-                    for line in self.call("list_invites", host=host).splitlines())
-            listed = {row["token"]: row for row in rows if len(row) == len(_EJABBERD_INVITE_FIELDS)}
+            rows = self.call("list_invites", host=host)
+            listed = {row["token"]: row for row in rows if isinstance(row, dict) and "token" in row}
             self._listed[host] = (time.monotonic(), listed)
         return listed
 
@@ -2717,9 +3409,9 @@ class EjabberdBackend(ServerBackend):
             return "unknown", None
         if row is None:  # deleted or cleaned up in ejabberd: we cannot tell which
             return "unknown", None
-        if row["invitee"]:
+        if row.get("invitee"):
             return "used", row["invitee"]
-        return ("valid" if row["valid"] == "true" else "expired"), None
+        return ("valid" if str(row.get("valid")).lower() == "true" else "expired"), None
 
     def revoke(self, invite):
         try:
@@ -2761,13 +3453,13 @@ class EjabberdBackend(ServerBackend):
         code, output = self.ejabberd.call("register", user=username, host=host, password=password)
         if code != 0 and "already registered" in output:
             raise Conflict(f"{username}@{host} is taken; choose another name")
-        self.done(code, output, host)
+        self.raise_unless_ok(code, output, host)
 
     def reset(self, host, username, password):
         if not self.exists(host, username):
             raise Conflict(f"there is no account {username}@{host}")
-        self.done(*self.ejabberd.call("change_password", user=username, host=host,
-                                      newpass=password))
+        self.raise_unless_ok(*self.ejabberd.call("change_password", user=username, host=host,
+                                                 newpass=password))
 
     def exists(self, host, username):
         code, output = self.ejabberd.call("check_account", user=username, host=host)
@@ -2775,7 +3467,8 @@ class EjabberdBackend(ServerBackend):
             raise BackendError(f"ejabberd's API refused check_account ({code}): "
                                f"{redact(output).strip()[:200]} (see api_permissions)")
         if code not in (0, 1) or "nknown command" in output or "not found" in output.lower():
-            self.done(code or 1, output)  # (no mod_admin_extra, or ejabberd is down): no answer
+            # (no mod_admin_extra, or ejabberd is down): no answer
+            self.raise_unless_ok(code or 1, output)
         return code == 0
 
     def befriend(self, host, username, inviter):
@@ -2786,9 +3479,9 @@ class EjabberdBackend(ServerBackend):
         # 23.01 names a group ("" none, ";" between several); 24.02 and later, a list of groups.
         group = {"groups": []} if self.release() >= 24 else {"group": ""}
         for user, contact in ((username, inviter), (inviter, username)):
-            self.done(*self.ejabberd.call("add_rosteritem", localuser=user, localhost=host,
-                                          user=contact, host=host, nick=contact, **group,
-                                          subs="both"), host)
+            self.raise_unless_ok(*self.ejabberd.call(
+                "add_rosteritem", localuser=user, localhost=host, user=contact, host=host,
+                nick=contact, **group, subs="both"), host)
 
     def release(self):
         """Return ejabberd's major version (23, 24, 26...), asked once."""
@@ -2803,7 +3496,7 @@ class EjabberdBackend(ServerBackend):
         for attempt in ("read", "written"):
             code, output = self.ejabberd.call("private_get", user=username, host=host,
                                               element="invites-api", ns="urn:x-invites-api")
-            found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", output)
+            found = re.search(r"<mark>([A-Za-z0-9_-]+)</mark>", _answer_text(output))
             if code == 0 and (found or new is None):
                 return found.group(1) if found else "none"
             if code != 0 or attempt == "written":
@@ -2828,7 +3521,7 @@ class EjabberdBackend(ServerBackend):
     def describe_accounts(self):
         return f"ejabberd, {self.ejabberd.describe()}"
 
-    def done(self, code, output, host="that host"):
+    def raise_unless_ok(self, code, output, host="that host"):
         """Raise BackendError (or BadRequest: the password refused) unless code is 0."""
         if code != 0 and ("Virtual host not known" in output or "nknown host" in output):
             raise BackendError(f"{host} is not a host of this ejabberd")
@@ -2837,10 +3530,17 @@ class EjabberdBackend(ServerBackend):
                      and "inet_config" not in line and "ERROR REPORT" not in line]
             if "password" in output.lower():
                 raise BadRequest(f"the server refused the password: {' | '.join(lines)[:200]}")
-            raise BackendError(f"{self.ejabberd.what} failed ({code}): {' | '.join(lines)[:300]}")
+            raise BackendError(f"{self.ejabberd.display_name} failed ({code}): "
+                               f"{' | '.join(lines)[:300]}")
 
 
-def fill(template, **values):
+def _answer_text(answer):
+    """Return the text of one of ejabberd's answers: a string, or the values of the API's object
+    (private_get's element, an invite's URL), a space between them."""
+    return " ".join(map(str, answer.values())) if isinstance(answer, dict) else str(answer)
+
+
+def fill_placeholders(template, **values):
     """Return an argv template with each {name} in its elements replaced by values[name]."""
     argv = []
     for element in template:
@@ -2882,21 +3582,286 @@ def make_backend(name, accounts=None, prosody_config=None, prosody_socket=None, 
 
 
 # ---------------------------------------------------------------------------
-# Rendering: invite URLs and the landing page
+# Rendering: the invitee's pages, and QR codes (the encoder last)
 # ---------------------------------------------------------------------------
 
-def invite_url(invite, base, template=None):
-    """Return the URL of an invite's landing page: the template's, else {base}/invite?TOKEN
-    (None for one of ours shown by its id: its token is not kept)."""
-    if invite["url"]:
-        return invite["url"]
-    if invite["token"] is None:
-        return None
-    if template:
-        from urllib.parse import quote
-        return (template.replace("{host}", invite["host"]).replace("{token}", invite["token"])
-                .replace("{uri}", quote(invite["uri"], safe="")))
-    return f"{base}/invite?{invite['token']}"
+# -- the invite page ---------------------------------------------------------
+
+# Links only: the page loads nothing from these sites.
+DEFAULT_APPS = (
+    {"platform": "Android", "name": "Conversations",
+     "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
+    {"platform": "Android", "name": "Conversations (F-Droid)",
+     "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
+    {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
+    {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
+    {"platform": "Windows, macOS, Linux", "name": "Dino (Linux)", "url": "https://dino.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Monal (macOS)", "url": "https://monal-im.org/"},
+)
+
+
+def load_apps(path):
+    """Return the app list from a JSON file of {platform, name, url}; raise Error if bad."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            apps = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Error(f"cannot read the app list {path!r}: {e}") from None
+    if not isinstance(apps, list) or not all(
+            isinstance(a, dict) and all(isinstance(a.get(k), str) and a[k]
+                                        for k in ("platform", "name", "url"))
+            and re.match(r"https?://", a["url"]) for a in apps):
+        raise Error(f"the app list {path!r} must be a JSON array of "
+                    '{"platform": ..., "name": ..., "url": "https://..."} objects')
+    return tuple(apps)
+
+
+_PAGE_STYLE = """
+:root{color-scheme:light dark;--bg:#f3f4f6;--card:#fff;--text:#16181d;--muted:#4a5060;
+--accent:#1a56c4;--on-accent:#fff;--line:#d5d8de}
+@media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1d2027;--text:#eceef2;--muted:#b4b9c4;
+--accent:#8ab4ff;--on-accent:#0b0d12;--line:#3a3f4a}}
+*{box-sizing:border-box}
+body{margin:0;padding:0 .75rem;background:var(--bg);color:var(--text);
+font:17px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
+header{padding:.75rem 1rem;font-weight:600;color:var(--muted);text-align:center}
+main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);
+border-radius:12px;overflow-wrap:anywhere}
+h1{font-size:1.5rem;line-height:1.25;margin:0 0 .75rem}
+h2{font-size:1.1rem;margin:1.75rem 0 .5rem}
+p{margin:.5rem 0}
+.muted{color:var(--muted)}
+.note{border-left:4px solid var(--accent);padding:.25rem .75rem;margin:1rem 0;white-space:pre-wrap}
+a{color:var(--accent)}
+a.button{display:block;text-align:center;padding:.9rem 1rem;margin:1.25rem 0;border-radius:8px;
+background:var(--accent);color:var(--on-accent);text-decoration:none;font-weight:700;
+font-size:1.1rem}
+a.button:focus-visible,button:focus-visible,input:focus-visible{outline:3px solid var(--text);
+outline-offset:2px}
+figure{margin:.5rem auto;max-width:15rem}
+figure svg{display:block;width:100%;height:auto;border-radius:4px}
+figcaption{text-align:center;font-size:.9rem;color:var(--muted)}
+.copy{display:flex;gap:.5rem}
+.copy input{flex:1;min-width:0;padding:.6rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--text);font:inherit;font-size:.9rem}
+.copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);
+color:var(--on-accent);font:inherit;font-weight:600;cursor:pointer}
+label{display:block;font-weight:600;margin-top:.75rem}
+form input{display:block;width:100%;padding:.6rem;border:1px solid var(--line);border-radius:6px;
+background:var(--bg);color:var(--text);font:inherit}
+form span{display:block;font-size:.9rem}
+form button{width:100%;padding:.9rem 1rem;border:0;border-radius:8px;background:var(--accent);
+color:var(--on-accent);font:inherit;font-weight:700;font-size:1.1rem;cursor:pointer}
+.error{border-left:4px solid #c62828;padding:.25rem .75rem}
+ul{padding-left:1.25rem}
+li{margin:.35rem 0}
+"""
+
+
+def render_page(title, body_html, site_name, nonce, script=""):
+    """Return a complete, self-contained HTML page (inline CSS; a script with the nonce)."""
+    import html
+    script = f'<script nonce="{nonce}">{script}</script>' if script else ""
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta name="referrer" content="same-origin">'
+            f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style>'
+            f"</head><body><header>{html.escape(site_name)}</header><main>{body_html}</main>"
+            f"{script}</body></html>\n")
+
+
+def in_words(seconds):
+    """Return a duration in words: "in 6 days", "in 3 hours", "in less than a minute"."""
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= length:
+            count = seconds // length
+            return f"in {count} {unit}{'s' if count != 1 else ''}"
+    return "in less than a minute"
+
+
+_COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById('link');"
+                "b.hidden=false;b.addEventListener('click',function(){i.select();"
+                "(navigator.clipboard?navigator.clipboard.writeText(i.value):Promise.reject())"
+                ".then(function(){b.textContent='Copied'},"
+                "function(){document.execCommand('copy');b.textContent='Copied'})})")
+
+
+def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None, in_apps=True):
+    """Return the landing page of a valid invite."""
+    # Who invites where, the main button (the app's xmpp: URI, or with signup_url our sign-up
+    # form), its QR code, the link, apps. in_apps=False (a built-in invite on a server that
+    # makes no accounts): no button, but where it is used.
+    import html
+    esc = html.escape
+    host = esc(invite["host"])
+    left = invite["expires_at"] - now()
+    expires = time.strftime("%d %B %Y, %H:%M UTC", time.gmtime(invite["expires_at"])).lstrip("0")
+    details = f"This invite expires {in_words(left)} ({esc(expires)})."
+    if invite["uses_left"] > 1:
+        details += f" It can create {invite['uses_left']} accounts."
+    if invite["username"] and invite["type"] != "reset":
+        details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
+    note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
+    app_list = render_app_list(apps)
+    target, action = ((signup_url, "Create your account") if signup_url
+                      else (invite["uri"], "Open in your XMPP app"))
+    if invite["type"] == "reset":
+        action = "Set a new password"
+    if signup_url or in_apps:
+        main = (f'<a class="button" href="{esc(target)}">{action}</a><h2>On another device?</h2>'
+                f"<figure>{_invite_qr(target, invite['host'])}<figcaption>Scan this with your "
+                f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>")
+    else:  # nothing here makes the account: say where the invite is used, offer no path that fails
+        main = ('<p class="note">You cannot create your account on this page. Whoever invited you '
+                "has a sign-up page of their own where this invite is used: open the sign-up link "
+                "they gave you, or ask them for it.</p>")
+    heading = (f"Set a new password for {esc(invite['username'])}@{host}"
+               if invite["type"] == "reset"
+               else f"You have been invited to join {host}")
+    inviter = inviter_jid(invite) if invite["type"] != "reset" else None
+    if inviter:
+        heading = f"{esc(inviter)} invited you to join {host}"
+        main += render_already_have_account(invite, inviter)
+    return render_page(f"Invite to {invite['host']}", (
+        f"<h1>{heading}</h1>{note}"
+        f'<p class="muted">{details}</p>{main}'
+        f'<h2><label for="link">{"Or copy" if signup_url or in_apps else "Copy"} '
+        "the link to this page</label></h2>"
+        f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
+        f'<button id="copy" type="button" hidden>Copy</button></p>'
+        f"<h2>No app yet?</h2>"
+        + ("<p>Install one of these, then come back to this page and press the button above:</p>"
+           if in_apps and not signup_url
+           else "<p>To chat once your account exists, install one of these:</p>")
+        + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
+
+
+def render_already_have_account(invite, inviter):
+    """Return a contact invite's part for people who have an XMPP account: add the inviter."""
+    # The server's own contact invite (Prosody's) has a URI with its token, which the server
+    # checks and approves at once (XEP-0401); ours cannot be checked there: the inviter approves.
+    import html
+    esc = html.escape
+    if invite["uri"].startswith(f"xmpp:{inviter}?roster;"):
+        uri, who = invite["uri"], "You are added to each other's contacts at once."
+    else:
+        uri, who = (f"xmpp:{inviter}?roster",
+                    f"{esc(inviter)} will be asked to approve, and then you are each other's "
+                    "contacts.")
+    qr = _invite_qr(uri, invite["host"],
+                    f"QR code to add {inviter} as a contact; scan it with an XMPP app")
+    return (f"<h2>I already have an XMPP account</h2><p>Add {esc(inviter)} to your contacts from "
+            f'your app: {who}</p><a class="button" href="{esc(uri)}">Add {esc(inviter)}</a>'
+            f"<figure>{qr}<figcaption>Scan this with your XMPP app</figcaption></figure>")
+
+
+def render_app_list(apps):
+    """Return the <li>s of the apps, one per platform: "Android: Conversations, Monocles"."""
+    import html
+    platforms = {}
+    for app in apps:
+        platforms.setdefault(app["platform"], []).append(
+            f'<a href="{html.escape(app["url"])}" rel="noreferrer">{html.escape(app["name"])}</a>')
+    return "".join(f"<li><strong>{html.escape(p)}</strong>: {', '.join(links)}</li>"
+                   for p, links in platforms.items())
+
+
+def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
+    """Return the sign-up form of a built-in invite (of a reset: the new password)."""
+    # error: why the last try failed, shown above the form, which keeps the username.
+    import html
+    esc = html.escape
+    reset = invite["type"] == "reset"
+    bound = invite["username"]
+    jid = f"{bound}@{invite['host']}" if bound else invite["host"]
+    title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
+    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly '
+                  'autocomplete="username">' if bound else
+                  f'<input id="user" name="user" value="{esc(username)}" required '
+                  'maxlength="64" autocomplete="username" autocapitalize="none" '
+                  'spellcheck="false" pattern="[A-Za-z0-9._\\-]+">')
+    return render_page(title, (
+        f"<h1>{esc(title)}</h1>"
+        + (f'<p class="error" role="alert">{esc(error)}</p>' if error else "")
+        + f'<form method="post" action="{esc(form_url)}">'
+        f'<input type="hidden" name="token" value="{esc(invite["token"])}">'
+        f'<p><label for="user">Username</label>{name_field}'
+        + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@'
+                            f'{esc(invite["host"])}: letters, digits, dots, dashes, '
+                            "underscores</span>") + "</p>"
+        '<p><label for="password">Password</label><input id="password" name="password" '
+        'type="password" required minlength="10" autocomplete="new-password">'
+        '<span class="muted">10 characters or more</span></p>'
+        '<p><label for="password_confirm">Password again</label><input id="password_confirm" '
+        'name="password_confirm" type="password" required minlength="10" '
+        'autocomplete="new-password"></p>'
+        f'<p><button type="submit">{"Set the password" if reset else "Create the account"}'
+        "</button></p></form>"), site_name, nonce)
+
+
+def render_signup_done(invite, username, site_name, apps, nonce, contact=None):
+    """Return the page after a sign-up (or password reset): the new address and how to log in,
+    and of a contact invite whether the inviter is in the newcomer's contacts (contact: made,
+    failed or unknown)."""
+    import html
+    esc = html.escape
+    jid = f"{username}@{invite['host']}"
+    inviter = esc(inviter_jid(invite) or "")
+    friends = {"made": f"<p><strong>{inviter}</strong>, who invited you, is in your contacts, "
+                       "and you are in theirs.</p>",
+               "failed": f"<p>We could not add <strong>{inviter}</strong>, who invited you, to "
+                         "your contacts: add them in your app.</p>",
+               "unknown": f"<p>We could not tell whether <strong>{inviter}</strong>, who invited "
+                          "you, is in your contacts: if not, add them in your app.</p>",
+               }.get(contact, "") if inviter else ""
+    reset = invite["type"] == "reset"
+    left = invite["uses_left"] if not reset and invite_status(invite) == "valid" else 0
+    more = (f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>"
+            if left else "")
+    links = render_app_list(apps)
+    first = "Your new password is set" if reset else f"Your account {esc(jid)} is ready"
+    return render_page("Your account is ready", (
+        f"<h1>{first}</h1>{more}{friends}"
+        f"<p>Log in with an XMPP app as <strong>{esc(jid)}</strong> and your password.</p>"
+        f'<a class="button" href="xmpp:{esc(jid)}">Open in your XMPP app</a>'
+        f"<h2>No app yet?</h2><ul>{links}</ul>"), site_name, nonce)
+
+
+_UNAVAILABLE = {
+    "used": "This invite has already been used",
+    "revoked": "This invite has been withdrawn",
+    "expired": "This invite has expired",
+    None: "We could not find this invite",
+}
+
+
+_ERROR_TITLES = {
+    400: "This request cannot be used", 403: "This cannot be done from here",
+    404: "We could not find this page", 405: "This page cannot be used that way",
+    409: "This cannot be done", 410: "This invite is no longer valid",
+    413: "This request is too large", 415: "This request cannot be used", 429: "Too many attempts",
+    500: "Something went wrong on our side", 502: "The server could not do it just now",
+    503: "The server is busy",
+}
+
+
+def render_error_page(status, message, site_name, nonce):
+    """Return the page for an error a person sees: a heading for its status and its reason."""
+    import html
+    title = _ERROR_TITLES.get(status, "This cannot be done")
+    sentence = message[:1].upper() + message[1:]
+    sentence += "" if message.endswith((".", "?", "!")) else "."
+    return render_page(title, f"<h1>{title}</h1><p>{html.escape(sentence)}</p>", site_name, nonce)
+
+
+def render_unavailable_page(status, site_name, nonce):
+    """Return the friendly page for a used, revoked, expired (status) or unknown (None) invite."""
+    hint = ("Check that you opened the whole link. " if status is None else "") + \
+        "Please ask the person who invited you for a new invite."
+    return render_page("Invite not available", (
+        f"<h1>{_UNAVAILABLE[status]}</h1><p>{hint}</p>"), site_name, nonce)
 
 
 # -- QR codes (ISO/IEC 18004), byte mode, versions 1 to 40 ------------------
@@ -3178,326 +4143,10 @@ def qr_text(matrix, quiet=4, colour=False):
     return "\n".join(lines)
 
 
-# -- the invite page ---------------------------------------------------------
-
-# Links only: the page loads nothing from these sites.
-DEFAULT_APPS = (
-    {"platform": "Android", "name": "Conversations",
-     "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
-    {"platform": "Android", "name": "Conversations (F-Droid)",
-     "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
-    {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
-    {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
-    {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
-    {"platform": "Windows, macOS, Linux", "name": "Dino (Linux)", "url": "https://dino.im/"},
-    {"platform": "Windows, macOS, Linux", "name": "Monal (macOS)", "url": "https://monal-im.org/"},
-)
-
-
-def load_apps(path):
-    """Return the app list from a JSON file of {platform, name, url}; raise Error if bad."""
-    import json
-    try:
-        with open(path, encoding="utf-8") as f:
-            apps = json.load(f)
-    except (OSError, ValueError) as e:
-        raise Error(f"cannot read the app list {path!r}: {e}") from None
-    if not isinstance(apps, list) or not all(
-            isinstance(a, dict) and all(isinstance(a.get(k), str) and a[k]
-                                        for k in ("platform", "name", "url"))
-            and re.match(r"https?://", a["url"]) for a in apps):
-        raise Error(f"the app list {path!r} must be a JSON array of "
-                    '{"platform": ..., "name": ..., "url": "https://..."} objects')
-    return tuple(apps)
-
-
-_PAGE_STYLE = """
-:root{color-scheme:light dark;--bg:#f3f4f6;--card:#fff;--text:#16181d;--muted:#4a5060;
---accent:#1a56c4;--on-accent:#fff;--line:#d5d8de}
-@media (prefers-color-scheme:dark){:root{--bg:#111318;--card:#1d2027;--text:#eceef2;--muted:#b4b9c4;
---accent:#8ab4ff;--on-accent:#0b0d12;--line:#3a3f4a}}
-*{box-sizing:border-box}
-body{margin:0;padding:0 .75rem;background:var(--bg);color:var(--text);
-font:17px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif}
-header{padding:.75rem 1rem;font-weight:600;color:var(--muted);text-align:center}
-main{max-width:34rem;margin:0 auto 2rem;padding:1.5rem 1.25rem;background:var(--card);
-border-radius:12px;overflow-wrap:anywhere}
-h1{font-size:1.5rem;line-height:1.25;margin:0 0 .75rem}
-h2{font-size:1.1rem;margin:1.75rem 0 .5rem}
-p{margin:.5rem 0}
-.muted{color:var(--muted)}
-.note{border-left:4px solid var(--accent);padding:.25rem .75rem;margin:1rem 0;white-space:pre-wrap}
-a{color:var(--accent)}
-a.button{display:block;text-align:center;padding:.9rem 1rem;margin:1.25rem 0;border-radius:8px;
-background:var(--accent);color:var(--on-accent);text-decoration:none;font-weight:700;
-font-size:1.1rem}
-a.button:focus-visible,button:focus-visible,input:focus-visible{outline:3px solid var(--text);
-outline-offset:2px}
-figure{margin:.5rem auto;max-width:15rem}
-figure svg{display:block;width:100%;height:auto;border-radius:4px}
-figcaption{text-align:center;font-size:.9rem;color:var(--muted)}
-.copy{display:flex;gap:.5rem}
-.copy input{flex:1;min-width:0;padding:.6rem;border:1px solid var(--line);border-radius:6px;
-background:var(--bg);color:var(--text);font:inherit;font-size:.9rem}
-.copy button{padding:.6rem 1rem;border:0;border-radius:6px;background:var(--accent);
-color:var(--on-accent);font:inherit;font-weight:600;cursor:pointer}
-label{display:block;font-weight:600;margin-top:.75rem}
-form input{display:block;width:100%;padding:.6rem;border:1px solid var(--line);border-radius:6px;
-background:var(--bg);color:var(--text);font:inherit}
-form span{display:block;font-size:.9rem}
-form button{width:100%;padding:.9rem 1rem;border:0;border-radius:8px;background:var(--accent);
-color:var(--on-accent);font:inherit;font-weight:700;font-size:1.1rem;cursor:pointer}
-.error{border-left:4px solid #c62828;padding:.25rem .75rem}
-ul{padding-left:1.25rem}
-li{margin:.35rem 0}
-"""
-
-
-def render_page(title, body_html, site_name, nonce, script=""):
-    """Return a complete, self-contained HTML page (inline CSS; a script with the nonce)."""
-    import html
-    script = f'<script nonce="{nonce}">{script}</script>' if script else ""
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<meta name="referrer" content="same-origin">'
-            f'<title>{html.escape(title)}</title><style nonce="{nonce}">{_PAGE_STYLE}</style>'
-            f"</head><body><header>{html.escape(site_name)}</header><main>{body_html}</main>"
-            f"{script}</body></html>\n")
-
-
-def in_words(seconds):
-    """Return a duration in words: "in 6 days", "in 3 hours", "in less than a minute"."""
-    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= length:
-            count = seconds // length
-            return f"in {count} {unit}{'s' if count != 1 else ''}"
-    return "in less than a minute"
-
-
-_COPY_SCRIPT = ("var b=document.getElementById('copy'),i=document.getElementById('link');"
-                "b.hidden=false;b.addEventListener('click',function(){i.select();"
-                "(navigator.clipboard?navigator.clipboard.writeText(i.value):Promise.reject())"
-                ".then(function(){b.textContent='Copied'},"
-                "function(){document.execCommand('copy');b.textContent='Copied'})})")
-
-
-def render_invite_page(invite, page_url, site_name, apps, nonce, signup_url=None, in_apps=True):
-    """Return the landing page of a valid invite."""
-    # Who invites where, the main button (the app's xmpp: URI, or with signup_url our sign-up
-    # form), its QR code, the link, apps. in_apps=False (a built-in invite on a server that
-    # makes no accounts): no button, but where it is used.
-    import html
-    esc = html.escape
-    host = esc(invite["host"])
-    left = invite["expires_at"] - now()
-    expires = time.strftime("%d %B %Y, %H:%M UTC", time.gmtime(invite["expires_at"])).lstrip("0")
-    details = f"This invite expires {in_words(left)} ({esc(expires)})."
-    if invite["uses_left"] > 1:
-        details += f" It can create {invite['uses_left']} accounts."
-    if invite["username"] and invite["type"] != "reset":
-        details += f" It is for the address <strong>{esc(invite['username'])}@{host}</strong>."
-    note = f'<p class="note">{esc(invite["note"])}</p>' if invite["note"] else ""
-    app_list = render_app_list(apps)
-    target, action = ((signup_url, "Create your account") if signup_url
-                      else (invite["uri"], "Open in your XMPP app"))
-    if invite["type"] == "reset":
-        action = "Set a new password"
-    if signup_url or in_apps:
-        main = (f'<a class="button" href="{esc(target)}">{action}</a><h2>On another device?</h2>'
-                f"<figure>{_invite_qr(target, invite['host'])}<figcaption>Scan this with your "
-                f"{'phone' if signup_url else 'XMPP app'}</figcaption></figure>")
-    else:  # nothing here makes the account: say where the invite is used, offer no path that fails
-        main = ('<p class="note">You cannot create your account on this page. Whoever invited you '
-                "has a sign-up page of their own where this invite is used: open the sign-up link "
-                "they gave you, or ask them for it.</p>")
-    heading = (f"Set a new password for {esc(invite['username'])}@{host}"
-               if invite["type"] == "reset"
-               else f"You have been invited to join {host}")
-    inviter = inviter_jid(invite) if invite["type"] != "reset" else None
-    if inviter:
-        heading = f"{esc(inviter)} invited you to join {host}"
-        main += render_already_have_account(invite, inviter)
-    return render_page(f"Invite to {invite['host']}", (
-        f"<h1>{heading}</h1>{note}"
-        f'<p class="muted">{details}</p>{main}'
-        f'<h2><label for="link">{"Or copy" if signup_url or in_apps else "Copy"} '
-        "the link to this page</label></h2>"
-        f'<p class="copy"><input id="link" readonly value="{esc(page_url)}">'
-        f'<button id="copy" type="button" hidden>Copy</button></p>'
-        f"<h2>No app yet?</h2>"
-        + ("<p>Install one of these, then come back to this page and press the button above:</p>"
-           if in_apps and not signup_url
-           else "<p>To chat once your account exists, install one of these:</p>")
-        + f"<ul>{app_list}</ul>"), site_name, nonce, _COPY_SCRIPT)
-
-
-def render_already_have_account(invite, inviter):
-    """Return a contact invite's part for people who have an XMPP account: add the inviter."""
-    # The server's own contact invite (Prosody's) has a URI with its token, which the server
-    # checks and approves at once (XEP-0401); ours cannot be checked there: the inviter approves.
-    import html
-    esc = html.escape
-    if invite["uri"].startswith(f"xmpp:{inviter}?roster;"):
-        uri, who = invite["uri"], "You are added to each other's contacts at once."
-    else:
-        uri, who = (f"xmpp:{inviter}?roster",
-                    f"{esc(inviter)} will be asked to approve, and then you are each other's "
-                    "contacts.")
-    qr = _invite_qr(uri, invite["host"],
-                    f"QR code to add {inviter} as a contact; scan it with an XMPP app")
-    return (f"<h2>I already have an XMPP account</h2><p>Add {esc(inviter)} to your contacts from "
-            f'your app: {who}</p><a class="button" href="{esc(uri)}">Add {esc(inviter)}</a>'
-            f"<figure>{qr}<figcaption>Scan this with your XMPP app</figcaption></figure>")
-
-
-def render_app_list(apps):
-    """Return the <li>s of the apps, one per platform: "Android: Conversations, Monocles"."""
-    import html
-    platforms = {}
-    for app in apps:
-        platforms.setdefault(app["platform"], []).append(
-            f'<a href="{html.escape(app["url"])}" rel="noreferrer">{html.escape(app["name"])}</a>')
-    return "".join(f"<li><strong>{html.escape(p)}</strong>: {', '.join(links)}</li>"
-                   for p, links in platforms.items())
-
-
-def render_signup_page(invite, form_url, site_name, nonce, username="", error=None):
-    """Return the sign-up form of a built-in invite (of a reset: the new password)."""
-    # error: why the last try failed, shown above the form, which keeps the username.
-    import html
-    esc = html.escape
-    reset = invite["type"] == "reset"
-    bound = invite["username"]
-    jid = f"{bound}@{invite['host']}" if bound else invite["host"]
-    title = f"Set a new password for {jid}" if reset else f"Create your account on {invite['host']}"
-    name_field = (f'<input id="user" name="user" value="{esc(bound)}" readonly '
-                  'autocomplete="username">' if bound else
-                  f'<input id="user" name="user" value="{esc(username)}" required '
-                  'maxlength="64" autocomplete="username" autocapitalize="none" '
-                  'spellcheck="false" pattern="[A-Za-z0-9._\\-]+">')
-    return render_page(title, (
-        f"<h1>{esc(title)}</h1>"
-        + (f'<p class="error" role="alert">{esc(error)}</p>' if error else "")
-        + f'<form method="post" action="{esc(form_url)}">'
-        f'<input type="hidden" name="token" value="{esc(invite["token"])}">'
-        f'<p><label for="user">Username</label>{name_field}'
-        + ("" if bound else f'<span class="muted">Your address will be <em>name</em>@'
-                            f'{esc(invite["host"])}: letters, digits, dots, dashes, '
-                            "underscores</span>") + "</p>"
-        '<p><label for="password">Password</label><input id="password" name="password" '
-        'type="password" required minlength="10" autocomplete="new-password">'
-        '<span class="muted">10 characters or more</span></p>'
-        '<p><label for="password_confirm">Password again</label><input id="password_confirm" '
-        'name="password_confirm" type="password" required minlength="10" '
-        'autocomplete="new-password"></p>'
-        f'<p><button type="submit">{"Set the password" if reset else "Create the account"}'
-        "</button></p></form>"), site_name, nonce)
-
-
-def render_signup_done(invite, username, site_name, apps, nonce, contact=None):
-    """Return the page after a sign-up (or password reset): the new address and how to log in,
-    and of a contact invite whether the inviter is in the newcomer's contacts (contact: made,
-    failed or unknown)."""
-    import html
-    esc = html.escape
-    jid = f"{username}@{invite['host']}"
-    inviter = esc(inviter_jid(invite) or "")
-    friends = {"made": f"<p><strong>{inviter}</strong>, who invited you, is in your contacts, "
-                       "and you are in theirs.</p>",
-               "failed": f"<p>We could not add <strong>{inviter}</strong>, who invited you, to "
-                         "your contacts: add them in your app.</p>",
-               "unknown": f"<p>We could not tell whether <strong>{inviter}</strong>, who invited "
-                          "you, is in your contacts: if not, add them in your app.</p>",
-               }.get(contact, "") if inviter else ""
-    reset = invite["type"] == "reset"
-    left = invite["uses_left"] if not reset and invite_status(invite) == "valid" else 0
-    more = (f"<p>This invite can create {left} more account{'s' if left > 1 else ''}.</p>"
-            if left else "")
-    links = render_app_list(apps)
-    first = "Your new password is set" if reset else f"Your account {esc(jid)} is ready"
-    return render_page("Your account is ready", (
-        f"<h1>{first}</h1>{more}{friends}"
-        f"<p>Log in with an XMPP app as <strong>{esc(jid)}</strong> and your password.</p>"
-        f'<a class="button" href="xmpp:{esc(jid)}">Open in your XMPP app</a>'
-        f"<h2>No app yet?</h2><ul>{links}</ul>"), site_name, nonce)
-
-
-_UNAVAILABLE = {
-    "used": "This invite has already been used",
-    "revoked": "This invite has been withdrawn",
-    "expired": "This invite has expired",
-    None: "We could not find this invite",
-}
-
-
-_ERROR_TITLES = {
-    400: "This request cannot be used", 403: "This cannot be done from here",
-    404: "We could not find this page", 405: "This page cannot be used that way",
-    409: "This cannot be done", 410: "This invite is no longer valid",
-    413: "This request is too large", 415: "This request cannot be used", 429: "Too many attempts",
-    500: "Something went wrong on our side", 502: "The server could not do it just now",
-    503: "The server is busy",
-}
-
-
-def render_error_page(status, message, site_name, nonce):
-    """Return the page for an error a person sees: a heading for its status and its reason."""
-    import html
-    title = _ERROR_TITLES.get(status, "This cannot be done")
-    sentence = message[:1].upper() + message[1:]
-    sentence += "" if message.endswith((".", "?", "!")) else "."
-    return render_page(title, f"<h1>{title}</h1><p>{html.escape(sentence)}</p>", site_name, nonce)
-
-
-def render_unavailable_page(status, site_name, nonce):
-    """Return the friendly page for a used, revoked, expired (status) or unknown (None) invite."""
-    hint = ("Check that you opened the whole link. " if status is None else "") + \
-        "Please ask the person who invited you for a new invite."
-    return render_page("Invite not available", (
-        f"<h1>{_UNAVAILABLE[status]}</h1><p>{hint}</p>"), site_name, nonce)
-
-
 # ---------------------------------------------------------------------------
-# HTTP: a thin translation between requests and operations
+# Serving: the HTTP/1.1 machinery under the routes (framing, deadlines, connections, TLS, socket
+# activation), and the serve loop with its background tasks
 # ---------------------------------------------------------------------------
-
-# The whole URL space: (path pattern, {method: handler method}, cross-origin?, a page people read?).
-# Cross-origin routes answer OPTIONS preflights and carry CORS headers; a page's errors are pages.
-ROUTES = tuple((re.compile(pattern + r"\Z"), methods, cors, page)
-               for pattern, methods, cors, page in (
-    (r"/invites_api/?", {"GET": "api_create", "POST": "api_create"}, True, False),
-    (r"/invites_api/invites/?", {"GET": "api_list"}, True, False),
-    (r"/invites_api/invites/(?P<token>[^/]+)", {"GET": "api_show", "DELETE": "api_revoke"},
-     True, False),
-    (r"/invites_api/invites/(?P<token>[^/]+)/redeem", {"POST": "api_redeem"}, True, False),
-    (r"/invite/(?P<token>[^/]+)\.json", {"GET": "invite_check"}, True, False),
-    (r"/invite(?:/(?P<token>[^/]*))?", {"GET": "invite_page", "HEAD": "invite_page"}, False, True),
-    (r"/register", {"GET": "signup_page", "POST": "signup"}, False, True),
-    (r"/", {"GET": "home", "HEAD": "home"}, False, True),
-    (r"/health", {"GET": "health", "HEAD": "health"}, False, False),
-    (r"/metrics", {"GET": "metrics"}, False, False),
-))
-CORS_HEADERS = (
-    ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Headers", "Content-Type, Authorization"),
-    ("Access-Control-Max-Age", "7200"),
-)
-
-
-def page_headers(nonce, form=False):
-    """Return an HTML page's security headers (form: it posts a form to us)."""
-    form_action = "'self'" if form else "'none'"
-    return (
-        ("Content-Security-Policy", f"default-src 'none'; style-src 'nonce-{nonce}'; "
-                                    f"script-src 'nonce-{nonce}'; img-src data:; base-uri 'none'; "
-                                    f"form-action {form_action}; frame-ancestors 'none'"),
-        # The token is in the URL: no other site sees it in a Referer. (Not no-referrer: under that
-        # policy browsers send "Origin: null" with our own forms, which then look cross-site.)
-        ("Referrer-Policy", "same-origin"),
-        ("Cache-Control", "no-store"),
-    )
-
-
 # RFC 9112's request line (origin form; HTTP/1.0 or 1.1) and field lines (a
 # token, a colon, and no NUL, CR or LF; no obsolete folding): else 400.
 _REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[!-~]*) (HTTP/1\.[01])\r?\n\Z")
@@ -3506,245 +4155,6 @@ _HOST_HEADER_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?\Z|\[[0-9A-Fa-f:.]+\]
 _FORWARDED_PAIR_RE = re.compile(r'(?i)\b(for|proto|host)=("[^"]*"|[^;,\s]*)')
 _UNPRINTABLE = {c: f"\\x{c:02x}" for c in list(range(32)) + [127]}
 _date_cache = [0, ""]  # (second, Date header)
-
-
-def form_fields(headers, body, allowed):
-    """Return an HTML form's fields (application/x-www-form-urlencoded); raise BadRequest."""
-    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ctype != "application/x-www-form-urlencoded":
-        raise UnsupportedMediaType(f"a form is sent as application/x-www-form-urlencoded, not "
-                                   f"{ctype!r}")
-    try:
-        text = body.decode("ascii")
-    except UnicodeError:
-        raise BadRequest("the form is not valid: a form body is percent-encoded ASCII") from None
-    return parse_fields(text, allowed, "form field")
-
-
-def json_fields(headers, body):
-    """Return a request body's JSON object of plain values ({} for none); raise BadRequest."""
-    if not body:
-        return {}
-    ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType(f"request body must be application/json, not {ctype!r}")
-    import json
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
-        raise BadRequest("request body is not valid JSON") from None
-    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
-        raise BadRequest("request body must be a JSON object of strings, numbers and booleans")
-    return data
-
-
-def with_json(params, values):
-    """Return a query's parameters with a JSON body's values (unknown names are left to the
-    operation); raise BadRequest for a name given in both, a key not a string, a null redirect."""
-    for name, value in values.items():
-        if name in params:
-            raise BadRequest(f"option {name!r} given in both the query and the body")
-        if name == "key" and not isinstance(value, str):
-            raise BadRequest("key must be a string: KEY_ID/SECRET")
-        if name == "redirect" and value is None:
-            raise BadRequest("redirect cannot be null: true or false, or leave it out")
-        params[name] = (str(value).lower() if name == "redirect" and isinstance(value, bool)
-                        else value)
-    return params
-
-
-def iri_to_uri(text):
-    """Return text with non-ASCII and controls percent-encoded as UTF-8 (RFC 3987, 3.1)."""
-    from urllib.parse import quote
-    return quote(text, safe="".join(map(chr, range(0x20, 0x7f))))
-
-
-def address_key(address):
-    """Return what per-address limits count: the IPv4 address, or the /64 of an IPv6 address."""
-    if ":" not in address:
-        return address
-    import ipaddress
-    try:
-        return str(ipaddress.IPv6Network((address.partition("%")[0], 64), strict=False))
-    except ValueError:
-        return address
-
-
-class RateLimiter:
-    """Counts events per client address (IPv6: per /64) in one-minute windows, in memory."""
-
-    def __init__(self, per_minute, clock=time.monotonic):
-        self.per_minute, self.clock = per_minute, clock  # (tests fix the clock mid-minute)
-        self._window = None
-        self._counts = {}
-        self._noted = set()
-        self._lock = threading.Lock()
-
-    def hit(self, address, subject=None):
-        """Count one event (of an address, with subject); return 0 if allowed, else the seconds
-        until the next window."""
-        clock, name = self.clock(), (address_key(address), subject)
-        with self._lock:
-            window = int(clock // 60)
-            if window != self._window:  # a new minute: forget the old one (bounded memory)
-                self._window, self._counts, self._noted = window, {}, set()
-            count = self._counts[name] = self._counts.get(name, 0) + 1
-        return 0 if count <= self.per_minute else 60 - clock % 60
-
-    def first_time_over(self, address):
-        """Return True the first time in this minute that it is asked about an address."""
-        address = address_key(address)
-        with self._lock:
-            if address in self._noted:
-                return False
-            self._noted.add(address)
-            return True
-
-    def over(self, address, subject=None, limit=None):
-        """Return 0 if the address (with subject) is within its limit (per_minute unless given)
-        this minute, else seconds to wait."""
-        clock, name = self.clock(), (address_key(address), subject)
-        with self._lock:
-            if (int(clock // 60) != self._window
-                    or self._counts.get(name, 0) < (limit or self.per_minute)):
-                return 0
-        return 60 - clock % 60
-
-
-class Metrics:
-    """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = {}  # status -> count
-        self.invites = {}  # (host, backend) -> count
-        self.auth_failures = self.rate_limited = self.backend_failures = 0
-        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-
-    def request(self, status, seconds):
-        """Count one answered request and its duration."""
-        with self._lock:
-            self.requests[status] = self.requests.get(status, 0) + 1
-            if status == 429:
-                self.rate_limited += 1
-            elif status == 502:
-                self.backend_failures += 1
-            self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            self.latency_sum += seconds
-
-    def count(self, what, key=None):
-        """Count an invite created (key: (host, backend)) or an auth failure."""
-        with self._lock:
-            if what == "invite":
-                self.invites[key] = self.invites.get(key, 0) + 1
-            else:
-                self.auth_failures += 1
-
-    def render(self, connections, database_bytes):
-        """Return the OpenMetrics text exposition."""
-        def family(name, kind, help, samples):
-            lines.append(f"# TYPE {name} {kind}")
-            lines.append(f"# HELP {name} {help}")
-            lines.extend(samples)
-
-        def labels(**pairs):
-            return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
-        lines = []
-        with self._lock:
-            family("invites_api_invites_created", "counter", "Invites created.",
-                   [f"invites_api_invites_created_total{labels(host=h, backend=b)} {n}"
-                    for (h, b), n in sorted(self.invites.items())])
-            family("invites_api_requests", "counter", "HTTP requests answered, by status.",
-                   [f"invites_api_requests_total{labels(status=s)} {n}"
-                    for s, n in sorted(self.requests.items())])
-            family("invites_api_auth_failures", "counter",
-                   "Requests with a wrong, unknown or malformed key.",
-                   [f"invites_api_auth_failures_total {self.auth_failures}"])
-            family("invites_api_rate_limited", "counter", "Requests answered 429.",
-                   [f"invites_api_rate_limited_total {self.rate_limited}"])
-            family("invites_api_backend_failures", "counter", "Backend programs that failed (502).",
-                   [f"invites_api_backend_failures_total {self.backend_failures}"])
-            cumulative, samples = 0, []
-            for bound, count in zip(LATENCY_BUCKETS + (float("inf"),), self.latency_counts):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else bound
-                samples.append(f'invites_api_request_duration_seconds_bucket{{le="{le}"}} '
-                               f"{cumulative}")
-            samples += [f"invites_api_request_duration_seconds_count {cumulative}",
-                        f"invites_api_request_duration_seconds_sum {self.latency_sum:.6f}"]
-            family("invites_api_request_duration_seconds", "histogram",
-                   "Time from request line to response.", samples)
-        family("invites_api_open_connections", "gauge", "Client connections open now.",
-               [f"invites_api_open_connections {connections}"])
-        family("invites_api_database_size_bytes", "gauge", "Database file and WAL size.",
-               [f"invites_api_database_size_bytes {database_bytes}"])
-        return "\n".join(lines) + "\n# EOF\n"
-
-
-class App:
-    """What the request handler needs: the store and the serve options."""
-
-    def __init__(self, store, public_url=None, invite_url_template=None,
-                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=BUILTIN, site_name=None, apps=DEFAULT_APPS, trust_proxy=None,
-                 metrics_token=None,
-                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, notify=None):
-        self.store = store
-        self.notify = notify  # an argv run after each use of an invite on our page
-        self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
-        # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
-        self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
-        self.metrics_token = metrics_token
-        self.metrics = Metrics()
-        self.auth_limiter = RateLimiter(auth_failures_per_minute)
-        self.backend = backend  # who mints invites, and who makes the accounts of built-in ones
-        self.site_name = site_name  # None: the invite's host
-        self.apps = apps
-        self.public_url = public_url.rstrip("/") if public_url else None
-        self.invite_url_template = invite_url_template
-        self.invite_ttl = invite_ttl
-        self.log = log  # a text stream for the access log, or None for quiet
-        self.check_limiter = RateLimiter(checks_per_minute)
-        self._problems = {}  # cause -> [when last logged, times since]
-        self._lock = threading.Lock()
-
-    def log_line(self, text):
-        """Write one timestamped line to the log (if there is one)."""
-        if self.log is not None:
-            self.log.write(f"{iso(now())} {text}\n")
-            self.log.flush()
-
-    def log_problem(self, text, cause):
-        """Log a failure that may recur on every request once per cause and minute."""
-        # (The database is read-only, a backend is down.) The line says how often it happened.
-        clock = time.monotonic()
-        with self._lock:
-            seen = self._problems.get(cause)
-            if seen is not None and clock - seen[0] < 60:
-                seen[1] += 1
-                return
-            if len(self._problems) > 100:
-                self._problems.clear()
-            self._problems[cause] = [clock, 0]
-        if seen is not None and seen[1]:
-            text += f" (and {seen[1]} more times since it was last logged)"
-        self.log_line(text)
-
-    def count_auth_failure(self, client, presented):
-        """Count a failed authentication; log once when an address passes a limit this minute."""
-        self.metrics.count("auth_failure")
-        limiter = self.auth_limiter
-        limiter.hit(client, guessed(presented))
-        limiter.hit(client, "all")
-        try:
-            refuse_if_guessing(limiter, client, presented)
-        except TooManyRequests:
-            if limiter.first_time_over(client):
-                self.log_line(f"{client.translate(_UNPRINTABLE)} passed the failed "
-                              f"authentications allowed this minute ({limiter.per_minute} with "
-                              f"one key id, {AUTH_FAILURES_PER_ADDRESS * limiter.per_minute} in "
-                              "all); refusing it with 429 until the minute ends")
 
 
 class StrictHTTP:
@@ -3976,346 +4386,6 @@ class StrictHTTP:
     def log_line(self, text):
         """Write one line of the log (the application's handler overrides this)."""
         sys.stderr.write(text + "\n")
-
-
-class InvitePages:
-    """The invitee's pages of InviteRequests: an invite's page, the sign-up form, its result."""
-
-    def invite_page(self, token):
-        """Serve the landing page of an invite: /invite?TOKEN or /invite/TOKEN."""
-        invite, status = find_invite(self.app.store, self.query if token is None else token,
-                                     self.app.backend)
-        if status != "valid":  # unknown: 404; used, revoked, expired: 410
-            return self.respond_page(404 if invite is None else 410, status, invite)
-        base = self.public_base(invite["host"])
-        minter = minted_by(invite, self.app.backend)
-        signup = f"{base}/register?t={invite['token']}" if minter.signs_up else None
-        self.respond_html(200, lambda nonce: render_invite_page(
-            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps,
-            nonce, signup, in_apps=not minter.used_here),
-            headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
-
-    def signup_page(self, _):
-        """The sign-up form of a built-in invite: GET /register?t=TOKEN[&account=]."""
-        params = self.params("t", "account")
-        invite, status = find_invite(self.app.store, params.get("t", ""))
-        if invite is None or minted_by(invite, self.app.backend).signs_up is None:
-            return self.respond_page(404, None)
-        if "account" in params:  # (Post/Redirect/Get) only an account this invite made or reset
-            made = [a for a in self.app.store.accounts(invite["id"])
-                    if a["username"] == params["account"] and a["action"] != "unconfirmed"]
-            if not made:
-                return self.respond_page(404, None)
-            return self.respond_page(200, invite=invite, username=params["account"],
-                                     done=made[0]["contact"] or True)
-        if status != "valid":
-            return self.respond_page(410, status)
-        self.respond_page(200, invite=invite)
-
-    def signup(self, _):
-        """Use a built-in invite to make its account: POST /register, then 303 to the done page."""
-        wait = self.app.signup_limiter.hit(self.client)  # (unknown tokens count too: no guessing)
-        if wait:
-            raise TooManyRequests("too many sign-up attempts from your address; try again in a "
-                                  "minute", wait)
-        fields = self.form_body("token", "user", "password", "password_confirm")
-        invite, status = find_invite(self.app.store, fields.get("token", ""))
-        if invite is None or minted_by(invite, self.app.backend).signs_up is None:
-            return self.respond_page(404, None)
-        if not self.same_origin(invite["host"]):
-            raise Forbidden("this form can only be sent from its own page")
-        self.form = {"invite": invite, "username": fields.get("user", "")}
-        used, username, unfriended = sign_up(self.app.store, self.app.backend, invite["token"],
-                                             fields.get("user", ""), fields.get("password", ""),
-                                             fields.get("password_confirm", ""))
-        if unfriended:  # (the account is made and kept: its page says to add the inviter by hand)
-            self.app.log_line(f"sign-up of {username}@{used['host']}: the contact with "
-                              f"{inviter_jid(used)} was not made: {unfriended}")
-        from urllib.parse import quote
-        done = (f"{self.public_base(invite['host'])}/register?t={used['token']}&"
-                f"account={quote(username)}")
-        self.respond(303, b"", [("Location", done)])
-        if self.app.notify:  # after the answer: the inviter's news must not hold up the invitee
-            notify_use(self.app.notify, used["id"], username, used["host"], self.app.log_line)
-
-    def same_origin(self, host):
-        """Return whether a form post comes from our own pages (the cross-site request defence)."""
-        # An Origin that names a site must be ours, scheme included, whatever else is claimed;
-        # then Sec-Fetch-Site, which every current browser sends, must be same-origin ("Origin:
-        # null" with it: our page under a proxy's no-referrer). Without it, "null" is refused;
-        # with neither header, it is no browser's.
-        site, origin = self.headers.get("Sec-Fetch-Site"), self.headers.get("Origin")
-        ours = (self.public_base(host), f"{self.scheme}://{self.authority}")
-        if origin not in (None, "null", *ours):
-            return False
-        return site == "same-origin" if site is not None else origin != "null"
-
-    def respond_page(self, status, unavailable=None, invite=None, username="", error=None,
-                     done=False):
-        """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
-        site_name, apps = self.site_name(invite), self.app.apps
-        if done:  # (True, or a contact invite's outcome: made, failed, unknown)
-            return self.respond_html(status, lambda nonce: render_signup_done(
-                invite, username, site_name, apps, nonce, contact=done))
-        if invite is not None and unavailable is None:
-            return self.respond_html(status, lambda nonce: render_signup_page(
-                invite, "/register", site_name, nonce, username, error), form=True)
-        self.respond_html(status,
-                          lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
-
-    def site_name(self, invite=None):
-        return self.app.site_name or (invite["host"] if invite is not None else "Invite")
-
-
-class InviteRequests(InvitePages, StrictHTTP):
-    """The application's request handler: a route reads a request, calls one operation, answers."""
-
-    def setup(self):
-        self.app = self.server.app  # (read by every route: an attribute, not a property)
-        super().setup()
-
-    @property
-    def trust_proxy(self):
-        return self.app.trust_proxy
-
-    def dispatch(self):
-        """Route the request to its operation: the one boundary that turns errors into answers."""
-        path, _, self.query = self.path.partition("?")
-        self.form = None  # the sign-up form's fields, shown again with an error
-        self.presented = ""  # the key it presented, once read (failures are counted by its id)
-        try:
-            for pattern, methods, cors, self.page in ROUTES:
-                match = pattern.match(path)
-                if match:
-                    break
-            else:  # (a person's browser gets a page; the path is not echoed)
-                self.page = "text/html" in (self.headers.get("Accept") or "")
-                raise NotFound("no such page here")
-            allowed = tuple(methods) + (("OPTIONS",) if cors else ())
-            if cors:
-                self.response_headers += [("Access-Control-Allow-Methods", ", ".join(allowed)),
-                                          *CORS_HEADERS]
-            if self.command == "OPTIONS" and cors:
-                return self.respond(204)
-            if self.command not in methods:
-                raise MethodNotAllowed(self.command, allowed)
-            getattr(self, methods[self.command])(match.groupdict().get("token"))
-        except Error as e:
-            if isinstance(e, BadCredentials):
-                self.app.count_auth_failure(self.client, self.presented)
-            elif isinstance(e, (StoreError, BackendError)):
-                self.app.log_problem(f"{type(e).__name__} on {self.command} "
-                                     f"{self.redacted_path()}: {e}", cause=str(e))
-            self.respond_error(e)
-        except Exception:
-            import traceback
-            self.close_connection = True
-            self.log_message("internal error on %s %s:\n%s", self.command, self.redacted_path(),
-                             traceback.format_exc().rstrip())
-            self.respond(500, "internal error\n")
-
-    # -- routes -----------------------------------------------------------------------------
-
-    def home(self, _):
-        """What a person who opens the server's own address sees: GET /."""
-        self.params()
-        self.respond_html(200, lambda nonce: render_page(
-            "Invites", "<h1>This server makes account invites</h1><p>Invites "
-                       "come as links; open the link you were given. If you have "
-                       "none, ask the person who runs this server for one.</p>",
-            self.app.site_name or "Invites", nonce))
-
-    def health(self, _):
-        """Say whether the database answers a read and a write: GET /health."""
-        self.params()
-        try:
-            self.app.store.health()
-        except StoreError as e:
-            return self.respond_json(503, {"status": "error", "reason": e.public},
-                                     [("Retry-After", "5")])
-        self.respond_json(200, {"status": "ok"})
-
-    def metrics(self, _):
-        """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token)."""
-        self.params()
-        if self.app.metrics_token is not None:
-            given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
-            if not hmac.compare_digest(given.encode(), self.app.metrics_token.encode()):
-                raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
-        text = self.app.metrics.render(self.server.open_connections, self.app.store.size())
-        self.respond(200, text, content_type="application/openmetrics-text; "
-                                             "version=1.0.0; charset=utf-8")
-
-    def api_create(self, _):
-        """Create an invite: GET or POST /invites_api."""
-        params = self.options("key", "redirect", *INVITE_OPTIONS)
-        redirect = parse_bool("redirect", str(params.pop("redirect", "")))
-        credentials = self.credentials(params.pop("key", ""))
-        invite = create_invite(self.app.store, credentials, options=params,
-                               default_ttl=self.app.invite_ttl, backend=self.app.backend)
-        self.app.metrics.count("invite", (invite["host"], invite["backend"]))
-        url = self.invite_url(invite)
-        status = 303 if redirect else 201
-        if self.wants_json():
-            return self.respond_json(status, invite_info(invite, url), [("Location", url)])
-        self.respond(status, b"", [("Location", url)])
-
-    def api_list(self, _):
-        """List the key's invites a page at a time: GET /invites_api/invites."""
-        # X-Total-Count says how many there are; a Link rel="next" gives the next page.
-        params = self.params("key", "all", "status", "limit", "after")
-        key = self.authenticate(params.get("key", ""))
-        status = None if parse_bool("all", params.get("all", "")) else params.get("status", "valid")
-        with bad_request():
-            limit = parse_limit(params.get("limit", str(DEFAULT_LIST_LIMIT)))
-        store = self.app.store
-        invites, total = list_invites(store, key["host"], key["id"],
-                                      None if status == "all" else status, limit,
-                                      params.get("after"))
-        headers = [("X-Total-Count", str(total))]
-        if len(invites) == limit and total > limit:
-            from urllib.parse import urlencode
-            query = urlencode({**{k: v for k, v in params.items() if k != "key"}, "limit": limit,
-                               "after": invites[-1]["id"]})
-            next_page = f'{self.public_base(key["host"])}/invites_api/invites?{query}'
-            headers.append(("Link", f'<{next_page}>; rel="next"'))
-        self.respond_json(200, [invite_info(i, self.invite_url(i),
-                                            invite_state(store, i, self.app.backend),
-                                            store.accounts(i["id"])) for i in invites], headers)
-
-    def api_show(self, reference):
-        """Show one of the key's invites: GET /invites_api/invites/ID (or TOKEN)."""
-        key = self.authenticate(self.params("key").get("key", ""))
-        invite, status = show_invite(self.app.store, reference, self.app.backend, key["host"],
-                                     key["id"])
-        self.respond_json(200, invite_info(invite, self.invite_url(invite), status,
-                                           self.app.store.accounts(invite["id"])))
-
-    def api_revoke(self, reference):
-        """Revoke one of the key's invites: DELETE /invites_api/invites/ID (or TOKEN)."""
-        key = self.authenticate(self.params("key").get("key", ""))
-        revoke_invite(self.app.store, reference, key["host"], key["id"], self.app.backend)
-        self.respond(204)
-
-    def api_redeem(self, token):
-        """Use an invite of the key's host once: POST /invites_api/invites/TOKEN/redeem."""
-        params = self.options("key", "username")
-        key = self.authenticate(params.pop("key", ""))
-        username = params.pop("username", None)
-        if params:
-            raise BadRequest(f"unknown option {sorted(params)[0]!r}")
-        if username is not None and not isinstance(username, str):
-            raise BadRequest("username must be a string")
-        invite = redeem_invite(self.app.store, token, key["host"], username)
-        self.respond_json(200, invite_info(invite, self.invite_url(invite)))
-
-    def invite_check(self, token):
-        """Tell a registration front end whether an invite is valid: GET /invite/TOKEN.json."""
-        self.params()
-        wait = self.app.check_limiter.hit(self.client)
-        if wait:
-            raise TooManyRequests("too many invite checks from your address", wait)
-        self.respond_json(200, check_invite(self.app.store, token))
-
-    # -- reading requests -------------------------------------------------------------------
-
-    def params(self, *allowed):
-        """Return the query string as a dict; raise BadRequest if bad (see parse_fields)."""
-        return parse_fields(self.query, allowed, "parameter")
-
-    def form_body(self, *allowed):
-        return form_fields(self.headers, self.body, allowed)
-
-    def options(self, *allowed):
-        """Return the query string's parameters with a JSON body's values (see with_json)."""
-        return with_json(self.params(*allowed), json_fields(self.headers, self.body))
-
-    def credentials(self, query_key):
-        """Return the key this request presents, unless its address is refused for guessing."""
-        try:
-            self.presented = presented_key(self.headers.get_all("Authorization") or [], query_key)
-        finally:  # (a malformed Authorization too: refused if its address guessed too often)
-            refuse_if_guessing(self.app.auth_limiter, self.client, self.presented)
-        return self.presented
-
-    def authenticate(self, query_key):
-        """Return the key row of this request's credentials (Authorization wins over ?key=)."""
-        return authenticate(self.app.store, self.credentials(query_key))
-
-    def wants_json(self):
-        accept = (self.headers.get("Accept") or "") if self.headers is not None else ""
-        return "application/json" in accept.lower()
-
-    def public_base(self, host):
-        """Return the scheme and authority invite URLs start with."""
-        if self.app.public_url:
-            return self.app.public_url.replace("{host}", host)
-        address, port = self.server.server_address[:2]
-        authority = self.authority or (f"[{address}]:{port}" if ":" in address
-                                       else f"{address}:{port}")
-        return f"{self.scheme}://{authority}"
-
-    def invite_url(self, invite):
-        return invite_url(invite, self.public_base(invite["host"]), self.app.invite_url_template)
-
-    # -- answering --------------------------------------------------------------------------
-
-    def respond_error(self, error):
-        """Answer an Error: JSON if asked for, the sign-up form again, a page, or plain text."""
-        message = error.public if isinstance(error, StoreError) else str(error)  # (no file path)
-        if self.wants_json():
-            return self.respond_json(error.status, {"error": message}, error.headers)
-        if self.form is not None and isinstance(error, Gone):
-            invite = self.app.store.invite(self.form["invite"]["id"])
-            return self.respond_page(410, invite_status(invite))
-        if self.form is not None and isinstance(error, (BadRequest, Conflict, BackendError)):
-            reason = next((text for kind, text in _FORM_ERRORS if isinstance(error, kind)),
-                          str(error))
-            return self.respond_page(error.status, error=reason, **self.form)
-        if self.page:  # a person reads it
-            site_name = self.app.site_name or "Invite"
-            return self.respond_html(error.status, lambda nonce: render_error_page(
-                error.status, message, site_name, nonce), headers=error.headers)
-        self.respond(error.status, f"{message}\n", error.headers)
-
-    def respond_json(self, status, data, headers=()):
-        import json
-        self.respond(status, json.dumps(data) + "\n", headers, content_type="application/json")
-
-    def respond_html(self, status, render, form=False, headers=()):
-        """Answer with the page render(nonce) makes, under its security headers."""
-        nonce = _random_id(12)
-        self.respond(status, render(nonce), tuple(headers) + page_headers(nonce, form),
-                     content_type="text/html; charset=utf-8")
-
-    # -- logging ----------------------------------------------------------------------------
-
-    def redacted_path(self):
-        """Return the request target fit for a log: key- or token-like parts redacted."""
-        if not self.path:
-            return "-"
-        from urllib.parse import unquote_plus
-        return redact(unquote_plus(self.path[:400], errors="replace")).translate(_UNPRINTABLE)
-
-    def answered(self, code, seconds):
-        self.app.metrics.request(code, seconds)
-        if self.app.log is not None:
-            self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
-                             (self.command or "-")[:20].translate(_UNPRINTABLE),
-                             self.redacted_path(),
-                             code, seconds * 1000)
-
-    def log_line(self, text):
-        self.app.log_line(text)
-
-
-# What a person sees on the sign-up form when the server failed (the reason goes to the log).
-_FORM_ERRORS = (
-    (OutcomeUnknown, "The server did not answer in time, so we cannot tell "
-                     "whether it was done. Try logging in with this name and "
-                     "password; if that does not work, ask for a new invite."),
-    (BackendError, "The server could not do it just now. Please try again later."),
-)
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -4559,7 +4629,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
     # http.server is imported only here, so that the key commands start fast.
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Handler(InviteRequests, BaseHTTPRequestHandler):
+    class Handler(InviteRequests, StrictHTTP, BaseHTTPRequestHandler):
         pass
 
     class Server(InviteServing, ThreadingHTTPServer):
