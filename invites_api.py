@@ -2181,30 +2181,47 @@ class Metrics:
         return "\n".join(lines) + "\n# EOF\n"
 
 
-class App:
-    """What the request handler needs: the store and the serve options."""
+class Settings:
+    """What `serve` was told, in one place: built at the command line's edge from its options
+    (each setting is named as its option is), read by the routes."""
 
-    def __init__(self, store, public_url=None, invite_url_template=None,
-                 invite_ttl=DEFAULT_INVITE_TTL, log=None, checks_per_minute=CHECKS_PER_MINUTE,
-                 backend=BUILTIN, site_name=None, apps=None, trust_proxy=None,
-                 metrics_token=None,
-                 auth_failures_per_minute=AUTH_FAILURES_PER_MINUTE, notify=None):
+    public_url = None  # --public-url: where invite URLs start ({host}), else the request's
+    invite_url_template = None  # --invite-url: an external landing page instead of ours
+    invite_ttl = DEFAULT_INVITE_TTL  # --invite-ttl
+    site_name = None  # --site-name; None: the invite's host
+    apps = None  # --apps: the "No app yet?" list; None: DEFAULT_APPS
+    # --trust-proxy: None, or the one header a trusted reverse proxy sets ("x-forwarded-for",
+    # "forwarded"; True means the first)
+    trust_proxy = None
+    metrics_token = None  # --metrics-token
+    notify = None  # --notify-command: an argv run after each use of an invite on our page
+    checks_per_minute = CHECKS_PER_MINUTE
+    auth_failures_per_minute = AUTH_FAILURES_PER_MINUTE
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            if not hasattr(Settings, name) or name.startswith("_"):
+                raise TypeError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+        self.public_url = self.public_url.rstrip("/") if self.public_url else None
+        self.apps = DEFAULT_APPS if self.apps is None else self.apps
+        self.trust_proxy = ("x-forwarded-for" if self.trust_proxy is True
+                            else self.trust_proxy or None)
+
+
+class App:
+    """What the request handler needs: the store, the backend, the settings, the log; and what
+    it keeps between requests (rate limiters, metrics, the problems it logged)."""
+
+    def __init__(self, store, backend=BUILTIN, settings=None, log=None):
         self.store = store
-        self.notify = notify  # an argv run after each use of an invite on our page
-        self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
-        # None, or the one header a trusted reverse proxy sets: "x-forwarded-for" or "forwarded".
-        self.trust_proxy = "x-forwarded-for" if trust_proxy is True else trust_proxy or None
-        self.metrics_token = metrics_token
-        self.metrics = Metrics()
-        self.auth_limiter = RateLimiter(auth_failures_per_minute)
         self.backend = backend  # who mints invites, and who makes the accounts of built-in ones
-        self.site_name = site_name  # None: the invite's host
-        self.apps = DEFAULT_APPS if apps is None else apps
-        self.public_url = public_url.rstrip("/") if public_url else None
-        self.invite_url_template = invite_url_template
-        self.invite_ttl = invite_ttl
+        self.settings = settings = settings or Settings()
         self.log = log  # a text stream for the access log, or None for quiet
-        self.check_limiter = RateLimiter(checks_per_minute)
+        self.metrics = Metrics()
+        self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
+        self.auth_limiter = RateLimiter(settings.auth_failures_per_minute)
+        self.check_limiter = RateLimiter(settings.checks_per_minute)
         self._problems = {}  # cause -> [when last logged, times since]
         self._lock = threading.Lock()
 
@@ -2256,7 +2273,7 @@ class InviteRequests:
 
     @property
     def trust_proxy(self):
-        return self.app.trust_proxy
+        return self.app.settings.trust_proxy
 
     def dispatch(self):
         """Route the request to its operation: the one boundary that turns errors into answers."""
@@ -2303,7 +2320,7 @@ class InviteRequests:
             "Invites", "<h1>This server makes account invites</h1><p>Invites "
                        "come as links; open the link you were given. If you have "
                        "none, ask the person who runs this server for one.</p>",
-            self.app.site_name or "Invites", nonce))
+            self.app.settings.site_name or "Invites", nonce))
 
     def health(self, _):
         """Say whether the database answers a read and a write: GET /health."""
@@ -2318,9 +2335,9 @@ class InviteRequests:
     def metrics(self, _):
         """Expose counters as OpenMetrics text: GET /metrics (with --metrics-token)."""
         self.params()
-        if self.app.metrics_token is not None:
+        if self.app.settings.metrics_token is not None:
             given = (self.headers.get("Authorization") or "").partition(" ")[2].strip()
-            if not hmac.compare_digest(given.encode(), self.app.metrics_token.encode()):
+            if not hmac.compare_digest(given.encode(), self.app.settings.metrics_token.encode()):
                 raise Unauthorized("this needs the metrics token (Authorization: Bearer)")
         text = self.app.metrics.render(self.server.open_connections, self.app.store.size())
         self.respond(200, text, content_type="application/openmetrics-text; "
@@ -2332,7 +2349,7 @@ class InviteRequests:
         redirect = parse_bool("redirect", str(params.pop("redirect", "")))
         credentials = self.credentials(params.pop("key", ""))
         invite = create_invite(self.app.store, credentials, options=params,
-                               default_ttl=self.app.invite_ttl, backend=self.app.backend)
+                               default_ttl=self.app.settings.invite_ttl, backend=self.app.backend)
         self.app.metrics.count("invite", (invite["host"], invite["backend"]))
         url = self.invite_url(invite)
         status = 303 if redirect else 201
@@ -2409,8 +2426,8 @@ class InviteRequests:
         minter = minted_by(invite, self.app.backend)
         signup = f"{base}/register?t={invite['token']}" if minter.sign_up_accounts else None
         self.respond_html(200, lambda nonce: render_invite_page(
-            invite, f"{base}/invite?{invite['token']}", self.site_name(invite), self.app.apps,
-            nonce, signup, in_apps=not minter.used_here),
+            invite, f"{base}/invite?{invite['token']}", self.site_name(invite),
+            self.app.settings.apps, nonce, signup, in_apps=not minter.used_here),
             headers=[("Link", f'<{invite["uri"]}>; rel="alternate"')])
 
     def signup_page(self, _):
@@ -2454,8 +2471,9 @@ class InviteRequests:
         done = (f"{self.public_base(invite['host'])}/register?t={used['token']}&"
                 f"account={quote(username)}")
         self.respond(303, b"", [("Location", done)])
-        if self.app.notify:  # after the answer: the inviter's news must not hold up the invitee
-            notify_use(self.app.notify, used["id"], username, used["host"], self.app.log_line)
+        notify = self.app.settings.notify
+        if notify:  # after the answer: the inviter's news must not hold up the invitee
+            notify_use(notify, used["id"], username, used["host"], self.app.log_line)
 
     def same_origin(self, host):
         """Return whether a form post comes from our own pages (the cross-site request defence)."""
@@ -2472,7 +2490,7 @@ class InviteRequests:
     def respond_page(self, status, unavailable=None, invite=None, username="", error=None,
                      done=False):
         """Answer with an invite unavailable (404, 410), the sign-up form, or its result."""
-        site_name, apps = self.site_name(invite), self.app.apps
+        site_name, apps = self.site_name(invite), self.app.settings.apps
         if done:  # (True, or a contact invite's outcome: made, failed, unknown)
             return self.respond_html(status, lambda nonce: render_signup_done(
                 invite, username, site_name, apps, nonce, contact=done))
@@ -2483,7 +2501,7 @@ class InviteRequests:
                           lambda nonce: render_unavailable_page(unavailable, site_name, nonce))
 
     def site_name(self, invite=None):
-        return self.app.site_name or (invite["host"] if invite is not None else "Invite")
+        return self.app.settings.site_name or (invite["host"] if invite is not None else "Invite")
 
     # -- reading requests -------------------------------------------------------------------
 
@@ -2516,15 +2534,16 @@ class InviteRequests:
 
     def public_base(self, host):
         """Return the scheme and authority invite URLs start with."""
-        if self.app.public_url:
-            return self.app.public_url.replace("{host}", host)
+        if self.app.settings.public_url:
+            return self.app.settings.public_url.replace("{host}", host)
         address, port = self.server.server_address[:2]
         authority = self.authority or (f"[{address}]:{port}" if ":" in address
                                        else f"{address}:{port}")
         return f"{self.scheme}://{authority}"
 
     def invite_url(self, invite):
-        return invite_url(invite, self.public_base(invite["host"]), self.app.invite_url_template)
+        return invite_url(invite, self.public_base(invite["host"]),
+                          self.app.settings.invite_url_template)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -2541,7 +2560,7 @@ class InviteRequests:
                           str(error))
             return self.respond_page(error.status, error=reason, **self.form)
         if self.page:  # a person reads it
-            site_name = self.app.site_name or "Invite"
+            site_name = self.app.settings.site_name or "Invite"
             return self.respond_html(error.status, lambda nonce: render_error_page(
                 error.status, message, site_name, nonce), headers=error.headers)
         self.respond(error.status, f"{message}\n", error.headers)
@@ -4958,10 +4977,12 @@ def cmd_serve(args):
             backend, store.key_inviters()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
-    app = App(store, public_url=args.public_url, invite_url_template=args.invite_url,
-              invite_ttl=args.invite_ttl, log=None if args.quiet else sys.stderr, backend=backend,
-              site_name=args.site_name, apps=load_apps(args.apps) if args.apps else DEFAULT_APPS,
-              trust_proxy=args.trust_proxy, metrics_token=args.metrics_token, notify=notify or None)
+    settings = Settings(public_url=args.public_url, invite_url_template=args.invite_url,
+                        invite_ttl=args.invite_ttl, site_name=args.site_name,
+                        apps=load_apps(args.apps) if args.apps else None,
+                        trust_proxy=args.trust_proxy, metrics_token=args.metrics_token,
+                        notify=notify or None)
+    app = App(store, backend, settings, log=None if args.quiet else sys.stderr)
     server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
                          systemd_socket(), args.request_timeout)
     start_purging(store, args.purge_after, app)

@@ -143,7 +143,8 @@ class LiveServerTestCase(Requests, TempDirTestCase):
         super().setUp()
         self.store = ia.Store(self.db)
         self.log = io.StringIO()
-        self.app = ia.App(self.store, log=self.log, **self.app_options)
+        options = dict(self.app_options)  # (the backend, and serve's settings)
+        self.app = ia.App(self.store, options.pop("backend", ia.BUILTIN), ia.Settings(**options), log=self.log)
         for limiter in (self.app.auth_limiter, self.app.signup_limiter, self.app.check_limiter):
             limiter.clock = lambda: 30.0  # mid-minute for the whole test: no window ends during it
         self.addCleanup(self.store.close)
@@ -631,7 +632,7 @@ class AttackTest(LiveServerTestCase):
         for host in ("my_host:5282", "a b", "x:99999999", "[::1"):
             status, _, _ = self.create(headers={"Host": host})
             self.assertEqual(status, 400, host)
-        self.app.trust_proxy = "x-forwarded-for"
+        self.app.settings.trust_proxy = "x-forwarded-for"
         self.assertEqual(self.create(headers={"X-Forwarded-Host": "bad_host"})[0], 400)
         self.assertEqual(self.invite_count(), 0)
         self.assertEqual(self.store.key(self.key_id)["invites_created"], 0)
@@ -818,6 +819,21 @@ class ProbingTest(LiveServerTestCase):
         self.assertEqual(self.invite_count(), 0)
 
 
+class SettingsTest(unittest.TestCase):
+    """serve's options reach the routes as one Settings object, with their defaults in one place."""
+
+    def test_defaults_normal_forms_and_unknown_names(self):
+        default = ia.Settings()
+        self.assertEqual((default.public_url, default.invite_ttl, default.apps, default.trust_proxy),
+                         (None, ia.DEFAULT_INVITE_TTL, ia.DEFAULT_APPS, None))
+        given = ia.Settings(public_url="https://{host}/", trust_proxy=True, site_name="Choir")
+        self.assertEqual((given.public_url, given.trust_proxy, given.site_name),
+                         ("https://{host}", "x-forwarded-for", "Choir"))
+        with self.assertRaises(TypeError):
+            ia.Settings(public_ulr="https://example.com")  # (a misspelt setting is no silent default)
+        self.assertIs(ia.App(None, settings=given).settings, given)
+
+
 class ServerOptionsTest(LiveServerTestCase):
     app_options = {"public_url": "https://{host}:5281/", "invite_ttl": 3600}
 
@@ -889,8 +905,8 @@ class InvitePageTest(LiveServerTestCase):
         self.assertNotEqual(nonce, other_nonce)
 
     def test_site_name_apps_username_and_uses_are_shown(self):
-        self.app.site_name = "Choir Chat"
-        self.app.apps = ({"platform": "Amiga", "name": "AmigaXMPP", "url": "https://amiga.example/xmpp"},)
+        self.app.settings.site_name = "Choir Chat"
+        self.app.settings.apps = ({"platform": "Amiga", "name": "AmigaXMPP", "url": "https://amiga.example/xmpp"},)
         key = ia.create_key(self.store, "example.com", max_uses=5)
         token = self.token_of(self.create(key=key, extra="&uses=5&username=frank")[1]["location"])
         page = self.request("GET", f"/invite/{token}")[2].decode()
@@ -2206,7 +2222,7 @@ esac
         tmp = tempfile.mkdtemp()
         self.addCleanup(lambda: subprocess.run(["rm", "-rf", tmp]))
         late = os.path.join(tmp, "late")
-        self.app.notify = [write_program(tmp, "notify", f"(sleep 2; echo late > {late}) & sleep 30\n")]
+        self.app.settings.notify = [write_program(tmp, "notify", f"(sleep 2; echo late > {late}) & sleep 30\n")]
         token = self.token_of(self.create()[1]["location"])
         with mock.patch.object(ia, "NOTIFY_TIMEOUT", 1):
             self.assertEqual(self.sign_up(token, "alice")[0], 200)
@@ -4395,7 +4411,7 @@ class ProxyTest(LiveServerTestCase):
         self.assertTrue(headers["location"].startswith("http://invites.example.com/"))
         self.assertNotIn("2001:db8::1", self.log.getvalue())
         self.assertIn(" 203.0.113.10 GET", self.log.getvalue())
-        self.app.trust_proxy = "forwarded"  # --trust-proxy=forwarded: the proxy sets Forwarded
+        self.app.settings.trust_proxy = "forwarded"  # --trust-proxy=forwarded: the proxy sets Forwarded
         status, headers, _ = self.create(headers={"Forwarded": 'for=198.51.100.1, for="[2001:db8::1]:4711";'
                                                                'proto=https;host=x.example',
                                                   "X-Forwarded-For": "203.0.113.11", "Host": "invites.example.com"})
@@ -4404,7 +4420,7 @@ class ProxyTest(LiveServerTestCase):
         self.assertNotIn("203.0.113.11", self.log.getvalue())
 
     def test_untrusted_proxy_headers_are_ignored(self):
-        self.app.trust_proxy = False
+        self.app.settings.trust_proxy = False
         _, headers, _ = self.create(headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
         self.assertTrue(headers["location"].startswith(f"http://127.0.0.1:{self.port}/"))
         self.assertNotIn("203.0.113.9", self.log.getvalue())
@@ -4564,7 +4580,7 @@ class HealthAndMetricsTest(LiveServerTestCase):
         self.assertNotIn(self.key.split("/")[1], body.decode())
 
     def test_metrics_token_is_required_when_set(self):
-        self.app.metrics_token = "s3cret-token"
+        self.app.settings.metrics_token = "s3cret-token"
         self.assertEqual(self.request("GET", "/metrics")[0], 401)
         self.assertEqual(self.request("GET", "/metrics", {"Authorization": "Bearer wrong"})[0], 401)
         self.assertEqual(self.request("GET", "/metrics", {"Authorization": "Bearer s3cret-token"})[0], 200)
@@ -5313,7 +5329,7 @@ class TokensAtRestTest(Requests, TempDirTestCase):
 
     def serve(self, store, program):
         """Serve store in a thread, making accounts through program; set self.port."""
-        app = ia.App(store, log=io.StringIO(), backend=ia.Builtin(ia.Accounts(program)))
+        app = ia.App(store, ia.Builtin(ia.Accounts(program)), log=io.StringIO())
         server = ia.make_server(app, "127.0.0.1", 0)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
