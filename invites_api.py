@@ -850,10 +850,20 @@ class Store:
     # -- keys ----------------------------------------------------------------
 
     def insert_key(self, key):
-        """Store a new key (a dict with the keys table's columns)."""
+        """Store a new key (a dict with the keys table's columns); return False if its id is
+        taken (by a key of any host: ids are unique across hosts)."""
         columns = [c for c in _KEY_COLUMNS.split(", ") if c in key]
         sql = f"INSERT INTO keys ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        self.write(lambda conn: conn.execute(sql, [key[c] for c in columns]))
+
+        def insert(conn):
+            try:
+                conn.execute(sql, [key[c] for c in columns])
+            except sqlite3.IntegrityError as e:
+                if "keys.id" not in str(e):
+                    raise
+                return False
+            return True
+        return self.write(insert)
 
     def key(self, key_id, conn=None, decoy=False):
         """Return the key row with this id, or None (within conn's transaction if given)."""
@@ -1428,7 +1438,8 @@ def create_key(store, host, name="", **policy):
     key = {"id": key_id, "host": host, "name": name, "secret_hash": hash_secret(secret),
            "created_at": now()}
     key.update({k: v for k, v in policy.items() if k in KEY_POLICY and v is not None})
-    store.insert_key(key)
+    while not store.insert_key(key):  # (the id is another key's: 72 random bits, but still)
+        key["id"] = key_id = _random_id(KEY_ID_BYTES)
     return f"{key_id}/{secret}"
 
 

@@ -3978,7 +3978,11 @@ class Ejabberd26Test(EjabberdApiTest):
         self.assertEqual(watch.seen, [])
 
     def test_invites_through_ejabberdctl_too(self):
-        self.journey(["--ejabberdctl", self.ejabberdctl], 2)
+        # The same journey, each invite minted by an ejabberdctl run of its own (seen in its argv).
+        with contextlib.closing(ArgvWatch("generate_invite")) as watch:
+            log = self.journey(["--ejabberdctl", self.ejabberdctl], 2)
+        self.assertTrue(any(b"ejabberdctl" in argv for argv in watch.seen), watch.seen[:3])
+        self.assertNotIn("Traceback", log)
 
     def test_the_open_invites_cap_is_a_503_and_our_purge_makes_room(self):
         store = ia.Store(self.db)
@@ -4935,8 +4939,20 @@ class CliTest(TempDirTestCase):
         self.assertFalse(any(ia._random_id(9).startswith("-") for _ in range(2000)))
 
     def test_key_ids_are_unique_across_hosts(self):
-        ids = [self.cli("create", host)[1].split("/")[0] for host in ("a.example", "b.example") * 20]
-        self.assertEqual(len(set(ids)), 40)
+        first = self.cli("create", "a.example")[1].strip()
+        taken, fresh = first.split("/")[0], ia._random_id(ia.KEY_ID_BYTES)
+        # The random source gives b.example the id a.example's key has: it gets another one.
+        real = ia._random_id
+        ids = iter([taken, real(ia.SECRET_BYTES), fresh])
+        with mock.patch.object(ia, "_random_id", side_effect=lambda n: next(ids)):
+            second = ia.create_key(ia.Store(self.db), "b.example")
+        self.assertEqual(second.split("/")[0], fresh)
+        self.assertEqual([k["id"] for k in json.loads(self.cli("list", "a.example", "--json")[1])], [taken])
+        self.assertEqual([k["id"] for k in json.loads(self.cli("list", "b.example", "--json")[1])], [fresh])
+        # An id names one key of one host: b.example's commands cannot reach a.example's key.
+        self.assertEqual(self.cli("delete", "b.example", taken)[0], 1)
+        self.assertEqual(self.cli("update", "b.example", taken, "--name", "mine")[0], 1)
+        self.assertEqual(ia.authenticate(ia.Store(self.db), first)["host"], "a.example")
 
     def test_list_prints_id_tab_name_per_key_and_never_the_secret(self):
         k1 = self.cli("create", "example.com", "My test key")[1].strip()
