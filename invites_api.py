@@ -5043,10 +5043,10 @@ _EXAMPLES = {
     "invites create": "example:\n  invites_api.py invites create example.com "
                       "--username alice --ttl 1d\n  -> prints the invite page URL\n",
     "invites list": "example:\n  invites_api.py invites list example.com --all --json\n",
-    "invites show": "example:\n  invites_api.py invites show "
-                    "example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
-    "invites revoke": "example:\n  invites_api.py invites revoke "
-                      "example.com Vb0tJ3r1aQ2kWn9Yc8dZt0Ls\n",
+    "invites show": "example:\n  invites_api.py invites show example.com Vb0tJYx3kQ_a"
+                    "   # an id as listed (or the whole token)\n",
+    "invites revoke": "example:\n  invites_api.py invites revoke example.com Vb0tJYx3kQ_a"
+                      "   # an id as listed (or the whole token)\n",
     "invites redeem": "example:\n  invites_api.py invites redeem example.com "
                       "Vb0tJ3r1aQ2kWn9Yc8dZt0Ls --username alice\n",
 }
@@ -5219,7 +5219,7 @@ def build_parser():
     sub.add_argument("--notify-command", metavar="TEMPLATE",
                      help="run after each use of an invite on the sign-up page, with "
                           "the username and the host added as arguments and the "
-                          "invite's token in $INVITES_API_TOKEN (to tell the inviter)")
+                          "invite's id in $INVITES_API_INVITE (to tell the inviter)")
     sub.add_argument("--quiet", action="store_true", help="no access log on stderr")
     backend_args(sub)
 
