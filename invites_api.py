@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 
 
 # ---------------------------------------------------------------------------
-# Constants: every limit and default, named once
+# Constants and settings: every limit and default, named once; what the command line changed
 # ---------------------------------------------------------------------------
 
 # Next to Prosody's own 5280/5281, without taking either: this often runs on
@@ -106,6 +106,19 @@ HEALTH_TIMEOUT = 1.0
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # Seconds `serve` waits for requests in flight when asked to stop.
 SHUTDOWN_GRACE = 15.0
+# The invite page's "No app yet?" list (--apps replaces it). Links only: the page loads nothing
+# from these sites.
+DEFAULT_APPS = (
+    {"platform": "Android", "name": "Conversations",
+     "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
+    {"platform": "Android", "name": "Conversations (F-Droid)",
+     "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
+    {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
+    {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
+    {"platform": "Windows, macOS, Linux", "name": "Dino (Linux)", "url": "https://dino.im/"},
+    {"platform": "Windows, macOS, Linux", "name": "Monal (macOS)", "url": "https://monal-im.org/"},
+)
 
 KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{12,64}\Z")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}\Z")
@@ -127,6 +140,55 @@ def iso(ts):
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Settings:
+    """What the command line was told, in one place: built at its edge from the options (each
+    setting named as its option is), read by serve, the backends and the routes."""
+
+    # Serving: --max-connections, --timeout (idle seconds between requests), --request-timeout.
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    timeout = DEFAULT_TIMEOUT
+    request_timeout = DEFAULT_REQUEST_TIMEOUT
+    # The XMPP server or program: --backend-timeout, --backend-concurrency.
+    backend_timeout = DEFAULT_BACKEND_TIMEOUT
+    backend_concurrency = DEFAULT_BACKEND_CONCURRENCY
+    # The routes and pages.
+    public_url = None  # --public-url: where invite URLs start ({host}), else the request's
+    invite_url_template = None  # --invite-url: an external landing page instead of ours
+    invite_ttl = DEFAULT_INVITE_TTL  # --invite-ttl
+    site_name = None  # --site-name; None: the invite's host
+    apps = None  # --apps: the "No app yet?" list; None: DEFAULT_APPS
+    # --trust-proxy: None, or the one header a trusted reverse proxy sets ("x-forwarded-for",
+    # "forwarded"; True means the first)
+    trust_proxy = None
+    metrics_token = None  # --metrics-token
+    notify = None  # --notify-command: an argv run after each use of an invite on our page
+    checks_per_minute = CHECKS_PER_MINUTE
+    auth_failures_per_minute = AUTH_FAILURES_PER_MINUTE
+    # The log: a text stream (serve's stderr) for what happened and what failed, or None; the
+    # access log (a line a request) goes there too unless --quiet.
+    log = None
+    access_log = True
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            if not hasattr(Settings, name) or name.startswith("_"):
+                raise TypeError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+        self.public_url = self.public_url.rstrip("/") if self.public_url else None
+        self.apps = DEFAULT_APPS if self.apps is None else self.apps
+        self.trust_proxy = ("x-forwarded-for" if self.trust_proxy is True
+                            else self.trust_proxy or None)
+
+    def log_line(self, text):
+        """Write one timestamped line to the log (if there is one)."""
+        if self.log is not None:
+            self.log.write(f"{iso(now())} {text}\n")
+            self.log.flush()
+
+
+DEFAULTS = Settings()  # (what a part made without settings reads)
 
 
 # ---------------------------------------------------------------------------
@@ -2192,43 +2254,14 @@ class Metrics:
         return "\n".join(lines) + "\n# EOF\n"
 
 
-class Settings:
-    """What `serve` was told, in one place: built at the command line's edge from its options
-    (each setting is named as its option is), read by the routes."""
-
-    public_url = None  # --public-url: where invite URLs start ({host}), else the request's
-    invite_url_template = None  # --invite-url: an external landing page instead of ours
-    invite_ttl = DEFAULT_INVITE_TTL  # --invite-ttl
-    site_name = None  # --site-name; None: the invite's host
-    apps = None  # --apps: the "No app yet?" list; None: DEFAULT_APPS
-    # --trust-proxy: None, or the one header a trusted reverse proxy sets ("x-forwarded-for",
-    # "forwarded"; True means the first)
-    trust_proxy = None
-    metrics_token = None  # --metrics-token
-    notify = None  # --notify-command: an argv run after each use of an invite on our page
-    checks_per_minute = CHECKS_PER_MINUTE
-    auth_failures_per_minute = AUTH_FAILURES_PER_MINUTE
-
-    def __init__(self, **values):
-        for name, value in values.items():
-            if not hasattr(Settings, name) or name.startswith("_"):
-                raise TypeError(f"unknown setting {name!r}")
-            setattr(self, name, value)
-        self.public_url = self.public_url.rstrip("/") if self.public_url else None
-        self.apps = DEFAULT_APPS if self.apps is None else self.apps
-        self.trust_proxy = ("x-forwarded-for" if self.trust_proxy is True
-                            else self.trust_proxy or None)
-
-
 class App:
-    """What the request handler needs: the store, the backend, the settings, the log; and what
-    it keeps between requests (rate limiters, metrics, the problems it logged)."""
+    """What the request handler needs: the store, the backend, the settings; and what it keeps
+    between requests (rate limiters, metrics, the problems it logged)."""
 
-    def __init__(self, store, backend=BUILTIN, settings=None, log=None):
+    def __init__(self, store, backend=BUILTIN, settings=DEFAULTS):
         self.store = store
         self.backend = backend  # who mints invites, and who makes the accounts of built-in ones
-        self.settings = settings = settings or Settings()
-        self.log = log  # a text stream for the access log, or None for quiet
+        self.settings = settings
         self.metrics = Metrics()
         self.signup_limiter = RateLimiter(SIGNUPS_PER_MINUTE)
         self.auth_limiter = RateLimiter(settings.auth_failures_per_minute)
@@ -2238,9 +2271,7 @@ class App:
 
     def log_line(self, text):
         """Write one timestamped line to the log (if there is one)."""
-        if self.log is not None:
-            self.log.write(f"{iso(now())} {text}\n")
-            self.log.flush()
+        self.settings.log_line(text)
 
     def log_problem(self, text, cause):
         """Log a failure that may recur on every request once per cause and minute."""
@@ -2597,7 +2628,7 @@ class InviteRequests:
 
     def answered(self, code, seconds):
         self.app.metrics.request(code, seconds)
-        if self.app.log is not None:
+        if self.app.settings.access_log:
             self.log_message("%s %s %s %d %.1fms", self.client.translate(_UNPRINTABLE),
                              (self.command or "-")[:20].translate(_UNPRINTABLE),
                              self.redacted_path(),
@@ -2719,10 +2750,9 @@ def _children_of(parents):
 class ServerBackend(Backend):
     """An XMPP server (or a program) that mints invites: a timeout and a cap on calls at once."""
 
-    def __init__(self, timeout=DEFAULT_BACKEND_TIMEOUT, concurrency=DEFAULT_BACKEND_CONCURRENCY,
-                 log=None):
-        self.timeout, self.log = timeout, log  # log: a text stream for failures, or None
-        self._slots = threading.BoundedSemaphore(concurrency)
+    def __init__(self, settings=DEFAULTS):
+        self.settings, self.timeout = settings, settings.backend_timeout
+        self._slots = threading.BoundedSemaphore(settings.backend_concurrency)
 
     @contextlib.contextmanager
     def slot(self):
@@ -2766,11 +2796,8 @@ class ServerBackend(Backend):
 
     def fail(self, reason, output=b""):
         """Log the failure with the program's output (redacted) and raise BackendError."""
-        if self.log is not None:
-            detail = redact(output.decode("utf-8", "replace")).strip().replace("\n", " | ")[:1000]
-            self.log.write(f"{iso(now())} {self.name} backend "
-                           f"{reason}: {detail or '(no output)'}\n")
-            self.log.flush()
+        detail = redact(output.decode("utf-8", "replace")).strip().replace("\n", " | ")[:1000]
+        self.settings.log_line(f"{self.name} backend {reason}: {detail or '(no output)'}")
         raise BackendError(f"the {self.name} backend {reason}")
 
 
@@ -2780,8 +2807,8 @@ class CommandBackend(ServerBackend):
 
     name = "command"
 
-    def __init__(self, argv, **limits):
-        super().__init__(**limits)
+    def __init__(self, argv, settings=DEFAULTS):
+        super().__init__(settings)
         self.template = list(argv)
         # The options whose placeholder appears are the ones it honours.
         self.options = frozenset(o for o in ("ttl", "uses", "username", "inviter")
@@ -2843,12 +2870,11 @@ class ProsodyAdmin:
     # <repl-result> (type='error' on failure); one command at a time on a connection. One that
     # fails (Prosody restarted) is opened again, once, for the same command.
 
-    def __init__(self, path, timeout=DEFAULT_BACKEND_TIMEOUT,
-                 concurrency=DEFAULT_BACKEND_CONCURRENCY):
+    def __init__(self, path, settings=DEFAULTS):
         import queue
-        self.path, self.timeout = path, timeout
+        self.path, self.timeout = path, settings.backend_timeout
         self.idle = queue.LifoQueue()
-        for _ in range(concurrency):
+        for _ in range(settings.backend_concurrency):
             self.idle.put(None)  # a free slot, not connected yet
 
     def run(self, line):
@@ -3019,10 +3045,9 @@ class ProsodyBackend(ServerBackend, AccountMaker):
     name = "prosody"
     missing_is_final = False  # a command sent but unanswered may still run in Prosody later
 
-    def __init__(self, config=None, socket=None, timeout=DEFAULT_BACKEND_TIMEOUT,
-                 concurrency=DEFAULT_BACKEND_CONCURRENCY, log=None):
-        super().__init__(timeout, concurrency, log)
-        self.admin = ProsodyAdmin(socket or prosody_socket(config), timeout, concurrency)
+    def __init__(self, config=None, socket=None, settings=DEFAULTS):
+        super().__init__(settings)
+        self.admin = ProsodyAdmin(socket or prosody_socket(config), settings)
         self.version = None
 
     @property
@@ -3174,8 +3199,8 @@ class Accounts(AccountMaker):
     name = "command"
     missing_is_final = True  # after a timeout it and all it started are killed: missing stays so
 
-    def __init__(self, argv, timeout=DEFAULT_BACKEND_TIMEOUT):
-        self.template, self.timeout = list(argv), timeout
+    def __init__(self, argv, settings=DEFAULTS):
+        self.template, self.timeout = list(argv), settings.backend_timeout
 
     def create(self, host, username, password):
         """Create username@host; raise Conflict (taken), BackendError or OutcomeUnknown."""
@@ -3231,8 +3256,8 @@ class EjabberdCtl:
     # (visible to local users while it runs, passwords included: the API is better)
     display_name = "ejabberdctl"
 
-    def __init__(self, ejabberdctl="ejabberdctl", timeout=DEFAULT_BACKEND_TIMEOUT):
-        self.ejabberdctl, self.timeout = ejabberdctl, timeout
+    def __init__(self, ejabberdctl="ejabberdctl", settings=DEFAULTS):
+        self.ejabberdctl, self.timeout = ejabberdctl, settings.backend_timeout
 
     def call(self, command, **args):
         """Run one command, its arguments in the given order; return (exit status, its answer:
@@ -3273,7 +3298,7 @@ class EjabberdApi(EjabberdCtl):
     # or an OAuth token. Answers: (0, or the failure's status; the JSON value, a failure's text).
     display_name = "ejabberd's API"
 
-    def __init__(self, url, timeout=DEFAULT_BACKEND_TIMEOUT, auth=None):
+    def __init__(self, url, settings=DEFAULTS, auth=None):
         from urllib.parse import urlsplit
         self._idle, self._lock = [], threading.Lock()  # (first: close() runs if the URL is refused)
         parts = urlsplit(url)
@@ -3282,7 +3307,7 @@ class EjabberdApi(EjabberdCtl):
                         "--ejabberd-api-auth-file, not in the URL")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Error(f"--ejabberd-api {url!r}: expected http://HOST:PORT/api")
-        self.url, self.timeout, self.parts = url, timeout, parts
+        self.url, self.timeout, self.parts = url, settings.backend_timeout, parts
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth:
             self.headers["Authorization"] = ("Basic " + base64.b64encode(auth.encode()).decode()
@@ -3352,11 +3377,10 @@ class EjabberdApi(EjabberdCtl):
         return f"through its HTTP API {self.url}"
 
 
-def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl",
-                  timeout=DEFAULT_BACKEND_TIMEOUT):
+def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl", settings=DEFAULTS):
     """Return ejabberd's commands' client: its HTTP API if a URL is given, else ejabberdctl."""
     if not api:
-        return EjabberdCtl(ejabberdctl, timeout)
+        return EjabberdCtl(ejabberdctl, settings)
     auth = None
     if auth_file:
         try:
@@ -3364,7 +3388,7 @@ def make_ejabberd(api=None, auth_file=None, ejabberdctl="ejabberdctl",
                 auth = f.read().strip()
         except OSError as e:
             raise Error(f"--ejabberd-api-auth-file {auth_file!r}: {e.strerror}") from None
-    return EjabberdApi(api, timeout, auth)
+    return EjabberdApi(api, settings, auth)
 
 
 class EjabberdBackend(ServerBackend, AccountMaker):
@@ -3380,8 +3404,8 @@ class EjabberdBackend(ServerBackend, AccountMaker):
     options = frozenset({"username", "reset"})
     missing_is_final = False
 
-    def __init__(self, ejabberd, **limits):
-        super().__init__(**limits)
+    def __init__(self, ejabberd, settings=DEFAULTS):
+        super().__init__(settings)
         self.ejabberd = ejabberd
         self._listed = {}  # host: (when, its invites): a listing asks once a page, not an invite
         self._release = None
@@ -3593,18 +3617,16 @@ def split_command(command, option, placeholders):
 
 
 def make_backend(name, accounts=None, prosody_config=None, prosody_socket=None, ejabberd=None,
-                 command=None, timeout=DEFAULT_BACKEND_TIMEOUT,
-                 concurrency=DEFAULT_BACKEND_CONCURRENCY, log=None):
+                 command=None, settings=DEFAULTS):
     """Return the Backend called name, with who makes built-in invites' accounts; raise Error."""
-    limits = {"timeout": timeout, "concurrency": concurrency, "log": log}
     if name == "builtin":
         return Builtin(accounts)
     if name == "prosody":
-        backend = ProsodyBackend(prosody_config, prosody_socket, **limits)
+        backend = ProsodyBackend(prosody_config, prosody_socket, settings)
     elif name == "ejabberd":
-        backend = EjabberdBackend(ejabberd or EjabberdCtl(timeout=timeout), **limits)
+        backend = EjabberdBackend(ejabberd or EjabberdCtl(settings=settings), settings)
     elif name == "command":
-        backend = CommandBackend(split_command(command, "--backend-command", "{host}"), **limits)
+        backend = CommandBackend(split_command(command, "--backend-command", "{host}"), settings)
     else:
         raise Error(f"unknown backend {name!r}: use builtin, prosody, ejabberd or command")
     backend.accounts = accounts  # (for built-in invites made before this backend was chosen)
@@ -3616,19 +3638,6 @@ def make_backend(name, accounts=None, prosody_config=None, prosody_socket=None, 
 # ---------------------------------------------------------------------------
 
 # -- the invite page ---------------------------------------------------------
-
-# Links only: the page loads nothing from these sites.
-DEFAULT_APPS = (
-    {"platform": "Android", "name": "Conversations",
-     "url": "https://play.google.com/store/apps/details?id=eu.siacs.conversations"},
-    {"platform": "Android", "name": "Conversations (F-Droid)",
-     "url": "https://f-droid.org/packages/eu.siacs.conversations/"},
-    {"platform": "iOS", "name": "Monal", "url": "https://monal-im.org/"},
-    {"platform": "iOS", "name": "Siskin IM", "url": "https://siskin.im/"},
-    {"platform": "Windows, macOS, Linux", "name": "Gajim", "url": "https://gajim.org/download/"},
-    {"platform": "Windows, macOS, Linux", "name": "Dino (Linux)", "url": "https://dino.im/"},
-    {"platform": "Windows, macOS, Linux", "name": "Monal (macOS)", "url": "https://monal-im.org/"},
-)
 
 
 def load_apps(path):
@@ -4469,12 +4478,11 @@ class InviteServing:
     allow_reuse_address = True
     request_queue_size = 1024  # a burst is accepted and answered (or refused) fast, not dropped
 
-    def __init__(self, app, handler_class, bind, port, max_connections=DEFAULT_MAX_CONNECTIONS,
-                 timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None,
-                 request_timeout=DEFAULT_REQUEST_TIMEOUT):
+    def __init__(self, app, handler_class, bind, port, tls=None, listen_socket=None):
         import socket
-        self.app, self.tls, self.max_connections = app, tls, max_connections
-        self.idle_timeout, self.request_timeout = timeout, request_timeout
+        settings = app.settings
+        self.app, self.tls, self.max_connections = app, tls, settings.max_connections
+        self.idle_timeout, self.request_timeout = settings.timeout, settings.request_timeout
         self.stopping = False
         self.connections = {}  # socket -> _Connection, under _lock
         self.lingering = []  # (when to close, socket) of refused connections
@@ -4650,10 +4658,9 @@ class TLS:
         self.context = self.load()
 
 
-def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAULT_MAX_CONNECTIONS,
-                timeout=DEFAULT_TIMEOUT, tls=None, listen_socket=None,
-                request_timeout=DEFAULT_REQUEST_TIMEOUT):
-    """Return a listening (not yet serving) HTTP server for app; raise Error if it cannot."""
+def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, tls=None, listen_socket=None):
+    """Return a listening (not yet serving) HTTP server for app (its settings' limits); raise
+    Error if it cannot."""
     # tls: a TLS for HTTPS. listen_socket: an already listening socket (from systemd) to serve
     # instead of binding bind:port.
     # http.server is imported only here, so that the key commands start fast.
@@ -4666,8 +4673,7 @@ def make_server(app, bind=DEFAULT_BIND, port=DEFAULT_PORT, max_connections=DEFAU
         pass
 
     try:
-        server = Server(app, Handler, bind, port, max_connections, timeout, tls, listen_socket,
-                        request_timeout)
+        server = Server(app, Handler, bind, port, tls, listen_socket)
     except OSError as e:
         raise Error(f"cannot listen on {bind}:{port}: {e.strerror}") from None
     app.store.start_group_commit()
@@ -4818,7 +4824,7 @@ def _check_inviter(args):
     """Refuse an --inviter the XMPP server says has no account; say so where none can tell."""
     if args.inviter in (None, CLEAR):
         return
-    with contextlib.closing(_backend(args, sys.stderr)) as backend:
+    with contextlib.closing(_backend(args, settings_of(args))) as backend:
         told = check_inviter(backend, args.host, args.inviter)
     if not told:
         print(f"note: nothing here can tell whether {args.inviter}@{args.host} has an account "
@@ -4843,7 +4849,14 @@ def _print_json(data):
     print(json.dumps(data, indent=2))
 
 
-def _backend(args, log=None, asking=False, accounts=True):
+def settings_of(args, **values):
+    """Return the Settings the command line gives (every command's backend options, and
+    values: serve's); the log is stderr."""
+    return Settings(backend_timeout=args.backend_timeout,
+                    backend_concurrency=args.backend_concurrency, log=sys.stderr, **values)
+
+
+def _backend(args, settings, asking=False, accounts=True):
     """Return the Backend the command line names, with its --accounts; refuse idle options."""
     # asking (about invites made before): Prosody's unless another is named.
     wanted = getattr(args, "accounts", None) if accounts else None
@@ -4859,27 +4872,24 @@ def _backend(args, log=None, asking=False, accounts=True):
                 "--ejabberd-api": "--backend ejabberd or --accounts ejabberd",
                 "--ejabberd-api-auth-file": "--ejabberd-api"}[option])
     name = "prosody" if asking and args.backend == "builtin" else args.backend
-    backend = make_backend(name, None, args.prosody_config, args.prosody_socket, _ejabberd(args),
-                           args.backend_command, args.backend_timeout, args.backend_concurrency,
-                           log)
+    backend = make_backend(name, None, args.prosody_config, args.prosody_socket,
+                           _ejabberd(args, settings), args.backend_command, settings)
     if wanted == backend.name and wanted in ("prosody", "ejabberd"):
         backend.accounts = backend  # (one server, one connection to it)
     elif wanted == "prosody":
-        backend.accounts = ProsodyBackend(args.prosody_config, args.prosody_socket,
-                                          args.backend_timeout)
+        backend.accounts = ProsodyBackend(args.prosody_config, args.prosody_socket, settings)
     elif wanted == "ejabberd":
-        backend.accounts = EjabberdBackend(_ejabberd(args), timeout=args.backend_timeout)
+        backend.accounts = EjabberdBackend(_ejabberd(args, settings), settings)
     elif wanted == "command":
         backend.accounts = Accounts(split_command(args.accounts_command, "--accounts-command",
-                                                  "{action} {username} {host}"),
-                                    args.backend_timeout)
+                                                  "{action} {username} {host}"), settings)
     return backend
 
 
-def _ejabberd(args):
+def _ejabberd(args, settings):
     """Return the client for ejabberd's commands that the command line asks for."""
     return make_ejabberd(args.ejabberd_api, args.ejabberd_api_auth_file, args.ejabberdctl,
-                         args.backend_timeout)
+                         settings)
 
 
 def cmd_invites_create(args):
@@ -4892,7 +4902,8 @@ def cmd_invites_create(args):
         if args.username is not None:
             raise Error("--reset USER names the account; give no --username")
         options.update(type="reset", username=args.reset)
-    backend = _backend(args, sys.stderr, accounts=args.reset is not None or bool(args.inviter))
+    backend = _backend(args, settings_of(args),
+                       accounts=args.reset is not None or bool(args.inviter))
     with contextlib.closing(backend):
         for warning in backend.start_warnings([]):
             print(f"warning: {warning}", file=sys.stderr)
@@ -4913,7 +4924,7 @@ def cmd_invites_create(args):
 def cmd_invites_list(args):
     """invites list HOST: print a page of the host's invites as an 80-column table."""
     # On stderr: how many there are, and how to see the next page.
-    store, backend = open_store(args), _backend(args, sys.stderr, asking=True)
+    store, backend = open_store(args), _backend(args, settings_of(args), asking=True)
     status = None if args.all or args.status == "all" else args.status
     invites, total = list_invites(store, args.host, args.key and _key_id(args.key), status,
                                   args.limit, args.after)
@@ -4942,7 +4953,7 @@ def cmd_invites_list(args):
 def cmd_invites_show(args):
     """invites show HOST ID: print one invite (by its id, or its whole token)."""
     store = open_store(args)
-    invite, status = show_invite(store, args.invite, _backend(args, sys.stderr, asking=True),
+    invite, status = show_invite(store, args.invite, _backend(args, settings_of(args), asking=True),
                                  args.host)
     accounts = store.accounts(invite["id"])
     if any(a["action"] == "unconfirmed" for a in accounts) and not args.accounts:
@@ -4959,7 +4970,7 @@ def cmd_invites_show(args):
 def cmd_invites_revoke(args):
     """invites revoke HOST ID: revoke an invite (by its id, or its whole token)."""
     revoke_invite(open_store(args), args.invite, host=args.host,
-                  backend=_backend(args, sys.stderr, asking=True))
+                  backend=_backend(args, settings_of(args), asking=True))
 
 
 def cmd_invites_redeem(args):
@@ -4979,7 +4990,15 @@ def cmd_serve(args):
         raise Error("--tls-cert and --tls-key go together")
     tls = TLS(args.tls_cert, args.tls_key) if args.tls_cert else None
     store = open_store(args)
-    backend = _backend(args, log=sys.stderr)
+    notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
+    settings = settings_of(args, max_connections=args.max_connections, timeout=args.timeout,
+                           request_timeout=args.request_timeout, public_url=args.public_url,
+                           invite_url_template=args.invite_url, invite_ttl=args.invite_ttl,
+                           site_name=args.site_name,
+                           apps=load_apps(args.apps) if args.apps else None,
+                           trust_proxy=args.trust_proxy, metrics_token=args.metrics_token,
+                           notify=notify or None, access_log=not args.quiet)
+    backend = _backend(args, settings)
     exposed = store.exposed()
     if exposed:
         print(f"warning: database {store.path} can be read by other users (its keys' hashes, its "
@@ -4987,15 +5006,8 @@ def cmd_serve(args):
     for warning in backend.start_warnings(store.key_hosts()) + inviter_warnings(
             backend, store.key_inviters()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    notify = args.notify_command and split_command(args.notify_command, "--notify-command", "")
-    settings = Settings(public_url=args.public_url, invite_url_template=args.invite_url,
-                        invite_ttl=args.invite_ttl, site_name=args.site_name,
-                        apps=load_apps(args.apps) if args.apps else None,
-                        trust_proxy=args.trust_proxy, metrics_token=args.metrics_token,
-                        notify=notify or None)
-    app = App(store, backend, settings, log=None if args.quiet else sys.stderr)
-    server = make_server(app, args.bind, args.port, args.max_connections, args.timeout, tls,
-                         systemd_socket(), args.request_timeout)
+    app = App(store, backend, settings)
+    server = make_server(app, args.bind, args.port, tls, systemd_socket())
     start_purging(store, args.purge_after, app)
     address, port = server.server_address[:2]
     said = [backend.describe()] + ([f"accounts made by {backend.accounts.describe_accounts()}"]

@@ -136,20 +136,19 @@ class TempDirTestCase(unittest.TestCase):
 class LiveServerTestCase(Requests, TempDirTestCase):
     """A real server on 127.0.0.1, port 0, in a thread, with a throwaway database."""
 
-    app_options = {}
-    server_options = {}
+    backend = ia.BUILTIN  # who mints, and makes the accounts
+    settings = {}  # serve's settings that differ from its defaults
 
     def setUp(self):
         super().setUp()
         self.store = ia.Store(self.db)
         self.log = io.StringIO()
-        options = dict(self.app_options)  # (the backend, and serve's settings)
-        self.app = ia.App(self.store, options.pop("backend", ia.BUILTIN), ia.Settings(**options), log=self.log)
+        self.app = ia.App(self.store, self.backend, ia.Settings(log=self.log, **self.settings))
         for limiter in (self.app.auth_limiter, self.app.signup_limiter, self.app.check_limiter):
             limiter.clock = lambda: 30.0  # mid-minute for the whole test: no window ends during it
         self.addCleanup(self.store.close)
         self.addCleanup(self.store.stop_group_commit)
-        self.server = ia.make_server(self.app, "127.0.0.1", 0, **self.server_options)
+        self.server = ia.make_server(self.app, "127.0.0.1", 0)
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                   daemon=True)
         thread.start()
@@ -458,7 +457,7 @@ class ApiTest(LiveServerTestCase):
 class ServingTest(LiveServerTestCase):
     """A thread per connection; every write through the group committer, answered after its COMMIT."""
 
-    app_options = {"backend": ia.Builtin(ia.Accounts(["true"]))}  # (so that an invite page has its QR code)
+    backend = ia.Builtin(ia.Accounts(["true"]))  # (so that an invite page has its QR code)
 
     def committer_connection(self):
         return self.store.write(lambda conn: conn)
@@ -819,8 +818,9 @@ class ProbingTest(LiveServerTestCase):
         self.assertEqual(self.invite_count(), 0)
 
 
-class SettingsTest(unittest.TestCase):
-    """serve's options reach the routes as one Settings object, with their defaults in one place."""
+class SettingsTest(TempDirTestCase):
+    """The command line's options reach serve, the backends and the routes as one Settings
+    object, with their defaults in one place."""
 
     def test_defaults_normal_forms_and_unknown_names(self):
         default = ia.Settings()
@@ -833,9 +833,36 @@ class SettingsTest(unittest.TestCase):
             ia.Settings(public_ulr="https://example.com")  # (a misspelt setting is no silent default)
         self.assertIs(ia.App(None, settings=given).settings, given)
 
+    def test_the_command_lines_timeouts_and_log_reach_every_part_that_waits_or_logs(self):
+        args = ia.build_parser().parse_args([
+            "serve", "--backend", "command", "--backend-command", "mint {host}", "--accounts",
+            "command", "--accounts-command", "make {action} {username} {host}", "--backend-timeout",
+            "3", "--backend-concurrency", "2", "--timeout", "7", "--request-timeout", "4",
+            "--max-connections", "9"])
+        settings = ia.settings_of(args, max_connections=args.max_connections,
+                                  timeout=args.timeout, request_timeout=args.request_timeout)
+        backend = ia._backend(args, settings)
+        self.assertEqual((backend.timeout, backend.accounts.timeout), (3, 3))
+        self.assertEqual(backend._slots._value, 2)
+        self.assertIs(backend.settings.log, sys.stderr)  # (a failure is logged where serve logs)
+        prosody = ia.ProsodyBackend(socket=os.devnull, settings=settings)
+        self.assertEqual((prosody.timeout, prosody.admin.timeout, prosody.admin.idle.qsize()),
+                         (3, 3, 2))
+        self.assertEqual(ia.make_ejabberd(None, None, "ejabberdctl", settings).timeout, 3)
+        self.assertEqual(ia.make_ejabberd("http://127.0.0.1:1/api", None, "x", settings).timeout, 3)
+        store = ia.Store(os.path.join(self.dir, "invites.db"))
+        self.addCleanup(store.stop_group_commit)
+        server = ia.make_server(ia.App(store, settings=settings), "127.0.0.1", 0)
+        self.addCleanup(server.server_close)
+        self.assertEqual((server.max_connections, server.idle_timeout, server.request_timeout),
+                         (9, 7, 4))
+        # A part made without settings reads the defaults, named once.
+        self.assertEqual((ia.Accounts(["true"]).timeout, ia.CommandBackend(["true"]).timeout),
+                         (ia.DEFAULT_BACKEND_TIMEOUT, ia.DEFAULT_BACKEND_TIMEOUT))
+
 
 class ServerOptionsTest(LiveServerTestCase):
-    app_options = {"public_url": "https://{host}:5281/", "invite_ttl": 3600}
+    settings = {"public_url": "https://{host}:5281/", "invite_ttl": 3600}
 
     def test_public_url_with_host_placeholder_and_ttl_are_used(self):
         with mock.patch.object(ia, "now", return_value=1_700_000_000):
@@ -846,7 +873,7 @@ class ServerOptionsTest(LiveServerTestCase):
 
 
 class InviteUrlTemplateTest(LiveServerTestCase):
-    app_options = {"invite_url_template": "https://{host}/join/{token}?uri={uri}"}
+    settings = {"invite_url_template": "https://{host}/join/{token}?uri={uri}"}
 
     def test_invite_url_template_points_location_at_an_external_page(self):
         status, headers, _ = self.create()
@@ -857,11 +884,11 @@ class InviteUrlTemplateTest(LiveServerTestCase):
 
 
 # A server that makes accounts (the program does nothing): its pages lead to the sign-up form.
-MAKES_ACCOUNTS = {"backend": ia.Builtin(ia.Accounts(["true"]))}
+MAKES_ACCOUNTS = ia.Builtin(ia.Accounts(["true"]))
 
 
 class InvitePageTest(LiveServerTestCase):
-    app_options = MAKES_ACCOUNTS
+    backend = MAKES_ACCOUNTS
 
     def new_token(self, extra=""):
         return self.token_of(self.create(extra=extra)[1]["location"])
@@ -994,7 +1021,7 @@ class InvitePageTest(LiveServerTestCase):
 class ConnectionLimitsTest(LiveServerTestCase):
     # A short request timeout for the stalled tests; a long idle one, so that a slow machine's
     # pauses never close the idle connections the eviction test counts on.
-    server_options = {"max_connections": 30, "timeout": 60, "request_timeout": 2}
+    settings = {"max_connections": 30, "timeout": 60, "request_timeout": 2}
 
     def test_twenty_stalled_clients_do_not_delay_another_clients_request(self):
         stalled = []
@@ -1065,7 +1092,7 @@ T0 = 1_800_000_000  # a fixed "now" for tests that move the clock
 
 
 class KeyPolicyTest(LiveServerTestCase):
-    app_options = {"checks_per_minute": 5}
+    settings = {"checks_per_minute": 5}
 
     def policy_key(self, **policy):
         with mock.patch.object(ia, "now", return_value=T0):
@@ -1377,7 +1404,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 class BrowserTest(LiveServerTestCase):
     """Headless Chromium opens the page; zbar reads the QR off the screenshot."""
 
-    app_options = MAKES_ACCOUNTS
+    backend = MAKES_ACCOUNTS
 
     def chromium(self, url, width, height, *extra):
         """Open url; return (screenshot path, console lines, page-initiated request URLs)."""
@@ -1954,10 +1981,10 @@ case "$1:$2" in
 esac
 """)
         self.notified, self.program = os.path.join(tmp, "notified"), program
-        self.app_options = {"backend": ia.Builtin(ia.Accounts([program, "{action}", "{username}", "{host}"],
-                                                              timeout=1.5)),
-                            "notify": [write_program(tmp, "notify", f'echo "$INVITES_API_INVITE $@" >> '
-                                                                    f'{self.notified}\n')]}
+        self.backend = ia.Builtin(ia.Accounts([program, "{action}", "{username}", "{host}"],
+                                              ia.Settings(backend_timeout=1.5)))
+        notify = write_program(tmp, "notify", f'echo "$INVITES_API_INVITE $@" >> {self.notified}\n')
+        self.settings = {"notify": [notify]}
         super().setUp()
 
     def post_form(self, token, user, password=PASSWORD, confirmation=None, headers=()):
@@ -2363,7 +2390,7 @@ class SlowServerTest(unittest.TestCase):
     def test_ejabberds_api_that_never_answers_is_an_unknown_outcome_on_any_connection(self):
         server = SilentServer(answers=1)
         self.addCleanup(server.close)
-        api = ia.EjabberdApi(f"http://127.0.0.1:{server.port}/api", timeout=1)
+        api = ia.EjabberdApi(f"http://127.0.0.1:{server.port}/api", ia.Settings(backend_timeout=1))
         self.addCleanup(api.close)
         accounts = ia.EjabberdBackend(api)
         sent = []  # what the client sends, counted where it sends it (the server may read it later)
@@ -2470,7 +2497,9 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
             "missing": os.path.join(self.dir, "does-not-exist"),
         }
         for case, program in programs.items():
-            proc, port = self.start("--backend", "command", "--backend-command", f"{program} {{host}}")
+            quiet = ("--quiet",) if case == "exit 1" else ()  # (no access log; failures still)
+            proc, port = self.start("--backend", "command", "--backend-command",
+                                    f"{program} {{host}}", *quiet)
             status, _, body = self.create(key)
             self.assertEqual(status, 502, case)
             self.assertLess(len(body), 120, case)
@@ -2479,6 +2508,8 @@ class BackendServerTest(ServerProcessMixin, TempDirTestCase):
             log = proc.stderr.read()
             self.assertIn("command backend", log, case)
             self.assertNotIn(secretish, log)
+            access = re.search(r" GET /invites_api\?key=\S+ 502 [0-9.]+ms$", log, re.M)
+            self.assertEqual(bool(access), not quiet, log)
         self.assertIn("warning: command backend", log)  # `serve` warned about the missing program at start
         with contextlib.closing(sqlite3.connect(self.db)) as conn:
             self.assertEqual(conn.execute("SELECT count(*) FROM invites").fetchone()[0], 0)
@@ -3795,7 +3826,7 @@ class EjabberdApiTest(EjabberdTest):
         return ["--ejabberd-api", self.api]
 
     def test_the_api_answers_within_its_timeout_or_the_outcome_is_unknown(self):
-        api = ia.EjabberdApi(self.api, timeout=2)
+        api = ia.EjabberdApi(self.api, ia.Settings(backend_timeout=2))
         accounts = ia.EjabberdBackend(api)
         self.assertEqual(accounts.check_accounts([self.HOST]), [])
         accounts.create(self.HOST, "fay", "a long password")
@@ -4401,7 +4432,7 @@ class SilentTlsClientsTest(SlowClientsTest):
 
 
 class ProxyTest(LiveServerTestCase):
-    app_options = {"trust_proxy": True}
+    settings = {"trust_proxy": True}
 
     def test_trusted_proxy_headers_give_client_address_scheme_and_host(self):
         status, headers, _ = self.create(headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9",
@@ -4517,7 +4548,7 @@ http {{
 
 
 class HealthAndMetricsTest(LiveServerTestCase):
-    app_options = {"auth_failures_per_minute": 20}
+    settings = {"auth_failures_per_minute": 20}
 
     def test_health_is_ok_when_the_database_reads_and_writes(self):
         status, headers, body = self.request("GET", "/health")
@@ -4670,7 +4701,7 @@ class FaultTest(LiveServerTestCase):
 
 
 class FuzzTest(LiveServerTestCase):
-    server_options = {"timeout": 0.5, "max_connections": 64}
+    settings = {"timeout": 0.5, "max_connections": 64}
 
     def test_ten_thousand_random_and_mutated_requests(self):
         rng = random.Random(20261122)  # seeded: a failure can be replayed
@@ -5345,7 +5376,7 @@ class TokensAtRestTest(Requests, TempDirTestCase):
 
     def serve(self, store, program):
         """Serve store in a thread, making accounts through program; set self.port."""
-        app = ia.App(store, ia.Builtin(ia.Accounts(program)), log=io.StringIO())
+        app = ia.App(store, ia.Builtin(ia.Accounts(program)), ia.Settings(log=io.StringIO()))
         server = ia.make_server(app, "127.0.0.1", 0)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
