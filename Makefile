@@ -29,7 +29,7 @@ test-stress-debian13:
 check:
 	vermin -t=3.9- --no-tips --violations invites_api.py
 	$(PYTHON) -m pyflakes invites_api.py test_invites_api.py bench/bench.py
-	$(PYTHON) -m pycodestyle --max-line-length=100 --ignore=E701,W503,W504 invites_api.py
+	$(PYTHON) -m pycodestyle --max-line-length=100 --ignore=E701,W503,W504 invites_api.py test_invites_api.py
 
 # Throughput, latency, growth, CLI start-up, RSS (wrk if installed).
 bench:

@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 
 
 # ---------------------------------------------------------------------------
-# Constants and settings: every limit and default, named once; what the command line changed
+# Constants: every limit and default, named once
 # ---------------------------------------------------------------------------
 
 # Next to Prosody's own 5280/5281, without taking either: this often runs on
@@ -130,67 +130,6 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no", "")
 
 
-def now():
-    """Return the current time in UTC epoch seconds (tests replace this)."""
-    return int(time.time())
-
-
-def iso(ts):
-    """Return epoch seconds as ISO 8601 UTC, or None for None."""
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-class Settings:
-    """What the command line was told, in one place: built at its edge from the options (each
-    setting named as its option is), read by serve, the backends and the routes."""
-
-    # Serving: --max-connections, --timeout (idle seconds between requests), --request-timeout.
-    max_connections = DEFAULT_MAX_CONNECTIONS
-    timeout = DEFAULT_TIMEOUT
-    request_timeout = DEFAULT_REQUEST_TIMEOUT
-    # The XMPP server or program: --backend-timeout, --backend-concurrency.
-    backend_timeout = DEFAULT_BACKEND_TIMEOUT
-    backend_concurrency = DEFAULT_BACKEND_CONCURRENCY
-    # The routes and pages.
-    public_url = None  # --public-url: where invite URLs start ({host}), else the request's
-    invite_url_template = None  # --invite-url: an external landing page instead of ours
-    invite_ttl = DEFAULT_INVITE_TTL  # --invite-ttl
-    site_name = None  # --site-name; None: the invite's host
-    apps = None  # --apps: the "No app yet?" list; None: DEFAULT_APPS
-    # --trust-proxy: None, or the one header a trusted reverse proxy sets ("x-forwarded-for",
-    # "forwarded"; True means the first)
-    trust_proxy = None
-    metrics_token = None  # --metrics-token
-    notify = None  # --notify-command: an argv run after each use of an invite on our page
-    checks_per_minute = CHECKS_PER_MINUTE
-    auth_failures_per_minute = AUTH_FAILURES_PER_MINUTE
-    # The log: a text stream (serve's stderr) for what happened and what failed, or None; the
-    # access log (a line a request) goes there too unless --quiet.
-    log = None
-    access_log = True
-
-    def __init__(self, **values):
-        for name, value in values.items():
-            if not hasattr(Settings, name) or name.startswith("_"):
-                raise TypeError(f"unknown setting {name!r}")
-            setattr(self, name, value)
-        self.public_url = self.public_url.rstrip("/") if self.public_url else None
-        self.apps = DEFAULT_APPS if self.apps is None else self.apps
-        self.trust_proxy = ("x-forwarded-for" if self.trust_proxy is True
-                            else self.trust_proxy or None)
-
-    def log_line(self, text):
-        """Write one timestamped line to the log (if there is one)."""
-        if self.log is not None:
-            self.log.write(f"{iso(now())} {text}\n")
-            self.log.flush()
-
-
-DEFAULTS = Settings()  # (what a part made without settings reads)
-
-
 # ---------------------------------------------------------------------------
 # Errors: every failure a user can meet, each with its HTTP status
 # ---------------------------------------------------------------------------
@@ -220,15 +159,6 @@ class Unauthorized(Error):
 
 class BadCredentials(Forbidden):
     """A wrong, unknown, deleted or malformed key: counted per client address."""
-
-
-@contextlib.contextmanager
-def bad_request():
-    """Turn a ValueError raised while checking a request's values into a BadRequest (400)."""
-    try:
-        yield
-    except ValueError as e:
-        raise BadRequest(str(e)) from None
 
 
 class MethodNotAllowed(Error):
@@ -480,6 +410,15 @@ def parse_seconds(text):
         raise ValueError(f"invalid number of seconds {text!r}: "
                          "must be more than 0 and at most a day")
     return seconds
+
+
+@contextlib.contextmanager
+def bad_request():
+    """Turn a ValueError raised while checking a request's values into a BadRequest (400)."""
+    try:
+        yield
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -1417,6 +1356,18 @@ def minted_by(invite, backend):
 # Operations: what a user can do; they return data or raise, never print
 # ---------------------------------------------------------------------------
 
+def now():
+    """Return the current time in UTC epoch seconds (tests replace this)."""
+    return int(time.time())
+
+
+def iso(ts):
+    """Return epoch seconds as ISO 8601 UTC, or None for None."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def _random_id(nbytes):
     """Return nbytes of randomness as URL-safe base64 that does not start with "-"."""
     while True:  # a leading "-" would read as an option on the command line
@@ -2183,6 +2134,15 @@ def iri_to_uri(text):
     return quote(text, safe="".join(map(chr, range(0x20, 0x7f))))
 
 
+# What the log is given (the access log, a program's output) never holds a key or a token.
+_SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{12,64}/[A-Za-z0-9_-]{16,}|[A-Za-z0-9_-]{16,}")
+
+
+def redact(text):
+    """Return text with anything key-like or token-like (16+ URL-safe characters) replaced."""
+    return _SECRET_LOOKING_RE.sub("[redacted]", text)
+
+
 class Metrics:
     """Counters, gauges and a latency histogram for GET /metrics (OpenMetrics text)."""
 
@@ -2252,6 +2212,55 @@ class Metrics:
         family("invites_api_database_size_bytes", "gauge", "Database file and WAL size.",
                [f"invites_api_database_size_bytes {database_bytes}"])
         return "\n".join(lines) + "\n# EOF\n"
+
+
+class Settings:
+    """What the command line was told, in one place: built at its edge from the options (each
+    setting named as its option is), read by serve, the backends and the routes."""
+
+    # Serving: --max-connections, --timeout (idle seconds between requests), --request-timeout.
+    max_connections = DEFAULT_MAX_CONNECTIONS
+    timeout = DEFAULT_TIMEOUT
+    request_timeout = DEFAULT_REQUEST_TIMEOUT
+    # The XMPP server or program: --backend-timeout, --backend-concurrency.
+    backend_timeout = DEFAULT_BACKEND_TIMEOUT
+    backend_concurrency = DEFAULT_BACKEND_CONCURRENCY
+    # The routes and pages.
+    public_url = None  # --public-url: where invite URLs start ({host}), else the request's
+    invite_url_template = None  # --invite-url: an external landing page instead of ours
+    invite_ttl = DEFAULT_INVITE_TTL  # --invite-ttl
+    site_name = None  # --site-name; None: the invite's host
+    apps = None  # --apps: the "No app yet?" list; None: DEFAULT_APPS
+    # --trust-proxy: None, or the one header a trusted reverse proxy sets ("x-forwarded-for",
+    # "forwarded"; True means the first)
+    trust_proxy = None
+    metrics_token = None  # --metrics-token
+    notify = None  # --notify-command: an argv run after each use of an invite on our page
+    checks_per_minute = CHECKS_PER_MINUTE
+    auth_failures_per_minute = AUTH_FAILURES_PER_MINUTE
+    # The log: a text stream (serve's stderr) for what happened and what failed, or None; the
+    # access log (a line a request) goes there too unless --quiet.
+    log = None
+    access_log = True
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            if not hasattr(Settings, name) or name.startswith("_"):
+                raise TypeError(f"unknown setting {name!r}")
+            setattr(self, name, value)
+        self.public_url = self.public_url.rstrip("/") if self.public_url else None
+        self.apps = DEFAULT_APPS if self.apps is None else self.apps
+        self.trust_proxy = ("x-forwarded-for" if self.trust_proxy is True
+                            else self.trust_proxy or None)
+
+    def log_line(self, text):
+        """Write one timestamped line to the log (if there is one)."""
+        if self.log is not None:
+            self.log.write(f"{iso(now())} {text}\n")
+            self.log.flush()
+
+
+DEFAULTS = Settings()  # (what a part made without settings reads)
 
 
 class App:
@@ -2654,13 +2663,6 @@ _FORM_ERRORS = (
 _URL_RE = re.compile(r"https?://\S+")
 _URI_RE = re.compile(r"xmpp:\S+")
 _PREAUTH_RE = re.compile(r"preauth=([A-Za-z0-9_-]+)")
-_SECRET_LOOKING_RE = re.compile(r"[A-Za-z0-9_-]{12,64}/[A-Za-z0-9_-]{16,}|[A-Za-z0-9_-]{16,}")
-
-
-def redact(text):
-    """Return text with anything key-like or token-like (16+ URL-safe characters) replaced."""
-    return _SECRET_LOOKING_RE.sub("[redacted]", text)
-
 
 # What a program may print that we keep (the rest is read and dropped): enough for an invite URL
 # or an error message, bounded against a program that prints without end.
