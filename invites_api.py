@@ -422,7 +422,152 @@ def bad_request():
 
 
 # ---------------------------------------------------------------------------
-# Store: the schema and the only code that writes SQL
+# Roles: what mints invites (Backend: the built-in store or an XMPP server), what makes
+# the accounts of ours (AccountMaker)
+# ---------------------------------------------------------------------------
+
+class Backend:
+    """What mints invites, as the operations use it; this base is a server we cannot ask."""
+
+    options = frozenset()  # the per-invite options it honours, with "reset" if it makes resets
+    used_here = False  # its invites are used here (our sign-up page, the redeem API), their
+    # tokens made here and kept only as hashes (a server's tokens are kept, as it keeps them)
+    accounts = None  # who makes the accounts of built-in invites used here, if anyone
+
+    def __init__(self, name):
+        self.name = name
+
+    @property
+    def sign_up_accounts(self):
+        """Who makes its invites' accounts on our sign-up page (None: nobody)."""
+        return self.accounts if self.used_here else None
+
+    @property
+    def display_name(self):
+        return f"the {self.name} backend"
+
+    def refusal_reason(self, option):
+        """Return why an option cannot be honoured, for its 400 (or "")."""
+        return ""
+
+    def mint(self, invite, roles=None, groups=None):
+        """Mint a held invite; return the server's token, uri and url (a dict), or {} for ours."""
+        raise BackendError(f"{self.display_name} is not running here")
+
+    def account_mark(self, host, username):
+        """Return what names the account username@host for a reset (None: there is none); raise."""
+        exists = getattr(self, "exists", None)
+        ask = exists and (lambda: "" if exists(host, username) else None)
+        return _ask_mark(host, username, ask)
+
+    def status(self, invite):
+        """Return (a valid invite's status as its server knows it, the account a use made)."""
+        return "unknown", None
+
+    def revoke(self, invite):
+        """Withdraw an invite in the server that minted it; raise BadRequest if we cannot."""
+        raise BadRequest("this invite was minted by the XMPP "
+                         f"server ({self.name}): revoke it there")
+
+    def sweep(self, store):
+        """Tell the server to forget invites we know are done (before a purge)."""
+
+    def check(self):
+        """Return why it cannot work as configured (serve's start-up warning), or None."""
+        return None
+
+    def check_hosts(self, hosts):
+        """Return warnings about what the XMPP server lacks for these hosts."""
+        return []
+
+    def start_warnings(self, hosts):
+        """Return what keeps it (or its accounts) from working for these hosts."""
+        problem = self.check()
+        warnings = [problem] if problem else self.check_hosts(hosts)
+        if self.accounts is not None:
+            try:
+                warnings += self.accounts.check_accounts(hosts)
+            except Error as e:
+                warnings.append(f"--accounts {self.accounts.name}: {e}")
+        return warnings
+
+    def describe(self):
+        """Return how invites are minted, for serve's start-up line."""
+        return f"{self.name} backend"
+
+    def close(self):
+        """Close its connections to the XMPP server, and those of its accounts."""
+        for part in {id(self): self, id(self.accounts): self.accounts}.values():
+            connection = getattr(part, "admin", None) or getattr(part, "ejabberd", None)
+            if part is not None and hasattr(connection, "close"):
+                connection.close()
+
+
+class AccountMaker:
+    """What makes the accounts of built-in invites on our sign-up page (--accounts): a program
+    of yours (Accounts), Prosody (ProsodyBackend) or ejabberd (EjabberdBackend)."""
+
+    # After an answer that never came: if "there is no such account" is final (nothing sent can
+    # still make it later), the use is given back at once; else it waits for the server to say.
+    missing_is_final = False
+
+    def create(self, host, username, password):
+        """Create username@host; raise Conflict (taken), BadRequest, BackendError or
+        OutcomeUnknown (nobody can tell whether it was made)."""
+        raise NotImplementedError
+
+    def reset(self, host, username, password):
+        """Set username@host's password; raise Conflict if there is no such account."""
+        raise NotImplementedError
+
+    def exists(self, host, username):
+        """Return whether username@host exists; raise BackendError if the server cannot tell."""
+        raise NotImplementedError
+
+    def mark(self, host, username, new=None):
+        """Return what tells username@host from a later account of its name (None: there is
+        none), setting it to new if it has none yet."""
+        raise NotImplementedError
+
+    def befriend(self, host, username, inviter):
+        """Make username and inviter each other's contacts; raise Conflict if inviter is gone."""
+        raise NotImplementedError
+
+    def check_accounts(self, hosts):
+        """Return warnings about what making accounts for these hosts lacks (serve's start)."""
+        return []
+
+    def describe_accounts(self):
+        """Return who makes the accounts, for serve's start-up line."""
+        raise NotImplementedError
+
+
+def _ask_mark(host, username, ask):
+    """Return ask()'s mark of an account for a reset; raise if nobody can tell or it fails."""
+    if ask is None:
+        raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a "
+                         "reset needs --accounts (or a backend that can ask the XMPP server)")
+    try:
+        mark = ask()
+    except BackendError as e:
+        raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was "
+                           f"made: {e}") from None
+    if mark is None:
+        raise BadRequest(f"there is no account {username}@{host} to reset")
+    return mark
+
+
+def minted_by(invite, backend):
+    """Return the Backend that minted an invite: backend, the built-in store, or one not here."""
+    if invite["backend"] == backend.name:
+        return backend
+    if invite["backend"] == Builtin.name:
+        return Builtin(backend.accounts)
+    return Backend(invite["backend"])
+
+
+# ---------------------------------------------------------------------------
+# Store: the schema, the only code that writes SQL, and the built-in store's Backend
 # ---------------------------------------------------------------------------
 
 # One entry per schema version; PRAGMA user_version counts those applied.
@@ -1166,125 +1311,7 @@ class GroupCommitter:
                 pending.committed.release()
 
 
-# ---------------------------------------------------------------------------
-# Roles: what mints invites (Backend: the built-in store or an XMPP server), what makes
-# the accounts of ours (AccountMaker)
-# ---------------------------------------------------------------------------
-
-class Backend:
-    """What mints invites, as the operations use it; this base is a server we cannot ask."""
-
-    options = frozenset()  # the per-invite options it honours, with "reset" if it makes resets
-    used_here = False  # its invites are used here (our sign-up page, the redeem API), their
-    # tokens made here and kept only as hashes (a server's tokens are kept, as it keeps them)
-    accounts = None  # who makes the accounts of built-in invites used here, if anyone
-
-    def __init__(self, name):
-        self.name = name
-
-    @property
-    def sign_up_accounts(self):
-        """Who makes its invites' accounts on our sign-up page (None: nobody)."""
-        return self.accounts if self.used_here else None
-
-    @property
-    def display_name(self):
-        return f"the {self.name} backend"
-
-    def refusal_reason(self, option):
-        """Return why an option cannot be honoured, for its 400 (or "")."""
-        return ""
-
-    def mint(self, invite, roles=None, groups=None):
-        """Mint a held invite; return the server's token, uri and url (a dict), or {} for ours."""
-        raise BackendError(f"{self.display_name} is not running here")
-
-    def account_mark(self, host, username):
-        """Return what names the account username@host for a reset (None: there is none); raise."""
-        exists = getattr(self, "exists", None)
-        ask = exists and (lambda: "" if exists(host, username) else None)
-        return _ask_mark(host, username, ask)
-
-    def status(self, invite):
-        """Return (a valid invite's status as its server knows it, the account a use made)."""
-        return "unknown", None
-
-    def revoke(self, invite):
-        """Withdraw an invite in the server that minted it; raise BadRequest if we cannot."""
-        raise BadRequest("this invite was minted by the XMPP "
-                         f"server ({self.name}): revoke it there")
-
-    def sweep(self, store):
-        """Tell the server to forget invites we know are done (before a purge)."""
-
-    def check(self):
-        """Return why it cannot work as configured (serve's start-up warning), or None."""
-        return None
-
-    def check_hosts(self, hosts):
-        """Return warnings about what the XMPP server lacks for these hosts."""
-        return []
-
-    def start_warnings(self, hosts):
-        """Return what keeps it (or its accounts) from working for these hosts."""
-        problem = self.check()
-        warnings = [problem] if problem else self.check_hosts(hosts)
-        if self.accounts is not None:
-            try:
-                warnings += self.accounts.check_accounts(hosts)
-            except Error as e:
-                warnings.append(f"--accounts {self.accounts.name}: {e}")
-        return warnings
-
-    def describe(self):
-        """Return how invites are minted, for serve's start-up line."""
-        return f"{self.name} backend"
-
-    def close(self):
-        """Close its connections to the XMPP server, and those of its accounts."""
-        for part in {id(self): self, id(self.accounts): self.accounts}.values():
-            connection = getattr(part, "admin", None) or getattr(part, "ejabberd", None)
-            if part is not None and hasattr(connection, "close"):
-                connection.close()
-
-
-class AccountMaker:
-    """What makes the accounts of built-in invites on our sign-up page (--accounts): a program
-    of yours (Accounts), Prosody (ProsodyBackend) or ejabberd (EjabberdBackend)."""
-
-    # After an answer that never came: if "there is no such account" is final (nothing sent can
-    # still make it later), the use is given back at once; else it waits for the server to say.
-    missing_is_final = False
-
-    def create(self, host, username, password):
-        """Create username@host; raise Conflict (taken), BadRequest, BackendError or
-        OutcomeUnknown (nobody can tell whether it was made)."""
-        raise NotImplementedError
-
-    def reset(self, host, username, password):
-        """Set username@host's password; raise Conflict if there is no such account."""
-        raise NotImplementedError
-
-    def exists(self, host, username):
-        """Return whether username@host exists; raise BackendError if the server cannot tell."""
-        raise NotImplementedError
-
-    def mark(self, host, username, new=None):
-        """Return what tells username@host from a later account of its name (None: there is
-        none), setting it to new if it has none yet."""
-        raise NotImplementedError
-
-    def befriend(self, host, username, inviter):
-        """Make username and inviter each other's contacts; raise Conflict if inviter is gone."""
-        raise NotImplementedError
-
-    def check_accounts(self, hosts):
-        """Return warnings about what making accounts for these hosts lacks (serve's start)."""
-        return []
-
-    def describe_accounts(self):
-        """Return who makes the accounts, for serve's start-up line."""
-        raise NotImplementedError
+# -- the built-in store as a Backend: it mints by storing ---------------------
 
 
 class Builtin(Backend):
@@ -1325,31 +1352,7 @@ class Builtin(Backend):
         return ""  # (serve's start-up line says nothing of it)
 
 
-def _ask_mark(host, username, ask):
-    """Return ask()'s mark of an account for a reset; raise if nobody can tell or it fails."""
-    if ask is None:
-        raise BadRequest(f"cannot tell whether {username}@{host} exists, so no reset was made: a "
-                         "reset needs --accounts (or a backend that can ask the XMPP server)")
-    try:
-        mark = ask()
-    except BackendError as e:
-        raise BackendError(f"could not ask whether {username}@{host} exists, so no reset was "
-                           f"made: {e}") from None
-    if mark is None:
-        raise BadRequest(f"there is no account {username}@{host} to reset")
-    return mark
-
-
 BUILTIN = Builtin()  # the built-in store when no one makes accounts (the key commands, tests)
-
-
-def minted_by(invite, backend):
-    """Return the Backend that minted an invite: backend, the built-in store, or one not here."""
-    if invite["backend"] == backend.name:
-        return backend
-    if invite["backend"] == Builtin.name:
-        return Builtin(backend.accounts)
-    return Backend(invite["backend"])
 
 
 # ---------------------------------------------------------------------------
@@ -1636,7 +1639,7 @@ def _invite_option(name, value):
     raise ValueError(f"type {value!r}: register (a new account) or reset (a password)")
 
 
-def invite_options(options, key=None, default_ttl=DEFAULT_INVITE_TTL, backend=BUILTIN):
+def invite_options(options, key, default_ttl, backend):
     """Return an invite request's options checked against the key's policy and the backend."""
     wanted = {"ttl": None, "uses": 1, "username": None, "note": None, "type": "register",
               "roles": None, "groups": None}

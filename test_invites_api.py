@@ -3910,7 +3910,7 @@ class Ejabberd26Test(EjabberdApiTest):
             self.journey(["--ejabberd-api", self.api], 5)
         self.assertEqual(watch.seen, [])
 
-    def test_invites_through_ejabberdctl_too(self):
+    def test_invites_minted_by_ejabberdctl_become_accounts_a_real_client_logs_into(self):
         # The same journey, each invite minted by an ejabberdctl run of its own (seen in its argv).
         with contextlib.closing(ArgvWatch("generate_invite")) as watch:
             log = self.journey(["--ejabberdctl", self.ejabberdctl], 2)
